@@ -1,0 +1,213 @@
+"""The RWKV-7 ("Goose") wkv recurrence in three interchangeable forms.
+
+Per head, with the state S laid out [value, key] (DESIGN.md):
+
+    S_t = S_{t-1} diag(exp(w_t)) + (S_{t-1} a_t) b_t^T + v_t k_t^T
+    y_t = S_t r_t
+
+In the model ``a = -kk`` and ``b = kk * a_lr`` (fla's convention, so every form here takes the same
+arguments as fla's ``chunk_rwkv7``). ``w`` is the log-decay (``decay = exp(w)``).
+
+Every form takes ``[B, T, H, N]`` inputs and an optional state ``[B, H, N, N]`` (value x key, the
+transpose of fla's ``[B, H, K, V]``) and returns ``(y [B, T, H, N], final_state [B, H, N, N])``.
+
+- ``wkv7_recurrent``: a loop over time. The reference, and the streaming step (T = 1).
+- ``wkv7_chunked``: chunk-parallel pure PyTorch. Within a chunk the in-context terms are solved as
+  one unit-lower-triangular system (the WY/UT trick), across chunks the state is carried. Used for
+  CPU training and as a second opinion on the CUDA kernel.
+- ``wkv7_fla``: flash-linear-attention's Triton ``chunk_rwkv7`` (CUDA only, bf16 inputs, fp32 state).
+
+``wkv7`` picks one by device and availability.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["wkv7", "wkv7_recurrent", "wkv7_chunked", "wkv7_fla", "fla_available"]
+
+
+def _zero_state(r: Tensor, dtype: torch.dtype) -> Tensor:
+    batch, _, heads, size = r.shape
+    return r.new_zeros(batch, heads, size, size, dtype=dtype)
+
+
+def wkv7_recurrent(
+    r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Optional[Tensor] = None
+) -> tuple[Tensor, Tensor]:
+    """Reference loop over time; the state is kept in float32 (or float64 for float64 inputs)."""
+    compute = torch.float64 if r.dtype == torch.float64 else torch.float32
+    out_dtype = r.dtype
+    r, w, k, v, a, b = (t.to(compute) for t in (r, w, k, v, a, b))
+    S = _zero_state(r, compute) if state is None else state.to(compute)
+    decay = torch.exp(w)
+    ys = []
+    for t in range(r.shape[1]):
+        # S [B,H,V,K]; vectors [B,H,N]
+        sa = torch.einsum("bhvk,bhk->bhv", S, a[:, t])
+        S = (
+            S * decay[:, t, :, None, :]
+            + sa[..., :, None] * b[:, t, :, None, :]
+            + v[:, t, :, :, None] * k[:, t, :, None, :]
+        )
+        ys.append(torch.einsum("bhvk,bhk->bhv", S, r[:, t]))
+    if ys:
+        y = torch.stack(ys, dim=1)
+    else:
+        y = r.new_zeros(r.shape)
+    return y.to(out_dtype), S
+
+
+def wkv7_chunked(
+    r: Tensor,
+    w: Tensor,
+    k: Tensor,
+    v: Tensor,
+    a: Tensor,
+    b: Tensor,
+    state: Optional[Tensor] = None,
+    chunk_size: int = 16,
+) -> tuple[Tensor, Tensor]:
+    """Chunk-parallel form, exact up to rounding.
+
+    Inside a chunk (positions 1..L, state S_0 before it) let g_t = exp(cumsum w) (per key channel).
+    Writing z_t = S_{t-1} a_t, the recurrence unrolls to
+
+        S_t = (S_0 + sum_{s<=t} z_s (b_s/g_s)^T + v_s (k_s/g_s)^T) diag(g_t)
+        z_t = S_0 (g_{t-1} a_t) + sum_{s<t} z_s <g_{t-1} a_t, b_s/g_s> + v_s <g_{t-1} a_t, k_s/g_s>
+
+    so Z solves a unit-lower-triangular system (I - M_b) Z = A_hat S_0^T + M_k V, and y follows from
+    Z and V with two more masked products. The ratios g_t/g_s are at most exp(0.61 * chunk_size)
+    for the model's decay range (w >= -exp(-0.5)), which keeps chunk_size = 16 safe in float32.
+    """
+    compute = torch.float64 if r.dtype == torch.float64 else torch.float32
+    out_dtype = r.dtype
+    B, T, H, N = r.shape
+    S = _zero_state(r, compute) if state is None else state.to(compute)
+    if T == 0:
+        return r.new_zeros(r.shape), S
+    L = chunk_size
+    pad = (-T) % L
+    # [B, H, n_chunks, L, N]
+    def prep(x: Tensor) -> Tensor:
+        x = x.to(compute)
+        if pad:
+            x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad))
+        return x.view(B, (T + pad) // L, L, H, N).permute(0, 3, 1, 2, 4)
+
+    r_, w_, k_, v_, a_, b_ = (prep(x) for x in (r, w, k, v, a, b))
+    cum = torch.cumsum(w_, dim=3)  # log g_t, inclusive
+    cum_prev = cum - w_  # log g_{t-1}
+    g_inv = torch.exp(-cum)
+    a_hat = a_ * torch.exp(cum_prev)
+    r_hat = r_ * torch.exp(cum)
+    b_tilde = b_ * g_inv
+    k_tilde = k_ * g_inv
+    strict = torch.ones(L, L, dtype=torch.bool, device=r.device).tril(-1)
+    incl = torch.ones(L, L, dtype=torch.bool, device=r.device).tril(0)
+    m_b = (a_hat @ b_tilde.transpose(-1, -2)).masked_fill(~strict, 0.0)
+    m_k = (a_hat @ k_tilde.transpose(-1, -2)).masked_fill(~strict, 0.0)
+    q_b = (r_hat @ b_tilde.transpose(-1, -2)).masked_fill(~incl, 0.0)
+    q_k = (r_hat @ k_tilde.transpose(-1, -2)).masked_fill(~incl, 0.0)
+    eye = torch.eye(L, dtype=compute, device=r.device)
+    # (I - M_b)^{-1} for every chunk at once; unit lower triangular so always solvable.
+    solve = torch.linalg.solve_triangular(eye - m_b, eye.expand_as(m_b), upper=False, unitriangular=True)
+    # Terms that do not depend on the incoming state, computed for all chunks in parallel.
+    zv = solve @ (m_k @ v_)  # part of Z driven by the chunk's own values
+    yv = q_k @ v_ + q_b @ zv
+    decay_last = torch.exp(cum[..., -1:, :] - cum)  # g_L / g_s, <= 1
+    b_to_end = b_ * decay_last
+    k_to_end = k_ * decay_last
+    g_last = torch.exp(cum[..., -1, :])  # [B, H, n, N]
+    ys = []
+    for c in range(cum.shape[2]):
+        s_t = S.transpose(-1, -2)  # [B, H, K, V]
+        z = zv[:, :, c] + solve[:, :, c] @ (a_hat[:, :, c] @ s_t)
+        y = yv[:, :, c] + r_hat[:, :, c] @ s_t + q_b[:, :, c] @ (z - zv[:, :, c])
+        ys.append(y)
+        # S_L = S_0 diag(g_L) + sum_s z_s (b_s g_L/g_s)^T + v_s (k_s g_L/g_s)^T
+        S = (
+            S * g_last[:, :, c, None, :]
+            + z.transpose(-1, -2) @ b_to_end[:, :, c]
+            + v_[:, :, c].transpose(-1, -2) @ k_to_end[:, :, c]
+        )
+    y = torch.stack(ys, dim=2).permute(0, 2, 3, 1, 4).reshape(B, T + pad, H, N)[:, :T]
+    return y.to(out_dtype), S
+
+
+@functools.lru_cache(maxsize=1)
+def fla_available() -> bool:
+    """True when flash-linear-attention's rwkv7 kernels import (they still need a CUDA tensor)."""
+    try:
+        from fla.ops.rwkv7 import chunk_rwkv7  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def wkv7_fla(
+    r: Tensor,
+    w: Tensor,
+    k: Tensor,
+    v: Tensor,
+    a: Tensor,
+    b: Tensor,
+    state: Optional[Tensor] = None,
+    chunk_size: int = 64,
+) -> tuple[Tensor, Tensor]:
+    """flash-linear-attention's Triton kernel: bf16 inputs (fp32 and fp64 are cast), fp32 state.
+
+    fla's state is [B, H, K, V]; we transpose in and out so callers only ever see [value, key].
+    """
+    from fla.ops.rwkv7 import chunk_rwkv7
+
+    out_dtype = r.dtype
+    kernel_dtype = r.dtype if r.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+    r, w, k, v, a, b = (t.to(kernel_dtype).contiguous() for t in (r, w, k, v, a, b))
+    initial = None if state is None else state.float().transpose(-1, -2).contiguous()
+    y, final = chunk_rwkv7(
+        r=r,
+        w=w,
+        k=k,
+        v=v,
+        a=a,
+        b=b,
+        scale=1.0,
+        initial_state=initial,
+        output_final_state=True,
+    )
+    return y.to(out_dtype), final.transpose(-1, -2)
+
+
+def wkv7(
+    r: Tensor,
+    w: Tensor,
+    k: Tensor,
+    v: Tensor,
+    a: Tensor,
+    b: Tensor,
+    state: Optional[Tensor] = None,
+    impl: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """Dispatch to a wkv form.
+
+    ``impl``: ``"auto"`` (fla on CUDA when installed, the loop for a few tokens, else chunked),
+    ``"recurrent"``, ``"chunked"`` or ``"fla"``.
+    """
+    if impl == "auto":
+        if r.is_cuda and fla_available() and r.shape[1] > 1:
+            impl = "fla"
+        elif r.shape[1] <= 4:
+            impl = "recurrent"
+        else:
+            impl = "chunked"
+    if impl == "recurrent":
+        return wkv7_recurrent(r, w, k, v, a, b, state)
+    if impl == "chunked":
+        return wkv7_chunked(r, w, k, v, a, b, state)
+    if impl == "fla":
+        return wkv7_fla(r, w, k, v, a, b, state)
+    raise ValueError(f"unknown wkv7 implementation {impl!r}")

@@ -1,0 +1,43 @@
+"""Packaging for rwkv-asr: streaming speech recognition with an RWKV-7 encoder and a CTC head."""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+about: dict = {}
+exec((Path(__file__).parent / "asr" / "version.py").read_text(), about)
+
+setup(
+    name="rwkv-asr",
+    version=about["__version__"],
+    description="Streaming speech recognition with an RWKV-7 encoder: trains in parallel, runs as an RNN",
+    long_description=(Path(__file__).parent / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["asr", "asr.*"]),
+    package_data={"asr": ["pretrained/*", "conf/**/*.yaml"]},
+    include_package_data=True,
+    install_requires=[
+        # torch 2.14.1 and torchaudio 2.11.0 are known to work together on CPU;
+        # torchaudio's wheel does not pin torch, so we pin nothing tighter than needed.
+        "torch>=2.4",
+        "torchaudio>=2.4",
+        "numpy",
+        "soundfile>=0.12",
+        "sentencepiece>=0.1.99",
+        "hydra-core>=1.3",
+        "jiwer>=3.0",
+        "tensorboard",
+        "tqdm",
+    ],
+    extras_require={
+        "dev": ["pytest>=7", "pytest-timeout"],
+        "gpu": ["fla-core", "packaging"],
+        "mic": ["sounddevice>=0.4"],
+    },
+    entry_points={
+        "console_scripts": [
+            "asr=asr.cli.main:main",
+        ],
+    },
+)
