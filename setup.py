@@ -38,6 +38,8 @@ setup(
     entry_points={
         "console_scripts": [
             "asr=asr.cli.main:main",
+            "asr-train=asr.cli.train:main",
+            "asr-eval=asr.cli.evaluate:main",
         ],
     },
 )

@@ -1,0 +1,632 @@
+"""The training loop: data, tokenizer stage, CMVN, AdamW + schedule, DDP, validation, checkpoints.
+
+Driven by a composed Hydra config (``conf/``); :mod:`asr.cli.train` is the entry point. The parts
+that must hold (tests/test_train.py checks them):
+
+* **Exact resume.** A checkpoint holds the model, optimizer, scheduler, sampler position and the
+  RNG states of every rank; the data pipeline draws its randomness from per-sample seeds
+  (:mod:`asr.data.sampler`), and the DataLoader gets its own generator so creating an iterator does
+  not consume the global RNG. On CPU a resumed run ends bit-identical to an uninterrupted one.
+* **Non-finite steps are skipped, not fatal.** After backward, one all-reduced flag says whether the
+  loss and the gradient norm are finite on every rank; if not, all ranks drop the update together
+  (a rank-local decision would desynchronise DDP) and the step is counted in ``skipped_steps``.
+* **DDP through torchrun only.** Rank, world size and local rank come from the environment
+  torchrun sets; the process group uses NCCL for CUDA tensors and gloo for CPU tensors.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+
+from asr.data.augment import AugmentConfig
+from asr.data.dataset import Batch, ManifestDataset, collate
+from asr.data.manifest import read_manifests
+from asr.data.sampler import BucketingBatchSampler
+from asr.model import CTCModel, ModelConfig, ctc_loss
+from asr.train.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    atomic_write_bytes,
+    capture_rng_state,
+    load_checkpoint,
+    resolve_checkpoint,
+    restore_rng_state,
+)
+from asr.train.metrics import ErrorCounts, error_counts
+
+log = logging.getLogger("asr.train")
+
+TOKENIZER_FILE = "tokenizer.model"
+
+
+# ---------------------------------------------------------------------- distributed
+@dataclass
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str = "auto") -> DistEnv:
+    """Read torchrun's environment, pick the device, and join the process group when WORLD_SIZE > 1.
+
+    ``device``: ``auto`` (CUDA if available), ``cuda`` or ``cpu``. The group is created with
+    ``cpu:gloo,cuda:nccl`` when CUDA exists, so CPU collectives (object gathers, CPU training)
+    and CUDA collectives both work; plain ``gloo`` otherwise. Idempotent.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        use_cuda = torch.cuda.is_available()
+    elif device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("trainer.device=cuda but torch sees no GPU (use trainer.device=cpu or auto)")
+        use_cuda = True
+    elif device == "cpu":
+        use_cuda = False
+    else:
+        raise ValueError(f"trainer.device must be auto, cuda or cpu, got {device!r}")
+    dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    return DistEnv(rank, world, local, dev)
+
+
+def _all_reduce(t: torch.Tensor, op: Any = None) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _gather_objects(obj: Any) -> list:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        out: list = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+# ---------------------------------------------------------------------- schedule
+def lr_factor(step: int, warmup_steps: int, max_steps: int, schedule: str, min_lr_ratio: float) -> float:
+    """Multiplier of the base learning rate for optimizer step ``step`` (0-based).
+
+    Linear warm-up from 1/warmup to 1 over ``warmup_steps``, then ``cosine`` or ``linear`` decay to
+    ``min_lr_ratio`` at ``max_steps``, or ``constant``.
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    if schedule == "cosine":
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return min_lr_ratio + (1.0 - min_lr_ratio) * (1.0 - progress)
+    raise ValueError(f"optim.schedule must be cosine, linear or constant, got {schedule!r}")
+
+
+def state_digest(model: torch.nn.Module) -> str:
+    """sha256 over the exact bytes of every state_dict tensor: equal digests mean equal weights."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _as_list(x: Any) -> list[str]:
+    if x is None:
+        return []
+    if isinstance(x, (str, os.PathLike)):
+        return [str(x)]
+    return [str(v) for v in x]
+
+
+# ---------------------------------------------------------------------- evaluation (shared with asr-eval)
+@dataclass
+class UtteranceResult:
+    id: str
+    ref: str
+    hyp: str
+    word_errors: int
+    words: int
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: CTCModel,
+    loader: Any,
+    tokenizer: Any,
+    device: torch.device,
+    autocast: Any = contextlib.nullcontext,
+    beam_size: int = 1,
+    keep_utterances: bool = False,
+) -> tuple[float, int, ErrorCounts, list[UtteranceResult]]:
+    """Decode a loader of :class:`Batch` and score it. Returns (summed CTC loss, utterances scored
+    for loss, error counts, per-utterance results if ``keep_utterances``).
+
+    ``beam_size`` 1 is greedy decoding (what validation uses); larger uses CTC prefix beam search.
+    """
+    from asr.decode.greedy import ctc_greedy
+    from asr.tokenizer import normalize_text
+
+    was_training = model.training
+    model.eval()
+    loss_sum, n_loss = 0.0, 0
+    counts = ErrorCounts()
+    results: list[UtteranceResult] = []
+    try:
+        for batch in loader:
+            batch = batch.to(device)
+            with autocast():
+                logits, out_lens = model(batch.features, batch.feature_lengths)
+            logits = logits.float()
+            if batch.targets is not None:
+                per_utt = ctc_loss(logits, out_lens, batch.targets, batch.target_lengths) * len(batch)
+                loss_sum += float(per_utt)
+                n_loss += len(batch)
+            if beam_size > 1:
+                from asr.decode.beam import ctc_prefix_beam_search
+
+                log_probs = logits.log_softmax(-1).cpu()
+                tokens = []
+                for b in range(len(batch)):
+                    hyps = ctc_prefix_beam_search(log_probs[b, : int(out_lens[b])], beam_size)
+                    tokens.append(list(hyps[0][0]) if hyps else [])
+            else:
+                tokens, _ = ctc_greedy(logits, out_lens.cpu())
+            hyps = [tokenizer.decode(t) for t in tokens]
+            refs = [normalize_text(t) for t in batch.texts]
+            counts += error_counts(refs, hyps)
+            if keep_utterances:
+                for uid, r, h in zip(batch.ids, refs, hyps):
+                    c = error_counts([r], [h])
+                    results.append(UtteranceResult(uid, r, h, c.word_errors, c.words))
+    finally:
+        model.train(was_training)
+    return loss_sum, n_loss, counts, results
+
+
+# ---------------------------------------------------------------------- trainer
+class Trainer:
+    """One training run. ``Trainer(cfg, out_dir).fit()``; see conf/ for every option."""
+
+    def __init__(self, cfg: DictConfig, out_dir: str | os.PathLike) -> None:
+        self.cfg = cfg
+        self.out_dir = Path(out_dir)
+        tc = cfg.trainer
+        self.env = init_distributed(str(tc.device))
+        if int(tc.get("num_threads", 0) or 0) > 0:
+            torch.set_num_threads(int(tc.num_threads))
+        self.device = self.env.device
+        self.use_cuda = self.device.type == "cuda"
+        if self.use_cuda:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        precision = str(tc.precision)
+        if precision not in ("bf16", "fp32"):
+            raise ValueError(f"trainer.precision must be bf16 or fp32, got {precision!r}")
+        self.autocast_enabled = self.use_cuda and precision == "bf16"
+        self.seed = int(cfg.seed)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.step = 0
+        self.best_wer: Optional[float] = None
+        self.skipped_steps = 0
+        self.writer = None
+        self.metrics_file = self.out_dir / "metrics.jsonl"
+
+    # ------------------------------------------------------------------ helpers
+    def autocast(self):
+        if self.autocast_enabled:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _seed_everything(self, seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    def _log_metrics(self, record: dict) -> None:
+        if not self.env.is_main:
+            return
+        with open(self.metrics_file, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self.writer.add_scalar(k, v, record["step"])
+
+    def _find_resume(self) -> Optional[Path]:
+        r = self.cfg.trainer.get("resume", "auto")
+        if r is None or r is False or str(r).lower() in ("", "none", "null", "never", "false"):
+            return None
+        if str(r) == "auto":
+            return CheckpointManager(self.ckpt_dir, writable=False).latest()
+        p = Path(str(r))
+        if p.is_file():
+            return p
+        if p.is_dir():
+            folder = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+            latest = CheckpointManager(folder, writable=False).latest()
+            if latest is None:
+                raise CheckpointError(f"trainer.resume={r}: no checkpoint in {folder}")
+            return latest
+        raise CheckpointError(f"trainer.resume={r}: no such file or folder")
+
+    # ------------------------------------------------------------------ stages
+    def prepare_tokenizer(self, train_entries: list[dict]):
+        """Tokenizer stage: reuse ``<tokenizer.dir>/tokenizer.model`` or train it from the training text."""
+        from asr.tokenizer import Tokenizer
+
+        tcfg = self.cfg.tokenizer
+        tdir = Path(str(tcfg.dir))
+        path = tdir / TOKENIZER_FILE
+        if not path.is_file() and self.env.is_main:
+            log.info("training a %d-piece BPE tokenizer on %d transcripts -> %s", tcfg.vocab_size, len(train_entries), path)
+            tok = Tokenizer.train(
+                (e["text"] for e in train_entries), None, int(tcfg.vocab_size),
+                max_sentences=int(tcfg.get("max_sentences", 0) or 0),
+            )
+            atomic_write_bytes(path, lambda f: f.write(tok.to_bytes()))
+        _barrier()
+        tok = Tokenizer(path)
+        if tok.vocab_size != int(tcfg.vocab_size):
+            log.warning("tokenizer %s has %d pieces (config asks %d): the text is too small for more, or the file "
+                        "was made with another size", path, tok.vocab_size, tcfg.vocab_size)
+        return tok
+
+    def build_model(self, vocab_size: int, ckpt_config: Optional[dict]) -> CTCModel:
+        model_dict = OmegaConf.to_container(self.cfg.model, resolve=True)
+        assert isinstance(model_dict, dict)
+        known = {f.name for f in fields(ModelConfig)}
+        unknown = set(model_dict) - known - {"name", "_target_"}
+        if unknown:
+            raise ValueError(f"unknown model option(s) {sorted(unknown)}; ModelConfig has {sorted(known)}")
+        if ckpt_config is not None:
+            mcfg = ModelConfig.from_dict(ckpt_config)
+            differing = {k: (v, ckpt_config.get(k)) for k, v in model_dict.items()
+                         if k in known and k != "vocab_size" and ckpt_config.get(k) != v}
+            if differing and self.env.is_main:
+                log.warning("model config differs from the checkpoint's, which wins (config vs checkpoint): %s", differing)
+        else:
+            mcfg = ModelConfig.from_dict({**model_dict, "vocab_size": vocab_size})
+        torch.manual_seed(self.seed)  # identical initial weights on every rank
+        return CTCModel(mcfg)
+
+    def compute_cmvn(self, model: CTCModel, entries: list[dict]) -> None:
+        """Global CMVN statistics from a fixed random subset of training utterances (rank 0, broadcast)."""
+        from asr.features import compute_cmvn_stats
+
+        n = int(self.cfg.data.get("cmvn_utterances", 500))
+        stats = torch.zeros(2, model.cmvn.num_bins, device=self.device)
+        if self.env.is_main:
+            idx = sorted(random.Random(self.seed).sample(range(len(entries)), min(n, len(entries))))
+            ds = ManifestDataset([entries[i] for i in idx])
+            nw = int(self.cfg.data.num_workers)
+            loader = DataLoader(ds, batch_size=None, num_workers=nw, generator=torch.Generator())
+            mean, std = compute_cmvn_stats(item["features"] for item in loader)
+            stats[0], stats[1] = mean.to(self.device), std.to(self.device)
+            log.info("CMVN statistics from %d utterances", len(ds))
+        if self.env.world_size > 1:
+            dist.broadcast(stats, src=0)
+        model.cmvn.set_stats(stats[0].cpu(), stats[1].cpu())
+
+    def _loader(self, ds: ManifestDataset, sampler: BucketingBatchSampler, workers: int) -> DataLoader:
+        g = torch.Generator()
+        g.manual_seed(self.seed)
+        kwargs: dict[str, Any] = {}
+        if workers > 0:
+            kwargs["prefetch_factor"] = int(self.cfg.data.get("prefetch_factor", 2))
+        return DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
+                          pin_memory=self.use_cuda, generator=g, **kwargs)
+
+    # ------------------------------------------------------------------ main entry
+    def fit(self) -> dict:
+        cfg, env = self.cfg, self.env
+        tc, dc, oc = cfg.trainer, cfg.data, cfg.optim
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._seed_everything(self.seed)
+
+        train_entries = read_manifests(_as_list(dc.train_manifests))
+        dev_entries = read_manifests(_as_list(dc.dev_manifests)) if _as_list(dc.get("dev_manifests")) else []
+        if not train_entries:
+            raise ValueError("the training manifests are empty")
+
+        resume_path = self._find_resume()
+        ckpt = load_checkpoint(resume_path) if resume_path else None
+        init_ckpt = None
+        if ckpt is None and tc.get("init_from"):
+            init_ckpt = load_checkpoint(resolve_checkpoint(str(tc.init_from)))
+
+        from asr.tokenizer import Tokenizer
+
+        source = ckpt or init_ckpt
+        if source is not None:
+            self.tokenizer = Tokenizer.from_bytes(source["tokenizer"])
+        else:
+            self.tokenizer = self.prepare_tokenizer(train_entries)
+        if env.is_main:
+            self.tokenizer.save(self.out_dir / TOKENIZER_FILE)
+
+        model = self.build_model(self.tokenizer.vocab_size, source["config"] if source else None)
+        if source is not None:
+            model.load_state_dict(source["model"])
+            if ckpt is None:
+                log.info("initialised weights, CMVN and tokenizer from %s", tc.init_from)
+        else:
+            self.compute_cmvn(model, train_entries)
+        model.to(self.device)
+        self.model = model
+        if env.is_main:
+            log.info("model: %s, %.2fM parameters, vocabulary %d", model.config, model.num_parameters() / 1e6,
+                     self.tokenizer.vocab_size)
+
+        augment = AugmentConfig.from_dict(OmegaConf.to_container(dc.augment, resolve=True))  # type: ignore[arg-type]
+        train_ds = ManifestDataset(train_entries, self.tokenizer, float(dc.min_duration), float(dc.max_duration),
+                                   augment=augment, dither=float(dc.get("dither", 0.0)))
+        self.train_sampler = BucketingBatchSampler(
+            train_ds.durations, float(dc.max_batch_seconds), int(dc.num_buckets), int(dc.get("max_batch_size", 0) or 0),
+            shuffle=True, seed=self.seed, rank=env.rank, world_size=env.world_size, shard_mode="drop",
+        )
+        train_loader = self._loader(train_ds, self.train_sampler, int(dc.num_workers))
+        dev_loader = None
+        if dev_entries:
+            dev_ds = ManifestDataset(dev_entries, self.tokenizer, filter_ctc=False)
+            dev_sampler = BucketingBatchSampler(
+                dev_ds.durations, float(dc.get("dev_max_batch_seconds") or dc.max_batch_seconds), int(dc.num_buckets),
+                shuffle=False, seed=self.seed, rank=env.rank, world_size=env.world_size, shard_mode="uneven",
+            )
+            dev_loader = self._loader(dev_ds, dev_sampler, int(dc.num_workers))
+
+        max_steps = int(tc.max_steps)
+        opt_kwargs: dict[str, Any] = {}
+        if self.use_cuda:
+            opt_kwargs["fused"] = True
+        self.optimizer = torch.optim.AdamW(
+            model.param_groups(float(oc.weight_decay), float(oc.lr)), lr=float(oc.lr),
+            betas=tuple(float(b) for b in oc.betas), eps=float(oc.eps), **opt_kwargs,
+        )
+        warmup, schedule, min_ratio = int(oc.warmup_steps), str(oc.schedule), float(oc.min_lr_ratio)
+        lr_factor(0, warmup, max_steps, schedule, min_ratio)  # validate the schedule name early
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, warmup, max_steps, schedule, min_ratio)
+        )
+
+        ddp_model: torch.nn.Module = model
+        if env.world_size > 1:
+            ddp_model = DDP(model, device_ids=[self.device.index] if self.use_cuda else None,
+                            find_unused_parameters=bool(tc.get("find_unused_parameters", False)))
+
+        manager = CheckpointManager(self.ckpt_dir, int(tc.keep_last), int(tc.keep_best)) if env.is_main else None
+        _barrier()  # rank 0 removed temporaries of an interrupted write before anyone reads the folder
+
+        # Per-rank streams (dropout) differ; the model init above was identical on all ranks.
+        self._seed_everything(self.seed + 1000003 * env.rank)
+        if ckpt is not None:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            self.train_sampler.load_state_dict(ckpt["sampler"])
+            self.step = int(ckpt["step"])
+            self.best_wer = ckpt.get("best_wer")
+            self.skipped_steps = int(ckpt.get("skipped_steps", 0))
+            rng = ckpt["rng"]
+            if len(rng) == env.world_size:
+                restore_rng_state(rng[env.rank])
+            else:
+                log.warning("checkpoint has RNG states of %d ranks, this run has %d: RNG streams not restored",
+                            len(rng), env.world_size)
+            log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_path, self.step,
+                     self.train_sampler.epoch, self.train_sampler.position)
+
+        if env.is_main:
+            OmegaConf.save(cfg, self.out_dir / "config_resolved.yaml", resolve=True)
+            if tc.get("tensorboard", True):
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=self.step or None)
+
+        result = self._loop(ddp_model, train_loader, dev_loader, manager, max_steps)
+        if self.writer is not None:
+            self.writer.close()
+        return result
+
+    # ------------------------------------------------------------------ the loop
+    def _train_batches(self, loader: DataLoader) -> Iterator[Batch]:
+        max_epochs = self.cfg.trainer.get("max_epochs")
+        while True:
+            if self.train_sampler.remaining() <= 0:
+                self.train_sampler.set_epoch(self.train_sampler.epoch + 1)
+            if max_epochs and self.train_sampler.epoch >= int(max_epochs):
+                return
+            for batch in loader:
+                self.train_sampler.advance()
+                yield batch
+
+    def _checkpoint_state(self, wer: Optional[float]) -> dict:
+        rng = _gather_objects(capture_rng_state())
+        return {
+            "config": self.model.config.to_dict(),
+            "model": self.model.state_dict(),
+            "tokenizer": self.tokenizer.to_bytes(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "sampler": self.train_sampler.state_dict(),
+            "rng": rng,
+            "step": self.step,
+            "epoch": self.train_sampler.epoch,
+            "best_wer": self.best_wer,
+            "dev_wer": wer,
+            "skipped_steps": self.skipped_steps,
+            "world_size": self.env.world_size,
+            "train_config": OmegaConf.to_yaml(self.cfg, resolve=True),
+        }
+
+    def _save(self, manager: Optional[CheckpointManager], wer: Optional[float]) -> None:
+        state = self._checkpoint_state(wer)  # collective: every rank takes part
+        if manager is not None:
+            path = manager.save(state, self.step, wer)
+            log.info("saved %s", path)
+        _barrier()
+
+    def validate(self, dev_loader: DataLoader) -> dict:
+        loss_sum, n, counts, _ = evaluate_model(self.model, dev_loader, self.tokenizer, self.device, self.autocast)
+        t = torch.tensor([loss_sum, n] + counts.as_list(), dtype=torch.float64, device=self.device)
+        _all_reduce(t)
+        counts = ErrorCounts.from_list(t[2:].tolist())
+        return {"dev/loss": float(t[0] / max(1.0, float(t[1]))), "dev/wer": counts.wer, "dev/cer": counts.cer,
+                "dev/utterances": counts.utterances}
+
+    def _validate_and_log(self, dev_loader: DataLoader) -> float:
+        """Validate, update the best WER, log; returns this validation's WER."""
+        metrics = self.validate(dev_loader)
+        wer = metrics["dev/wer"]
+        if self.best_wer is None or wer < self.best_wer:
+            self.best_wer = wer
+        self._log_metrics({"step": self.step, **metrics, "dev/best_wer": self.best_wer})
+        if self.env.is_main:
+            log.info("step %d dev loss %.4f WER %.2f%% CER %.2f%% (best WER %.2f%%)", self.step,
+                     metrics["dev/loss"], 100 * wer, 100 * metrics["dev/cer"], 100 * self.best_wer)
+        return wer
+
+    def _loop(self, ddp_model, train_loader, dev_loader, manager, max_steps: int) -> dict:
+        tc = self.cfg.trainer
+        env = self.env
+        accum = max(1, int(tc.accumulate_grad_batches))
+        clip = float(tc.grad_clip) if tc.grad_clip else 0.0
+        log_every, val_every, save_every = int(tc.log_every), int(tc.val_every), int(tc.save_every)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        bar = None
+        if env.is_main and tc.get("progress_bar", True):
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+
+        # Window sums for logging: loss * utterances, utterances, audio seconds (all-reduced at log time).
+        window = torch.zeros(3, dtype=torch.float64, device=self.device)
+        window_start = time.perf_counter()
+        last_saved = last_validated = -1
+        last_wer: Optional[float] = None
+        batches = self._train_batches(train_loader)
+        exhausted = False
+        if self.use_cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+        while self.step < max_steps and not exhausted:
+            micro = []
+            for _ in range(accum):
+                try:
+                    micro.append(next(batches))
+                except StopIteration:
+                    exhausted = True
+                    break
+            if not micro:
+                break
+            loss_total = torch.zeros((), device=self.device)
+            for i, batch in enumerate(micro):
+                batch = batch.to(self.device)
+                last = i == len(micro) - 1
+                sync = contextlib.nullcontext() if (last or env.world_size == 1) else ddp_model.no_sync()
+                with sync:
+                    with self.autocast():
+                        logits, out_lens = ddp_model(batch.features, batch.feature_lengths)
+                    loss = ctc_loss(logits, out_lens, batch.targets, batch.target_lengths)
+                    (loss / len(micro)).backward()
+                loss_total = loss_total + loss.detach().float() / len(micro)
+                window[0] += loss.detach().double() * len(batch)
+                window[1] += len(batch)
+                window[2] += sum(batch.durations)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+            ok = torch.isfinite(torch.stack([loss_total, grad_norm.float()])).all().float()
+            _all_reduce(ok, dist.ReduceOp.MIN if dist.is_initialized() else None)
+            if bool(ok.item()):
+                self.optimizer.step()
+            else:
+                self.skipped_steps += 1
+                log.warning("step %d: non-finite loss or gradient, update skipped (%d so far)",
+                            self.step + 1, self.skipped_steps)
+                window.zero_()  # keep NaN out of the logged average
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            self.step += 1
+            if bar is not None:
+                bar.update(1)
+
+            if self.step % log_every == 0 or self.step == max_steps:
+                w = _all_reduce(window.clone())
+                elapsed = time.perf_counter() - window_start
+                record = {
+                    "step": self.step,
+                    "train/loss": float(w[0] / w[1]) if w[1] > 0 else float("nan"),
+                    "train/lr": self.scheduler.get_last_lr()[0],
+                    "train/grad_norm": float(grad_norm),
+                    "train/skipped_steps": self.skipped_steps,
+                    "train/audio_sec_per_sec": float(w[2]) / max(elapsed, 1e-9),
+                    "train/epoch": self.train_sampler.epoch,
+                }
+                if self.use_cuda:
+                    record["train/peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+                self._log_metrics(record)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{record['train/loss']:.3f}", lr=f"{record['train/lr']:.2e}")
+                if env.is_main:
+                    log.info("step %d loss %.4f lr %.3e grad_norm %.3f %.1f audio-s/s", self.step,
+                             record["train/loss"], record["train/lr"], record["train/grad_norm"],
+                             record["train/audio_sec_per_sec"])
+                window.zero_()
+                window_start = time.perf_counter()
+
+            wer = None
+            if dev_loader is not None and (self.step % val_every == 0 or self.step == max_steps):
+                wer = last_wer = self._validate_and_log(dev_loader)
+                last_validated = self.step
+            if self.step % save_every == 0:
+                self._save(manager, wer)
+                last_saved = self.step
+
+        if bar is not None:
+            bar.close()
+        if dev_loader is not None and last_validated != self.step and self.step > 0:
+            last_wer = self._validate_and_log(dev_loader)
+        if last_saved != self.step and self.step > 0:
+            self._save(manager, last_wer if dev_loader is not None else None)
+        digest = state_digest(self.model)
+        log.info("rank %d final weights sha256 %s", env.rank, digest)
+        digests = _gather_objects(digest)
+        if len(set(digests)) > 1:
+            log.error("ranks hold different weights: %s", digests)
+        summary = {"step": self.step, "best_wer": self.best_wer, "last_wer": last_wer,
+                   "skipped_steps": self.skipped_steps, "weights_sha256": digest}
+        if self.use_cuda:
+            summary["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        if env.is_main:
+            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary

@@ -1,0 +1,222 @@
+"""Hydra configs compose; recipe prepare scripts write correct manifests."""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import soundfile as sf
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import asr.cli.train  # noqa: F401  (registers the asr_* resolvers used by the config)
+from asr.data.augment import AugmentConfig
+from asr.data.manifest import read_manifest
+from asr.model import ModelConfig
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+RECIPES = sorted(p.stem for p in (CONF / "recipe").glob("*.yaml"))
+REAL = REPO.parent / "shared" / "data" / "real"
+
+
+def _load(name: str) -> ModuleType:
+    path = REPO / "recipes" / name / "prepare.py"
+    spec = importlib.util.spec_from_file_location(f"prepare_{name}", path)
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _wav(path: Path, seconds: float, rate: int = 16000) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t = torch.arange(int(seconds * rate)) / rate
+    sf.write(str(path), (0.2 * torch.sin(2 * torch.pi * 300 * t)).numpy(), rate)
+    return path
+
+
+def _compose(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+# ---------------------------------------------------------------------- configs
+def test_every_recipe_has_its_folder_readme_and_prepare() -> None:
+    assert set(RECIPES) >= {"librispeech", "folder", "real"}
+    for r in RECIPES:
+        assert (REPO / "recipes" / r / "README.md").is_file()
+        assert (REPO / "recipes" / r / "prepare.py").is_file()
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("model", ["tiny", "default"])
+def test_recipe_configs_compose_and_resolve(recipe: str, model: str) -> None:
+    cfg = _compose([f"recipe={recipe}", f"model={model}"])
+    assert cfg.name == recipe
+    for group in ("data", "optim", "trainer", "model"):
+        # everything except Hydra's runtime values resolves, and nothing required is left open
+        OmegaConf.to_container(cfg[group], resolve=True, throw_on_missing=True)
+    assert all(str(m).startswith(cfg.data.manifest_dir) for m in cfg.data.train_manifests)
+    assert cfg.data.dev_manifests
+    assert cfg.tokenizer.dir == f"{cfg.data.manifest_dir}/bpe{cfg.tokenizer.vocab_size}"
+    assert cfg.trainer.save_every == cfg.trainer.val_every  # interpolation
+    mdict = OmegaConf.to_container(cfg.model, resolve=True)
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    assert set(mdict) - {"name"} <= known
+    ModelConfig.from_dict(mdict)
+    AugmentConfig.from_dict(OmegaConf.to_container(cfg.data.augment, resolve=True))
+
+
+def test_without_a_recipe_the_manifests_are_required() -> None:
+    cfg = _compose([])
+    assert OmegaConf.is_missing(cfg.data, "train_manifests")
+    assert OmegaConf.is_missing(cfg.data, "dev_manifests")
+    cfg = _compose(["data.train_manifests=[a.jsonl]", "data.dev_manifests=[]", "trainer=cpu", "model=tiny"])
+    assert cfg.trainer.device == "cpu" and cfg.trainer.max_steps == 200 and cfg.trainer.log_every == 10
+    assert cfg.trainer.keep_best == 1  # inherited from trainer/default
+    assert cfg.model.d_model == 64
+
+
+def test_model_sizes() -> None:
+    from asr.model import CTCModel
+
+    tiny = ModelConfig.from_dict({**OmegaConf.to_container(_compose(["model=tiny"]).model), "vocab_size": 32})
+    default = ModelConfig.from_dict(OmegaConf.to_container(_compose([]).model))
+    assert default.d_model == 256 and default.d_model % default.head_size == 0
+    assert CTCModel(tiny).num_parameters() < 1_000_000
+
+
+# ---------------------------------------------------------------------- librispeech
+def _mini_librispeech(root: Path) -> None:
+    """A miniature LibriSpeech tree in the exact layout: <split>/<speaker>/<chapter>/*.flac + trans.txt."""
+    layout = {
+        "dev-clean": {("1272", "128104"): ["MISTER QUILTER IS THE APOSTLE", "NOR IS MISTER QUILTER'S MANNER"],
+                      ("2277", "149896"): ["HE HAD NEVER BEEN FATHER LOVER HUSBAND FRIEND"]},
+        "train-clean-100": {("103", "1240"): ["CHAPTER ONE MISSUS RACHEL LYNDE IS SURPRISED"],
+                            ("19", "198"): ["NORTHANGER ABBEY"]},
+    }
+    for split, chapters in layout.items():
+        for (spk, chap), texts in chapters.items():
+            d = root / "LibriSpeech" / split / spk / chap
+            lines = []
+            for i, text in enumerate(texts):
+                uid = f"{spk}-{chap}-{i:04d}"
+                _wav(d / f"{uid}.flac", 0.5 + 0.25 * i)
+                lines.append(f"{uid} {text}")
+            (d / f"{spk}-{chap}.trans.txt").write_text("\n".join(lines) + "\n")
+    # a transcript line whose audio is missing is reported and skipped
+    with open(root / "LibriSpeech" / "dev-clean" / "1272" / "128104" / "1272-128104.trans.txt", "a") as f:
+        f.write("1272-128104-0009 THIS AUDIO DOES NOT EXIST\n")
+
+
+def test_librispeech_prepare_on_a_miniature_tree(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    _mini_librispeech(tmp_path / "download")
+    prep = _load("librispeech")
+    out = tmp_path / "manifests"
+    # the parent folder of LibriSpeech/ is accepted as --root
+    assert prep.main(["--root", str(tmp_path / "download"), "--out-dir", str(out), "--jobs", "1"]) == 0
+    assert "1272-128104-0009.flac missing" in capsys.readouterr().err
+    dev = read_manifest(out / "dev-clean.jsonl")
+    train = read_manifest(out / "train-clean-100.jsonl")
+    assert [e["id"] for e in dev] == ["1272-128104-0000", "1272-128104-0001", "2277-149896-0000"]
+    assert {e["speaker"] for e in dev} == {"1272", "2277"}
+    assert dev[1]["text"] == "nor is mister quilter's manner"
+    assert dev[1]["duration"] == pytest.approx(0.75, abs=1e-3)
+    assert all(Path(e["audio"]).is_file() for e in dev + train)
+    raw = json.loads((out / "dev-clean.jsonl").read_text().splitlines()[0])
+    assert not Path(raw["audio"]).is_absolute()
+    assert [e["text"] for e in train] == ["chapter one missus rachel lynde is surprised", "northanger abbey"]
+    # a subset of splits, and a clear error for a split that is not there
+    assert prep.main(["--root", str(tmp_path / "download" / "LibriSpeech"), "--splits", "dev-clean",
+                      "--out-dir", str(tmp_path / "only_dev")]) == 0
+    assert sorted(p.name for p in (tmp_path / "only_dev").iterdir()) == ["dev-clean.jsonl"]
+    assert prep.main(["--root", str(tmp_path / "download"), "--splits", "test-other",
+                      "--out-dir", str(tmp_path / "x")]) == 2
+
+
+# ---------------------------------------------------------------------- folder
+def test_folder_prepare_with_transcripts_beside_audio(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    audio = tmp_path / "audio"
+    for spk in ("alice", "bob", "carol"):
+        for i in range(3):
+            _wav(audio / spk / f"utt{i}.wav", 0.4)
+            (audio / spk / f"utt{i}.txt").write_text(f"Hello, World-{spk}! number {i}\n")
+    _wav(audio / "orphan.flac", 0.3)  # no transcript: skipped with a warning
+    prep = _load("folder")
+    out = tmp_path / "m"
+    assert prep.main(["--audio-dir", str(audio), "--out-dir", str(out), "--dev-fraction", "0.3", "--jobs", "1"]) == 0
+    assert "orphan.flac: no transcript" in capsys.readouterr().err
+    train, dev = read_manifest(out / "train.jsonl"), read_manifest(out / "dev.jsonl")
+    assert len(train) + len(dev) == 9 and dev
+    assert not {e["speaker"] for e in train} & {e["speaker"] for e in dev}  # speaker-disjoint
+    e = next(x for x in train + dev if x["id"] == "bob/utt1")
+    assert e["text"] == "hello world bob number 1" and e["speaker"] == "bob"
+    assert e["duration"] == pytest.approx(0.4, abs=1e-3)
+    # deterministic
+    assert prep.main(["--audio-dir", str(audio), "--out-dir", str(tmp_path / "m2"), "--dev-fraction", "0.3"]) == 0
+    assert read_manifest(tmp_path / "m2" / "dev.jsonl") == dev
+
+
+@pytest.mark.parametrize("kind", ["csv_header", "tsv_plain"])
+def test_folder_prepare_from_a_table(tmp_path: Path, kind: str) -> None:
+    audio = tmp_path / "clips"
+    for i in range(6):
+        _wav(audio / f"c{i}.wav", 0.3 + 0.1 * i)
+    if kind == "csv_header":
+        table = tmp_path / "list.csv"
+        rows = ["speaker,path,text"] + [f'spk{i % 2},clips/c{i}.wav,"Sentence, number {i}"' for i in range(6)]
+        args = ["--table", str(table)]
+    else:
+        table = tmp_path / "meta" / "list.tsv"
+        table.parent.mkdir()
+        rows = [f"c{i}.wav\tsentence {i}" for i in range(6)] + ["missing.wav\tnot there"]
+        args = ["--table", str(table), "--audio-root", str(audio)]
+    table.write_text("\n".join(rows) + "\n")
+    prep = _load("folder")
+    out = tmp_path / "m"
+    assert prep.main(args + ["--out-dir", str(out), "--dev-fraction", "0.2"]) == 0
+    entries = read_manifest(out / "train.jsonl") + read_manifest(out / "dev.jsonl")
+    assert len(entries) == 6
+    by_id = {e["id"]: e for e in entries}
+    key = "clips/c3" if kind == "csv_header" else "c3"
+    assert by_id[key]["text"] == ("sentence number 3" if kind == "csv_header" else "sentence 3")
+    assert by_id[key]["duration"] == pytest.approx(0.6, abs=1e-3)
+    assert Path(by_id[key]["audio"]) == (audio / "c3.wav").resolve()
+    if kind == "csv_header":
+        assert by_id[key]["speaker"] == "spk1"
+
+
+# ---------------------------------------------------------------------- real
+def test_real_split_is_speaker_disjoint_and_deterministic() -> None:
+    prep = _load("real")
+    entries = [{"id": f"big_{i}", "duration": 10.0, "speaker": "big", "text": "x", "audio": "a"} for i in range(60)]
+    for s in range(12):
+        entries += [{"id": f"s{s}_{i}", "duration": 2.0, "speaker": f"s{s}", "text": "x", "audio": "a"} for i in range(10)]
+    entries.append({"id": "nolabel", "duration": 1.0, "speaker": None, "text": "x", "audio": "a"})
+    train, dev = prep.speaker_split(entries, dev_fraction=0.1, seed=0)
+    assert len(train) + len(dev) == len(entries)
+    assert not {e["speaker"] for e in train} & {e["speaker"] for e in dev}
+    assert all(e["speaker"] != "big" for e in dev)  # 71 % of the audio: always kept for training
+    total = sum(e["duration"] for e in entries)
+    assert 0.1 * total <= sum(e["duration"] for e in dev) <= 0.1 * total + 20.0
+    assert prep.speaker_split(list(reversed(entries)), 0.1, 0) == (train, dev)
+    assert prep.speaker_split(entries, 0.1, 1) != (train, dev)
+
+
+@pytest.mark.skipif(not (REAL / "manifest.jsonl").is_file(), reason="../shared/data/real not present")
+def test_real_prepare_on_the_shared_data(tmp_path: Path) -> None:
+    prep = _load("real")
+    assert prep.main(["--source", str(REAL), "--out-dir", str(tmp_path)]) == 0
+    train, dev = read_manifest(tmp_path / "train.jsonl"), read_manifest(tmp_path / "dev.jsonl")
+    assert len(train) + len(dev) == len(read_manifest(REAL / "manifest.jsonl"))
+    assert not {e["speaker"] for e in train} & {e["speaker"] for e in dev}
+    assert "cathy" in {e["speaker"] for e in train}
+    assert Path(dev[0]["audio"]).is_file()
+    first = (tmp_path / "dev.jsonl").read_text()
+    assert prep.main(["--source", str(REAL), "--out-dir", str(tmp_path)]) == 0
+    assert (tmp_path / "dev.jsonl").read_text() == first

@@ -1,0 +1,290 @@
+"""Training end to end on real audio (tests/data/fsdd_small): asr-train, resume, DDP, checkpoints, asr-eval."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from asr.data.manifest import read_manifest, write_manifest
+from asr.train.checkpoint import (
+    CheckpointManager,
+    atomic_torch_save,
+    load_checkpoint,
+    load_for_inference,
+    resolve_checkpoint,
+)
+from asr.train.trainer import lr_factor, state_digest
+
+DATA = Path(__file__).parent / "data" / "fsdd_small"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Manifests (george -> train, jackson -> dev) and a tokenizer folder shared by the runs."""
+    root = tmp_path_factory.mktemp("train")
+    entries = read_manifest(DATA / "manifest.jsonl")
+    write_manifest(root / "train.jsonl", [e for e in entries if e["speaker"] == "fsdd_george"])
+    write_manifest(root / "dev.jsonl", [e for e in entries if e["speaker"] == "fsdd_jackson"])
+    return {"root": root, "train": root / "train.jsonl", "dev": root / "dev.jsonl", "tok": root / "tokenizer"}
+
+
+def _args(work: dict, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        "model=tiny", "trainer=cpu", "trainer.num_threads=1",
+        f"data.train_manifests=[{work['train']}]", f"data.dev_manifests=[{work['dev']}]",
+        "data.num_workers=0", "data.max_batch_seconds=4", "data.cmvn_utterances=20",
+        "tokenizer.vocab_size=40", f"tokenizer.dir={work['tok']}",
+        "optim.warmup_steps=5", "optim.lr=3e-3", f"hydra.run.dir={run_dir}", *extra,
+    ]
+
+
+def _train(args: list[str], cwd: Path, timeout: int = 120, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "asr.cli.train", *args], cwd=cwd, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"asr-train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained(work: dict) -> Path:
+    """One 40-step run from the console script, started in an unrelated folder (conf/ is found
+    from the package), validating and saving every 20 steps."""
+    run = work["root"] / "run_main"
+    exe = shutil.which("asr-train")
+    cmd = [exe] if exe else [sys.executable, "-m", "asr.cli.train"]
+    proc = subprocess.run(
+        cmd + _args(work, run, "trainer.max_steps=40", "trainer.log_every=5", "trainer.val_every=20"),
+        cwd=work["root"], env=ENV, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run
+
+
+# ---------------------------------------------------------------------- unit pieces
+def test_lr_schedule() -> None:
+    assert lr_factor(0, 10, 100, "cosine", 0.1) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 100, "cosine", 0.1) == pytest.approx(1.0)
+    assert lr_factor(10, 10, 100, "cosine", 0.1) == pytest.approx(1.0)
+    assert lr_factor(55, 10, 100, "cosine", 0.1) == pytest.approx(0.55)
+    assert lr_factor(100, 10, 100, "cosine", 0.1) == pytest.approx(0.1)
+    assert lr_factor(55, 10, 100, "linear", 0.0) == pytest.approx(0.5)
+    assert lr_factor(500, 10, 100, "constant", 0.0) == 1.0
+    with pytest.raises(ValueError):
+        lr_factor(50, 10, 100, "exponential", 0.0)
+
+
+def test_checkpoint_manager_keeps_last_k_and_best(tmp_path: Path) -> None:
+    m = CheckpointManager(tmp_path, keep_last=2, keep_best=1)
+    wers = {10: 0.5, 20: 0.3, 30: 0.4, 40: 0.6, 50: None}
+    for step, wer in wers.items():
+        m.save({"model": {"w": torch.tensor([float(step)])}, "step": step}, step, wer)
+    assert [s for s, _ in m.checkpoints()] == [20, 40, 50]  # last two + best (step 20, WER 0.3)
+    assert m.best().name == "ckpt-step000000020.pt"
+    assert m.latest().name == "ckpt-step000000050.pt"
+    assert resolve_checkpoint(tmp_path) == m.best()  # inference picks the best
+    # a stray temporary from an interrupted write is removed when a writer opens the folder
+    (tmp_path / ".ckpt-step000000060.pt.abc.tmp").write_bytes(b"partial")
+    CheckpointManager(tmp_path, writable=False).latest()
+    assert (tmp_path / ".ckpt-step000000060.pt.abc.tmp").exists()  # read-only views leave it alone
+    CheckpointManager(tmp_path)
+    assert not list(tmp_path.glob(".*.tmp"))
+    # a damaged file (not written by us atomically) is skipped, not loaded
+    (tmp_path / "ckpt-step000000070.pt").write_bytes(b"garbage")
+    assert m.latest().name == "ckpt-step000000050.pt"
+
+
+def test_atomic_save_keeps_the_old_file_when_the_write_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "x.pt"
+    atomic_torch_save({"model": {"a": torch.ones(3)}}, path)
+
+    def broken(obj, f, *a, **k):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_torch_save({"model": {"a": torch.zeros(3)}}, path)
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["model"]["a"], torch.ones(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.pt"]
+
+
+# ---------------------------------------------------------------------- asr-train
+def test_asr_train_loss_falls_and_writes_its_outputs(trained: Path) -> None:
+    losses = [m["train/loss"] for m in _metrics(trained) if "train/loss" in m]
+    assert len(losses) == 8
+    assert all(math.isfinite(x) for x in losses)
+    assert sum(losses[-2:]) / 2 < 0.6 * losses[0], losses
+    dev = [m for m in _metrics(trained) if "dev/wer" in m]
+    assert [m["step"] for m in dev] == [20, 40] and all(math.isfinite(m["dev/loss"]) for m in dev)
+    for name in ("config_resolved.yaml", "train.log", "tokenizer.model", "summary.json", ".hydra/config.yaml"):
+        assert (trained / name).is_file(), name
+    assert list((trained / "tensorboard").glob("events.out.tfevents.*"))
+    ckpts = sorted(p.name for p in (trained / "checkpoints").glob("ckpt-*.pt"))
+    assert ckpts == ["ckpt-step000000020.pt", "ckpt-step000000040.pt"]
+    ckpt = load_checkpoint(trained / "checkpoints" / ckpts[-1])
+    assert ckpt["step"] == 40 and ckpt["config"]["d_model"] == 64
+    for key in ("model", "tokenizer", "optimizer", "scheduler", "sampler", "rng", "best_wer", "epoch"):
+        assert key in ckpt
+    assert not torch.equal(ckpt["model"]["cmvn.istd"], torch.ones(80))  # CMVN statistics were computed
+
+
+def test_load_for_inference_eval_and_averaging(trained: Path, work: dict, capsys: pytest.CaptureFixture) -> None:
+    from asr.cli.evaluate import main as eval_main
+
+    model, tok = load_for_inference(trained)
+    assert not model.training and tok.vocab_size == model.config.vocab_size
+    report = work["root"] / "report.jsonl"
+    assert eval_main([str(trained), str(work["dev"]), "--num-workers", "0", "--worst", "3",
+                      "--report", str(report), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "WER" in out and "CER" in out
+    rows = [json.loads(line) for line in report.read_text().splitlines()]
+    assert len(rows) == 8 and {"id", "ref", "hyp", "word_errors", "words"} <= set(rows[0])
+    assert eval_main([str(work["root"] / "nope"), str(work["dev"])]) == 2
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    try:
+        import average_checkpoints
+    finally:
+        sys.path.pop(0)
+    avg_path = work["root"] / "avg.pt"
+    assert average_checkpoints.main(["--dir", str(trained), "--last", "2", "--out", str(avg_path)]) == 0
+    a, b = (load_checkpoint(p)["model"] for p in sorted((trained / "checkpoints").glob("ckpt-*.pt")))
+    avg = load_checkpoint(avg_path)["model"]
+    name = "head.weight"
+    assert torch.allclose(avg[name], (a[name] + b[name]) / 2, atol=1e-6)
+    model, _ = load_for_inference(avg_path)
+
+
+def test_kill_during_checkpoint_write_then_resume_is_bit_exact(work: dict) -> None:
+    """kill -9 in the middle of writing the second checkpoint; the latest checkpoint stays the first,
+    intact; resuming finishes with exactly the weights of an uninterrupted run."""
+    common = ("trainer.max_steps=18", "trainer.val_every=6", "trainer.log_every=3", "data.augment.speed.enabled=true")
+    ref_dir = work["root"] / "ref"
+    _train(_args(work, ref_dir, *common), work["root"])
+    ref = json.loads((ref_dir / "summary.json").read_text())
+
+    killer = work["root"] / "kill_during_save.py"
+    killer.write_text(textwrap.dedent("""
+        import io, os, signal, sys
+        import torch
+        real_save, calls = torch.save, [0]
+        def save(obj, f, *a, **k):
+            calls[0] += 1
+            if calls[0] == 2:  # second checkpoint: write half of it, then die like kill -9
+                buf = io.BytesIO(); real_save(obj, buf); data = buf.getvalue()
+                f.write(data[: len(data) // 2]); f.flush(); os.fsync(f.fileno())
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real_save(obj, f, *a, **k)
+        torch.save = save
+        from asr.cli.train import main
+        sys.argv = ["asr-train"] + sys.argv[1:]
+        main()
+    """))
+    run = work["root"] / "killed"
+    proc = subprocess.run([sys.executable, str(killer), *_args(work, run, *common)], cwd=work["root"], env=ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    ckdir = run / "checkpoints"
+    assert sorted(p.name for p in ckdir.glob("ckpt-*.pt")) == ["ckpt-step000000006.pt"]
+    assert list(ckdir.glob(".ckpt-step000000012.pt.*.tmp"))  # the interrupted write, never renamed
+    assert load_checkpoint(CheckpointManager(ckdir, writable=False).latest())["step"] == 6
+
+    _train(_args(work, run, *common), work["root"])  # trainer.resume=auto picks up step 6
+    log_text = (run / "train.log").read_text()
+    assert "resumed from" in log_text and "at step 6" in log_text
+    assert not list(ckdir.glob(".*.tmp"))
+    resumed = json.loads((run / "summary.json").read_text())
+    assert resumed["step"] == ref["step"] == 18
+    assert resumed["weights_sha256"] == ref["weights_sha256"]
+    a = load_checkpoint(ref_dir / "checkpoints" / "ckpt-step000000018.pt")
+    b = load_checkpoint(ckdir / "ckpt-step000000018.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["best_wer"] == b["best_wer"]
+
+
+def test_non_finite_steps_are_skipped_and_counted(work: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hydra import compose, initialize_config_dir
+
+    import asr.cli.train  # noqa: F401  (resolvers)
+    import asr.train.trainer as trainer_mod
+
+    real_loss, calls = trainer_mod.ctc_loss, [0]
+
+    def sometimes_nan(*args):
+        calls[0] += 1
+        loss = real_loss(*args)
+        return loss * float("nan") if calls[0] == 3 else loss
+
+    monkeypatch.setattr(trainer_mod, "ctc_loss", sometimes_nan)
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("config", overrides=[a for a in _args(work, tmp_path, "trainer.max_steps=5",
+                                                              "data.dev_manifests=[]") if not a.startswith("hydra.")])
+    summary = trainer_mod.Trainer(cfg, tmp_path).fit()
+    assert summary["step"] == 5 and summary["skipped_steps"] == 1
+    model, _ = load_for_inference(tmp_path / "checkpoints")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_torchrun_two_processes_gloo(work: dict) -> None:
+    """Two CPU ranks through torchrun: they agree on one output folder and end with identical weights."""
+    cwd = work["root"] / "ddp_cwd"
+    cwd.mkdir()
+    args = [a for a in _args(work, cwd, "trainer.max_steps=6", "trainer.log_every=3", "name=ddp")
+            if not a.startswith("hydra.run.dir")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "asr.cli.train", *args],
+        cwd=cwd, env=ENV, capture_output=True, text=True, timeout=180,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (run,) = list((cwd / "exp" / "ddp").iterdir())  # one folder: both ranks used rank 0's time stamp
+    digests = []
+    for log_name in ("train.log", "train_rank1.log"):
+        text = (run / log_name).read_text()
+        line = next(x for x in text.splitlines() if "final weights sha256" in x)
+        digests.append(line.split()[-1])
+    assert digests[0] == digests[1]
+    ckpt = load_checkpoint(run / "checkpoints" / "ckpt-step000000006.pt")
+    assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
+    assert ckpt["sampler"]["world_size"] == 2
+    # the ranks trained (weights moved away from the initialisation)
+    from asr.model import CTCModel, ModelConfig
+
+    torch.manual_seed(1234)
+    init = CTCModel(ModelConfig.from_dict(ckpt["config"]))
+    init.cmvn.load_state_dict({"mean": ckpt["model"]["cmvn.mean"], "istd": ckpt["model"]["cmvn.istd"]})
+    assert state_digest(init) != digests[0]
+
+
+def test_multirun_sweep(work: dict) -> None:
+    """``-m`` runs one job per value; the sweep is over gradient accumulation, which also checks
+    that one optimizer step consumes that many batches."""
+    cwd = work["root"] / "sweep_cwd"
+    cwd.mkdir()
+    args = [a for a in _args(work, cwd, "trainer.max_steps=2", "data.dev_manifests=[]", "name=sweep",
+                             "data.max_batch_seconds=2") if not a.startswith("hydra.run.dir")]
+    _train(["-m", *args, "trainer.accumulate_grad_batches=1,2"], cwd)
+    (sweep,) = list((cwd / "exp" / "sweep").iterdir())
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and (p / "summary.json").is_file())
+    assert jobs == ["0", "1"]
+    for job, accum in zip(jobs, (1, 2)):
+        ckpt = load_checkpoint(sweep / job / "checkpoints" / "ckpt-step000000002.pt")
+        assert f"accumulate_grad_batches: {accum}" in ckpt["train_config"]
+        assert (ckpt["sampler"]["epoch"], ckpt["sampler"]["position"]) == (0, 2 * accum)
