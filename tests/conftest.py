@@ -1,0 +1,74 @@
+"""Shared fixtures: a tiny model overfit on the three short recordings in tests/data.
+
+Training it takes a few seconds on CPU; it is trained once per test session and saved as a normal
+checkpoint, so tests of transcription and streaming exercise a model that really recognises speech.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from asr.audio import load_audio
+from asr.decode.greedy import ctc_greedy
+from asr.features import compute_cmvn_stats, compute_fbank
+from asr.model import CTCModel, ModelConfig, ctc_loss
+from asr.tokenizer import Tokenizer
+
+DATA = Path(__file__).parent / "data"
+
+
+def read_test_manifest() -> list[dict]:
+    lines = (DATA / "manifest.jsonl").read_text().splitlines()
+    return [dict(json.loads(l), audio=str(DATA / json.loads(l)["audio"])) for l in lines if l.strip()]
+
+
+def overfit_tiny_model(entries: list[dict], max_steps: int = 400, seed: int = 0):
+    """Train a tiny model on ``entries`` until greedy decoding returns every text (or max_steps).
+
+    Returns (model, tokenizer, steps_taken, decoded texts)."""
+    torch.manual_seed(seed)
+    texts = [e["text"] for e in entries]
+    tokenizer = Tokenizer.train(texts * 20, model_prefix=None, vocab_size=30)
+    feats = [compute_fbank(load_audio(e["audio"])) for e in entries]
+    model = CTCModel(ModelConfig(vocab_size=tokenizer.vocab_size, d_model=64, n_layers=2, head_size=32,
+                                 subsample_channels=16))
+    model.cmvn.set_stats(*compute_cmvn_stats(feats))
+    lengths = torch.tensor([f.shape[0] for f in feats])
+    batch = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True)
+    targets = [torch.tensor(tokenizer.encode(t)) for t in texts]
+    target_lengths = torch.tensor([len(t) for t in targets])
+    targets = torch.nn.utils.rnn.pad_sequence(targets, batch_first=True)
+    opt = torch.optim.AdamW(model.param_groups(0.01, 3e-3))
+    decoded: list[str] = []
+    for step in range(1, max_steps + 1):
+        model.train()
+        logits, out_lengths = model(batch, lengths)
+        loss = ctc_loss(logits, out_lengths, targets, target_lengths)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 25 == 0:
+            model.eval()
+            with torch.no_grad():
+                logits, out_lengths = model(batch, lengths)
+            tokens, _ = ctc_greedy(logits, out_lengths)
+            decoded = [tokenizer.decode(t) for t in tokens]
+            if decoded == texts:
+                break
+    model.eval()
+    return model, tokenizer, step, decoded
+
+
+@pytest.fixture(scope="session")
+def overfit_checkpoint(tmp_path_factory) -> Path:
+    """A checkpoint file (config, model, tokenizer) of a tiny model that transcribes tests/data."""
+    entries = read_test_manifest()
+    model, tokenizer, _, decoded = overfit_tiny_model(entries)
+    assert decoded == [e["text"] for e in entries], f"tiny model did not overfit: {decoded}"
+    path = tmp_path_factory.mktemp("overfit") / "tiny.pt"
+    torch.save({"config": model.config.to_dict(), "model": model.state_dict(), "tokenizer": tokenizer.to_bytes()}, path)
+    return path
