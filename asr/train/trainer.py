@@ -517,6 +517,15 @@ class Trainer:
                      metrics["dev/loss"], 100 * wer, 100 * metrics["dev/cer"], 100 * self.best_wer)
         return wer
 
+    def _past_deadline(self, deadline: float) -> bool:
+        """All ranks agree on stopping (rank 0's clock decides), so none waits in a collective."""
+        if deadline == float("inf"):
+            return False
+        flag = torch.tensor(float(time.monotonic() > deadline), device=self.device)
+        if dist.is_initialized():
+            dist.broadcast(flag, src=0)
+        return bool(flag.item())
+
     def _loop(self, ddp_model, train_loader, dev_loader, manager, max_steps: int) -> dict:
         tc = self.cfg.trainer
         env = self.env
@@ -533,14 +542,21 @@ class Trainer:
         # Window sums for logging: loss * utterances, utterances, audio seconds (all-reduced at log time).
         window = torch.zeros(3, dtype=torch.float64, device=self.device)
         window_start = time.perf_counter()
+        window_steps = 0
         last_saved = last_validated = -1
         last_wer: Optional[float] = None
         batches = self._train_batches(train_loader)
         exhausted = False
         if self.use_cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
+        # A wall-clock budget (e.g. a rented GPU for N minutes): stop cleanly, validate and save.
+        max_minutes = float(tc.get("max_minutes") or 0)
+        deadline = time.monotonic() + 60 * max_minutes if max_minutes > 0 else float("inf")
 
         while self.step < max_steps and not exhausted:
+            if self._past_deadline(deadline):
+                log.info("step %d: trainer.max_minutes=%g reached, stopping", self.step, max_minutes)
+                break
             micro = []
             for _ in range(accum):
                 try:
@@ -577,6 +593,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
             self.step += 1
+            window_steps += 1
             if bar is not None:
                 bar.update(1)
 
@@ -590,6 +607,7 @@ class Trainer:
                     "train/grad_norm": float(grad_norm),
                     "train/skipped_steps": self.skipped_steps,
                     "train/audio_sec_per_sec": float(w[2]) / max(elapsed, 1e-9),
+                    "train/steps_per_sec": window_steps / max(elapsed, 1e-9),
                     "train/epoch": self.train_sampler.epoch,
                 }
                 if self.use_cuda:
@@ -602,6 +620,7 @@ class Trainer:
                              record["train/loss"], record["train/lr"], record["train/grad_norm"],
                              record["train/audio_sec_per_sec"])
                 window.zero_()
+                window_steps = 0
                 window_start = time.perf_counter()
 
             wer = None
