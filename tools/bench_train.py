@@ -1,0 +1,131 @@
+"""One full training step (features in, CTC loss, backward, AdamW) for our RWKV-7 encoder against
+torchaudio's Conformer and Emformer with the same conv front end and CTC head (GPU).
+
+    python tools/bench_train.py [--iters 10] [--compile]
+
+All models: 80-dim features -> causal x4 conv subsampling (ours) -> encoder -> linear CTC head of
+256 classes; bf16 autocast, fp32 master weights, fused AdamW. Sizes are matched by parameter count
+(~12M): ours d=256 x 12 blocks; Conformer d=256, ffn 1024, kernel 31, 8 layers; Emformer d=256,
+ffn 1024, 12 layers, segments of 4 frames + 1 right context. Reported: audio-seconds per second
+(batch x seconds / step time, median of CUDA-event-timed steps after warm-up) and peak memory.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from asr.model import CTCModel, ModelConfig, ctc_loss  # noqa: E402
+from asr.model.subsampling import ConvSubsampling  # noqa: E402
+
+VOCAB = 256
+
+
+class AnchorCTC(nn.Module):
+    """Our subsampling + a torchaudio encoder + LayerNorm + CTC head, with CTCModel's interface."""
+
+    def __init__(self, kind: str, d_model: int = 256):
+        super().__init__()
+        import torchaudio
+
+        self.kind = kind
+        self.subsampling = ConvSubsampling(80, 256, d_model)
+        if kind == "conformer":
+            self.encoder = torchaudio.models.Conformer(
+                input_dim=d_model, num_heads=4, ffn_dim=1024, num_layers=8, depthwise_conv_kernel_size=31
+            )
+        else:
+            self.encoder = torchaudio.models.Emformer(
+                input_dim=d_model, num_heads=4, ffn_dim=1024, num_layers=12, segment_length=4, right_context_length=1
+            )
+        self.ln = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, VOCAB)
+
+    def forward(self, features, lengths):
+        x = self.subsampling(features)
+        out_lengths = self.subsampling.output_length(lengths)
+        if self.kind == "emformer":  # Emformer wants the right context appended to the input
+            x = nn.functional.pad(x, (0, 0, 0, 1))
+        x, _ = self.encoder(x, out_lengths + (1 if self.kind == "emformer" else 0))
+        return self.head(self.ln(x)), out_lengths
+
+
+def bench(model: nn.Module, batch: int, seconds: float, iters: int) -> tuple[float, float]:
+    T = int(seconds * 100)
+    feats = torch.randn(batch, T, 80, device="cuda")
+    lengths = torch.full((batch,), T, device="cuda")
+    U = T // 4 // 4
+    targets = torch.randint(1, VOCAB, (batch, U), device="cuda")
+    target_lengths = torch.full((batch,), U, device="cuda")
+    params = model.param_groups(0.01, 1e-3) if isinstance(model, CTCModel) else model.parameters()
+    opt = torch.optim.AdamW(params, lr=1e-3, fused=True)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits, out_lengths = model(feats, lengths)
+        loss = ctc_loss(logits, out_lengths, targets, target_lengths)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    median = sorted(times)[len(times) // 2]
+    return batch * seconds / median, torch.cuda.max_memory_allocated() / 2**30
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd RWKV")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_train: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    print(f"# {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
+    builders = {  # the anchor first, so the others' ratios can be printed against it
+        "conformer": lambda: AnchorCTC("conformer"),
+        "emformer": lambda: AnchorCTC("emformer"),
+        "rwkv7 (ours, fla)": lambda: CTCModel(ModelConfig(vocab_size=VOCAB)),
+    }
+    if args.compile:
+        builders["rwkv7 (ours, compiled)"] = lambda: torch.compile(CTCModel(ModelConfig(vocab_size=VOCAB)))
+    print(f"{'model':24s} {'params':>8s} {'utt':>5s} {'batch':>6s} {'audio-s/s':>10s} {'peak GiB':>9s} {'vs conformer':>13s}")
+    results: dict = {}
+    for utt, batch in ((10.0, 64), (30.0, 21)):
+        for name, build in builders.items():
+            torch.manual_seed(0)
+            model = build().cuda()
+            n = sum(p.numel() for p in model.parameters()) / 1e6
+            try:
+                speed, peak = bench(model, batch, utt, args.iters)
+            except Exception as e:  # a failing anchor should not hide the others
+                print(f"{name:24s} failed: {type(e).__name__}: {e}")
+                continue
+            results[(name, utt)] = (speed, peak)
+            base = results.get(("conformer", utt))
+            ratio = f"{speed / base[0]:.2f}x / {peak / base[1]:.2f}x mem" if base else ""
+            print(f"{name:24s} {n:7.2f}M {utt:5.0f} {batch:6d} {speed:10.0f} {peak:9.2f} {ratio:>13s}")
+            del model
+            torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
