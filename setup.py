@@ -40,6 +40,8 @@ setup(
             "asr=asr.cli.main:main",
             "asr-train=asr.cli.train:main",
             "asr-eval=asr.cli.evaluate:main",
+            "asr-transcribe=asr.cli.transcribe:main",
+            "asr-live=asr.cli.live:main",
         ],
     },
 )

@@ -1,0 +1,557 @@
+"""Python API for file transcription, in the spirit of whisper's::
+
+    import asr
+    model = asr.load_model()                      # the bundled model, or load_model("ckpt.pt" / "run_dir")
+    result = model.transcribe("talk.flac")        # path, file object, bytes, or array (+ sample_rate)
+    result.text, result.words, result.segments    # words: (word, start, end, confidence), seconds
+    results = model.transcribe_batch(["a.wav", "b.wav", ...], batch_size=16)
+    stream = model.stream()                       # live audio: asr.stream.Recognizer
+
+Two ways through the same weights, picked per input by its length:
+
+* **one pass** (inputs up to ``long_audio_seconds``, 60 s by default): the whole file is loaded and
+  run through the parallel (chunked) path at once. :meth:`ASRModel.transcribe_batch` pads many short
+  inputs into batches sorted by length (the model is causal, so padding never changes a result).
+* **blocks** (longer inputs): the file is read incrementally (:func:`asr.audio.iter_audio_blocks`,
+  ``block_seconds`` at a time) and fed to the streaming recognizer
+  (:class:`asr.stream.recognizer.Recognizer`: StreamingFbank -> ``model.step`` with the encoder
+  state carried -> incremental greedy or prefix-beam decoder), with endpointing off so the whole
+  file is one decoding pass. Memory is flat in the length of the audio (only the transcript
+  itself grows), and the result equals the one-pass result: the frontend, the model and the
+  decoders are exact under any cutting of the input (their parity tests), both paths build words
+  the same way (spike times, same confidence) and both cut segments with
+  :func:`_transcript_from_words`. ``tests/test_transcribe.py`` checks it on minutes of audio.
+
+Timestamps come from the CTC spikes (:func:`asr.decode.align.words_from_tokens`): a word starts at
+its first piece's spike frame and ends one 40 ms frame after its last piece's spike, clamped to the
+audio. CTC spikes are narrow, so ``end`` is a lower bound of the spoken word's end, and a causal
+model fires a little after the sound; good enough for captions and seeking. ``confidence`` is the
+geometric mean of the posteriors of the word's pieces at their spikes. Segments are cut where the
+gap between two words is at least ``pause_seconds`` (0.8 s).
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import soundfile as sf
+import torch
+from torch import Tensor
+
+from asr.audio import SAMPLE_RATE, AudioError, iter_audio_blocks, load_audio, prepare_waveform
+from asr.decode.align import Word, words_from_tokens
+from asr.decode.beam import CTCPrefixBeamSearch, Hotwords
+from asr.decode.greedy import IncrementalGreedyDecoder
+from asr.features import compute_fbank
+from asr.transcript import Segment, Transcript
+
+__all__ = [
+    "ASRModel",
+    "BUNDLED_MODEL",
+    "DEFAULT_BLOCK_SECONDS",
+    "DEFAULT_LONG_AUDIO_SECONDS",
+    "DEFAULT_PAUSE_SECONDS",
+    "AudioInput",
+    "load_model",
+    "probe_seconds",
+]
+
+#: Where the default model lives inside the package (``asr.load_model()`` with no path).
+BUNDLED_MODEL = Path(__file__).resolve().parent / "pretrained" / "model.pt"
+#: Inputs longer than this go through the block-wise recurrent path (flat memory).
+DEFAULT_LONG_AUDIO_SECONDS = 60.0
+#: Seconds of source audio read and encoded per block on the long-audio path.
+DEFAULT_BLOCK_SECONDS = 30.0
+#: A gap of at least this many seconds between two words starts a new segment.
+DEFAULT_PAUSE_SECONDS = 0.8
+#: Cap on padded audio per batch in :meth:`ASRModel.iter_transcribe`, so a batch of long-ish
+#: inputs cannot exhaust memory whatever ``batch_size`` says (batch_size x length <= this).
+MAX_BATCH_SECONDS = 600.0
+
+#: What ``transcribe`` accepts: a path, a binary file object, raw encoded bytes, or samples.
+AudioInput = Union[str, os.PathLike, io.IOBase, bytes, bytearray, np.ndarray, Tensor]
+#: Called with seconds of (16 kHz) audio just processed, for progress bars.
+ProgressCallback = Callable[[float], None]
+
+
+def load_model(path: Union[str, os.PathLike, None] = None, device: Union[str, torch.device] = "cpu") -> "ASRModel":
+    """Load a model for transcription.
+
+    ``path``: a checkpoint file, or a training output / checkpoint folder (its best checkpoint by
+    dev WER, else its newest); ``None`` loads the bundled model ``asr/pretrained/model.pt``.
+    ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (CUDA when available).
+    Raises :class:`asr.train.checkpoint.CheckpointError` with a one-line message when the model is
+    missing or unusable, and ``ValueError`` for an unavailable device.
+    """
+    from asr.train.checkpoint import CheckpointError, load_for_inference
+
+    dev = _resolve_device(device)
+    if path is None:
+        if not BUNDLED_MODEL.is_file():
+            raise CheckpointError(
+                f"no bundled model: {BUNDLED_MODEL} is not installed in this version of rwkv-asr; "
+                "pass a checkpoint instead (asr.load_model('path/to/ckpt.pt') or --model PATH)"
+            )
+        path = BUNDLED_MODEL
+    model, tokenizer = load_for_inference(path, device=dev)
+    return ASRModel(model, tokenizer, device=dev)
+
+
+def _resolve_device(device: Union[str, torch.device]) -> torch.device:
+    """A torch.device, refusing CUDA early (with a clear message) on a machine without it."""
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!s} requested but CUDA is not available on this machine")
+    return dev
+
+
+# --------------------------------------------------------------------------------------------------
+# decoding of the one-pass path (the long-audio path uses asr.stream.recognizer)
+
+
+class _IncrementalDecoder:
+    """Greedy or prefix-beam CTC decoding of the one-pass path, remembering what word confidences
+    need (the streaming recognizer does the same per block on the long-audio path).
+
+    For confidences we need each emitted token's log-posterior at its spike frame: greedy knows it
+    when the token is emitted; beam search only knows the final hypothesis at the end, so we keep
+    per frame the log-probs of the ``top_k`` non-blank candidates the search may extend with (a
+    token can only fire at a frame where it was a candidate). Chunked input (``accept`` called
+    several times) gives the same result as one call.
+    """
+
+    def __init__(self, beam_size: int = 1, hotwords: Optional[Hotwords] = None, tokenizer: Any = None) -> None:
+        if beam_size < 1:
+            raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+        self.beam_size = beam_size
+        self.num_frames = 0
+        if beam_size == 1 and hotwords is None:
+            self._greedy: Optional[IncrementalGreedyDecoder] = IncrementalGreedyDecoder()
+            self._token_logprobs: list[float] = []
+            self._beam: Optional[CTCPrefixBeamSearch] = None
+        else:
+            self._greedy = None
+            self._beam = CTCPrefixBeamSearch(beam_size, hotwords=hotwords, tokenizer=tokenizer)
+            self._cand_vals: list[Tensor] = []
+            self._cand_idx: list[Tensor] = []
+
+    def accept(self, logits: Tensor) -> None:
+        """Consume [T, V] logits of the next T frames (T may be 0)."""
+        if logits.shape[0] == 0:
+            return
+        logits = logits.detach().float().cpu()
+        lp = logits.log_softmax(dim=-1)
+        if self._greedy is not None:
+            for tok, frame in self._greedy.accept(lp):
+                self._token_logprobs.append(float(lp[frame - self.num_frames, tok]))
+        else:
+            assert self._beam is not None
+            self._beam.accept(lp)
+            masked = lp.clone()
+            masked[:, 0] = -math.inf  # blank never fires as a token
+            k = lp.shape[1] - 1 if self._beam.top_k is None else min(self._beam.top_k, lp.shape[1] - 1)
+            vals, idx = masked.topk(k, dim=-1)
+            self._cand_vals.append(vals)
+            self._cand_idx.append(idx.to(torch.int32))
+        self.num_frames += logits.shape[0]
+
+    def result(self) -> tuple[list[int], list[int], list[float]]:
+        """(tokens, spike frames, log-posterior of each token at its spike) of the best hypothesis."""
+        if self._greedy is not None:
+            return list(self._greedy.tokens), list(self._greedy.frames), list(self._token_logprobs)
+        assert self._beam is not None
+        best = self._beam.finalize()[0]
+        if not best.tokens:
+            return [], [], []
+        vals = torch.cat(self._cand_vals)
+        idx = torch.cat(self._cand_idx)
+        fr = torch.tensor(best.frames)
+        hit = idx[fr] == torch.tensor(best.tokens, dtype=torch.int32)[:, None]  # [n_tokens, k]
+        if not bool(hit.any(dim=1).all()):  # cannot happen: a token fires only as a candidate
+            raise RuntimeError("beam search emitted a token that was not a candidate at its frame")
+        lps = vals[fr][hit].tolist()
+        return list(best.tokens), list(best.frames), lps
+
+
+def _build_transcript(
+    tokens: Sequence[int],
+    frames: Sequence[int],
+    token_logprobs: Sequence[float],
+    tokenizer: Any,
+    num_frames: int,
+    duration: float,
+    source: Optional[str],
+    pause_seconds: float,
+) -> Transcript:
+    """Words (spike times, confidences) and pause-split segments from a decoded hypothesis.
+
+    Words are grouped at ``▁`` pieces and given their text and times by
+    :func:`asr.decode.align.words_from_tokens`; the confidence is exp(mean log-posterior of the
+    word's pieces at their spikes), the definition ``words_from_tokens`` uses when it has the
+    full log-prob matrix (which a streaming pass does not keep). Times are clamped to ``duration``
+    (the last encoder frame can reach up to 15 ms past the last sample). The streaming
+    recognizer builds its words the same way, so both paths report identical words.
+    """
+    words: list[Word] = []
+    group: list[int] = []
+
+    def flush() -> None:
+        if not group:
+            return
+        got = words_from_tokens([tokens[i] for i in group], [frames[i] for i in group], tokenizer,
+                                num_frames=num_frames)
+        if got:  # a lone "▁" or <unk> renders as nothing and is no word
+            w = got[0]
+            conf = math.exp(sum(token_logprobs[i] for i in group) / len(group))
+            start = min(w.start, duration)
+            words.append(replace(w, start=start, end=max(start, min(w.end, duration)), confidence=conf))
+        group.clear()
+
+    for i, tok in enumerate(tokens):
+        if group and tokenizer.is_word_start(tok):
+            flush()
+        group.append(i)
+    flush()
+    return _transcript_from_words(words, duration, source, pause_seconds)
+
+
+def _transcript_from_words(words: Sequence[Word], duration: float, source: Optional[str], pause_seconds: float) -> Transcript:
+    """Segments cut where the gap between two words is at least ``pause_seconds``."""
+    segments: list[Segment] = []
+    current: list[Word] = []
+    for w in words:
+        if current and w.start - current[-1].end >= pause_seconds:
+            segments.append(_segment(current))
+            current = []
+        current.append(w)
+    if current:
+        segments.append(_segment(current))
+    return Transcript(text=" ".join(s.text for s in segments), segments=segments, duration=duration, source=source)
+
+
+def _segment(words: list[Word]) -> Segment:
+    return Segment(text=" ".join(w.word for w in words), start=words[0].start, end=words[-1].end, words=list(words))
+
+
+# --------------------------------------------------------------------------------------------------
+# inputs
+
+
+def _source_name(audio: Any) -> Optional[str]:
+    """The name a Transcript and error messages use for an input (None for in-memory samples)."""
+    if isinstance(audio, (str, os.PathLike)):
+        return os.fspath(audio)
+    name = getattr(audio, "name", None)
+    if isinstance(name, (str, os.PathLike)):
+        return os.fspath(name)
+    return None
+
+
+def _is_samples(audio: Any) -> bool:
+    return isinstance(audio, (np.ndarray, Tensor))
+
+
+def probe_seconds(audio: Any, sample_rate: Optional[int] = None) -> Optional[float]:
+    """Duration without decoding (header only); None if unknown. Errors are left for the loader,
+    which reports them properly (so a bad file fails in exactly one place with one message)."""
+    if _is_samples(audio):
+        n = audio.shape[0] if audio.ndim >= 1 else 0
+        return n / float(sample_rate or SAMPLE_RATE)
+    try:
+        if isinstance(audio, (str, os.PathLike)):
+            if not os.path.isfile(audio):
+                return None
+            info = sf.info(os.fspath(audio))
+            return info.frames / info.samplerate if info.samplerate > 0 else None
+        if hasattr(audio, "read") and hasattr(audio, "seek"):
+            pos = audio.tell()
+            try:
+                with sf.SoundFile(audio) as f:
+                    return f.frames / f.samplerate if f.samplerate > 0 else None
+            finally:
+                audio.seek(pos)
+    except Exception:  # unreadable: load_audio will raise the user-facing AudioError
+        return None
+    return None
+
+
+def _as_file(audio: Any) -> Any:
+    """Raw encoded bytes become a named in-memory file; everything else passes through."""
+    if isinstance(audio, (bytes, bytearray)):
+        bio = io.BytesIO(bytes(audio))
+        bio.name = "<bytes>"  # type: ignore[attr-defined]  # used in error messages
+        return bio
+    return audio
+
+
+def _check_sample_rate(audio: Any, sample_rate: Optional[int]) -> None:
+    if sample_rate is not None and not _is_samples(audio):
+        raise ValueError("sample_rate is only for arrays of samples; files carry their own rate")
+
+
+# --------------------------------------------------------------------------------------------------
+# the model
+
+
+class ASRModel:
+    """A loaded model with its tokenizer: file transcription (any length) and streaming.
+
+    Attributes ``long_audio_seconds``, ``block_seconds`` and ``pause_seconds`` are the defaults
+    for the per-call arguments of the same names.
+    """
+
+    sample_rate = SAMPLE_RATE
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        device: Union[str, torch.device] = "cpu",
+        *,
+        long_audio_seconds: float = DEFAULT_LONG_AUDIO_SECONDS,
+        block_seconds: float = DEFAULT_BLOCK_SECONDS,
+        pause_seconds: float = DEFAULT_PAUSE_SECONDS,
+    ) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.long_audio_seconds = float(long_audio_seconds)
+        self.block_seconds = float(block_seconds)
+        self.pause_seconds = float(pause_seconds)
+
+    def __repr__(self) -> str:
+        cfg = getattr(self.model, "config", None)
+        size = f"d_model={cfg.d_model}, n_layers={cfg.n_layers}, " if cfg is not None else ""
+        return f"ASRModel({size}vocab_size={self.tokenizer.vocab_size}, device={self.device})"
+
+    # ---------------------------------------------------------------- single input
+    def transcribe(
+        self,
+        audio: AudioInput,
+        sample_rate: Optional[int] = None,
+        *,
+        beam_size: int = 1,
+        hotwords: Optional[Mapping[str, float]] = None,
+        long_audio_seconds: Optional[float] = None,
+        block_seconds: Optional[float] = None,
+        pause_seconds: Optional[float] = None,
+        progress: Optional[ProgressCallback] = None,
+    ) -> Transcript:
+        """Transcribe one input: text, words with times and confidence, pause-split segments.
+
+        ``audio``: a path, a binary file object (seekable), encoded bytes, or samples as a numpy
+        array / tensor shaped ``[N]`` or ``[N, channels]`` (float in [-1, 1], or int16/int32 PCM)
+        at ``sample_rate`` (default 16000). Any format soundfile reads, any rate and channel count.
+        ``beam_size`` > 1: CTC prefix beam search; ``hotwords`` ({word or phrase: bonus in nats})
+        boosts words and implies beam search (``beam_size`` 1 becomes 8).
+        Inputs longer than ``long_audio_seconds`` go through the block-wise recurrent path
+        (``block_seconds`` per block); the result is the same, memory stays flat.
+        ``progress`` is called with seconds of audio done, as they are done.
+
+        Raises :class:`asr.audio.AudioError` (one line naming the input) for missing, unreadable,
+        empty, truncated or non-finite audio. Audio shorter than one 25 ms frame gives an empty
+        transcript.
+        """
+        _check_sample_rate(audio, sample_rate)
+        opts = self._options(beam_size, hotwords, pause_seconds)
+        audio = _as_file(audio)
+        threshold = self.long_audio_seconds if long_audio_seconds is None else float(long_audio_seconds)
+        seconds = probe_seconds(audio, sample_rate)
+        if seconds is not None and seconds > threshold:
+            blocks = self._blocks(audio, sample_rate, self.block_seconds if block_seconds is None else block_seconds)
+            return self._transcribe_blocks(blocks, _source_name(audio), opts, progress)
+        wave = self._load(audio, sample_rate)
+        result = self._transcribe_batch_waves([wave], [_source_name(audio)], opts)[0]
+        if progress is not None:
+            progress(result.duration)
+        return result
+
+    # ---------------------------------------------------------------- many inputs
+    def transcribe_batch(
+        self,
+        inputs: Iterable[AudioInput],
+        batch_size: int = 8,
+        sample_rate: Optional[int] = None,
+        *,
+        beam_size: int = 1,
+        hotwords: Optional[Mapping[str, float]] = None,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[Union[Transcript, AudioError]]:
+        """Transcribe many inputs; results in input order.
+
+        Short inputs are sorted by length and run as padded parallel batches of up to
+        ``batch_size`` (and at most MAX_BATCH_SECONDS of padded audio); long ones one at a time
+        through the block path. With ``return_exceptions=True`` a bad input's AudioError takes its
+        place in the list instead of being raised (the other inputs are still transcribed).
+        Other keyword arguments as for :meth:`transcribe`.
+        """
+        inputs = list(inputs)
+        out: list[Any] = [None] * len(inputs)
+        for i, res in self.iter_transcribe(inputs, batch_size, sample_rate, beam_size=beam_size, hotwords=hotwords,
+                                           **kwargs):
+            if isinstance(res, AudioError) and not return_exceptions:
+                raise res
+            out[i] = res
+        return out
+
+    def iter_transcribe(
+        self,
+        inputs: Sequence[AudioInput],
+        batch_size: int = 8,
+        sample_rate: Optional[int] = None,
+        *,
+        beam_size: int = 1,
+        hotwords: Optional[Mapping[str, float]] = None,
+        long_audio_seconds: Optional[float] = None,
+        block_seconds: Optional[float] = None,
+        pause_seconds: Optional[float] = None,
+        progress: Optional[ProgressCallback] = None,
+        durations: Optional[Sequence[Optional[float]]] = None,
+    ) -> Iterator[tuple[int, Union[Transcript, AudioError]]]:
+        """Like :meth:`transcribe_batch` but yields ``(index, Transcript or AudioError)`` as each
+        input finishes (the CLI writes outputs and advances its progress bar from this).
+
+        Only one batch of decoded audio is in memory at a time: inputs are sorted by their header
+        durations and loaded batch by batch. ``durations`` (seconds, None where unknown) skips
+        reading the headers again when the caller already did (see :func:`probe_seconds`).
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        opts = self._options(beam_size, hotwords, pause_seconds)
+        threshold = self.long_audio_seconds if long_audio_seconds is None else float(long_audio_seconds)
+        blk = self.block_seconds if block_seconds is None else float(block_seconds)
+        if sample_rate is not None and not all(_is_samples(a) for a in inputs):
+            raise ValueError("sample_rate is only for arrays of samples; files carry their own rate")
+        items = [_as_file(a) for a in inputs]
+        short: list[tuple[float, int]] = []
+        if durations is not None and len(durations) != len(items):
+            raise ValueError(f"{len(durations)} durations for {len(items)} inputs")
+        for i, a in enumerate(items):
+            seconds = probe_seconds(a, sample_rate) if durations is None else durations[i]
+            if seconds is not None and seconds > threshold:
+                try:
+                    yield i, self._transcribe_blocks(self._blocks(a, sample_rate, blk), _source_name(a), opts, progress)
+                except AudioError as err:
+                    yield i, err
+            else:
+                # unknown length (unreadable header): sorts first, fails alone when loaded
+                short.append((-1.0 if seconds is None else seconds, i))
+        short.sort()
+        start = 0
+        while start < len(short):
+            # grow the batch while the padded length (longest x count) stays within the cap
+            end = start + 1
+            while end < len(short) and end - start < batch_size and \
+                    short[end][0] * (end - start + 1) <= MAX_BATCH_SECONDS:
+                end += 1
+            waves, names, idx = [], [], []
+            for _, i in short[start:end]:
+                try:
+                    waves.append(self._load(items[i], sample_rate))
+                except AudioError as err:
+                    yield i, err
+                    continue
+                names.append(_source_name(items[i]))
+                idx.append(i)
+            if waves:
+                for i, res in zip(idx, self._transcribe_batch_waves(waves, names, opts)):
+                    if progress is not None:
+                        progress(res.duration)
+                    yield i, res
+            start = end
+
+    # ---------------------------------------------------------------- streaming
+    def stream(self, **kwargs: Any) -> Any:
+        """A live-audio recognizer sharing this model: ``asr.stream.Recognizer(model, tokenizer,
+        device=..., **kwargs)`` (see that class for endpointing and partial results)."""
+        from asr.stream.recognizer import Recognizer  # lazy: streaming pulls in its own extras
+
+        kwargs.setdefault("device", self.device)
+        return Recognizer(self.model, self.tokenizer, **kwargs)
+
+    # ---------------------------------------------------------------- internals
+    def _options(self, beam_size: int, hotwords: Optional[Mapping[str, float]], pause_seconds: Optional[float]) -> dict:
+        if beam_size < 1:
+            raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+        hot: Optional[Hotwords] = None
+        hot_map = dict(hotwords) if hotwords else None
+        if hot_map:
+            hot = Hotwords.from_words(hot_map, self.tokenizer)
+            if beam_size == 1:
+                beam_size = 8  # boosting works by re-ranking beams; greedy has none to re-rank
+        pause = self.pause_seconds if pause_seconds is None else float(pause_seconds)
+        return {"beam_size": beam_size, "hotwords": hot, "hotwords_map": hot_map, "pause_seconds": pause}
+
+    def _decoder(self, opts: dict) -> _IncrementalDecoder:
+        return _IncrementalDecoder(opts["beam_size"], opts["hotwords"], self.tokenizer)
+
+    def _load(self, audio: Any, sample_rate: Optional[int]) -> Tensor:
+        """16 kHz mono float32 samples of a file or an array (AudioError on bad input)."""
+        if _is_samples(audio):
+            return prepare_waveform(audio, sample_rate or SAMPLE_RATE, name="<array>")
+        return load_audio(audio)
+
+    def _blocks(self, audio: Any, sample_rate: Optional[int], block_seconds: float) -> Iterator[Tensor]:
+        """16 kHz blocks of a long input: read incrementally from a file, or sliced from an array."""
+        if not _is_samples(audio):
+            return iter_audio_blocks(audio, block_seconds=block_seconds)
+        # samples already in memory: resample once (exact), then slice
+        wave = prepare_waveform(audio, sample_rate or SAMPLE_RATE, name="<array>")
+        n = max(1, int(block_seconds * SAMPLE_RATE))
+        return (wave[i : i + n] for i in range(0, wave.numel(), n))
+
+    @torch.inference_mode()
+    def _transcribe_batch_waves(self, waves: list[Tensor], names: list[Optional[str]], opts: dict) -> list[Transcript]:
+        """One-pass path: fbank per input, padded batch through the parallel model, decode each."""
+        feats = [compute_fbank(w) for w in waves]
+        lengths = torch.tensor([f.shape[0] for f in feats])
+        results: list[Transcript] = []
+        logits = out_lengths = None
+        if int(lengths.max()) > 0:
+            batch = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True).to(self.device)
+            logits, out_lengths = self.model(batch, lengths.to(self.device))
+            out_lengths = out_lengths.cpu()
+        for b, (wave, name) in enumerate(zip(waves, names)):
+            dec = self._decoder(opts)
+            n_out = 0 if logits is None or int(lengths[b]) == 0 else int(out_lengths[b])  # type: ignore[index]
+            if n_out:
+                dec.accept(logits[b, :n_out])  # type: ignore[index]
+            results.append(self._finish(dec, wave.numel(), name, opts))
+        return results
+
+    @torch.inference_mode()
+    def _transcribe_blocks(
+        self, blocks: Iterable[Tensor], name: Optional[str], opts: dict, progress: Optional[ProgressCallback]
+    ) -> Transcript:
+        """Block path: the streaming recognizer (StreamingFbank -> model.step with the state
+        carried -> incremental greedy / prefix beam decoder -> spike words) fed block by block.
+
+        Endpointing is off: the whole file is one decoding pass, exactly like the one-pass path
+        (with endpoints a beam search would restart at each one, and the 20 s rule may cut inside a
+        word), so the words equal the one-pass words; segments are then cut at pauses here, the
+        same way for both paths.
+        """
+        from asr.stream.endpoint import EndpointConfig
+        from asr.stream.recognizer import Recognizer
+
+        rec = Recognizer(self.model, self.tokenizer, endpoint=EndpointConfig.disabled(), beam_size=opts["beam_size"],
+                         hotwords=opts["hotwords_map"], device=self.device)
+        for block in blocks:
+            rec.accept_waveform(block, SAMPLE_RATE)
+            if progress is not None:
+                progress(block.numel() / SAMPLE_RATE)
+        streamed = rec.finalize()
+        return _transcript_from_words(streamed.words, streamed.duration, name, opts["pause_seconds"])
+
+    def _finish(self, dec: _IncrementalDecoder, num_samples: int, name: Optional[str], opts: dict) -> Transcript:
+        tokens, frames, lps = dec.result()
+        return _build_transcript(tokens, frames, lps, self.tokenizer, dec.num_frames, num_samples / SAMPLE_RATE,
+                                 name, opts["pause_seconds"])

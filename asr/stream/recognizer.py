@@ -1,0 +1,477 @@
+"""The streaming recognizer: audio in as it arrives, partial text and final segments out.
+
+Per call of :meth:`Recognizer.accept_waveform`::
+
+    samples (any rate, any block size, int16 or float)
+      -> StreamingResampler (to 16 kHz; exact w.r.t. resampling the whole signal)
+      -> StreamingFbank      (the frames whose 400 samples have arrived)
+      -> CTCModel.step       (subsampling caches + RWKV-7 state carried: one 40 ms frame per 4 feature frames)
+      -> CTC decoding        (incremental greedy, or prefix beam search), per frame
+      -> endpointing         (asr.stream.endpoint; a segment ends after a pause)
+      -> Partial             (text of the current segment, segments finalised in this call)
+
+Exactness: every stage is exact under any cutting of the input (the frontend, model and decoder
+parity tests), the model is causal and the greedy decoder carries its last frame across
+endpoints, so with greedy decoding the words of all segments, with their times, equal offline
+transcription of the whole recording (model forward + ``ctc_greedy`` + ``words_from_tokens``)
+for any block sizes, including 0- and 1-sample blocks (``tests/test_stream.py``). The only
+difference is float rounding in the model (logits agree to ~1e-6), which could only flip an
+arg-max between two near-tied classes.
+
+Endpoints keep the recurrent state (resetting it would lose the context in which the next word
+starts, and the first frames after a reset are exactly where a causal model is least sure). The
+state is constant in size, and per segment the decoder keeps only the current segment's tokens,
+bounded by endpoint rule 3 (20 s): a stream can run for hours with flat memory. Final segments
+are kept in :attr:`Recognizer.segments` for :meth:`finalize`; a long-running consumer should take
+them as they come (``Partial.segments``) and pass ``keep_segments=False`` (or call
+:meth:`Recognizer.pop_segments`), so the transcript itself does not accumulate.
+
+Timestamps are in seconds from the start of the stream (not of the segment), as the file API
+reports them: a word starts at its first piece's CTC spike and ends one frame after its last
+piece's spike, clamped to the audio received; confidence is the geometric mean of the pieces'
+posteriors at their spikes.
+
+Several streams can be stepped as one batch (:func:`step_batch`), sharing each weight read.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from asr.audio import SAMPLE_RATE, AudioError, StreamingResampler, to_mono
+from asr.decode.align import FRAME_SHIFT, Word, words_from_tokens
+from asr.decode.beam import CTCPrefixBeamSearch
+from asr.decode.greedy import IncrementalGreedyDecoder
+from asr.features import NUM_MEL_BINS, StreamingFbank
+from asr.model import CTCModel, EncoderState
+from asr.stream.endpoint import EndpointConfig, Endpointer, StreamingEnergy
+from asr.stream.state import FEATURES_PER_FRAME, is_stackable, split_state, stack_states
+from asr.transcript import Segment, Transcript
+
+__all__ = ["Partial", "Recognizer", "step_batch"]
+
+Samples = Union[np.ndarray, Tensor, Sequence[float]]
+
+
+@dataclass
+class Partial:
+    """What one ``accept_waveform`` call reports.
+
+    ``text``/``words``: the current (unfinished) segment so far; it may still change (beam search
+    can revise it, greedy only appends). ``segments``: segments finalised during this call, oldest
+    first; each is final and will not be reported again. ``duration``: seconds of audio accepted.
+    """
+
+    text: str
+    segments: list[Segment] = field(default_factory=list)
+    words: list[Word] = field(default_factory=list)
+    duration: float = 0.0
+
+    @property
+    def is_endpoint(self) -> bool:
+        return bool(self.segments)
+
+
+def _as_waveform(samples: Samples) -> Tensor:
+    """Mono float32 1-D tensor from float/int16/int32 samples ([n] or [n, channels])."""
+    arr = torch.as_tensor(np.asarray(samples)) if not isinstance(samples, Tensor) else samples
+    arr = arr.detach().cpu()
+    if arr.dtype == torch.int16:
+        arr = arr.to(torch.float32) / 32768.0
+    elif arr.dtype == torch.int32:
+        arr = arr.to(torch.float32) / 2147483648.0
+    elif not arr.is_floating_point():
+        raise AudioError(f"unsupported sample type {arr.dtype} (use float, int16 or int32)")
+    try:
+        wave = to_mono(arr.to(torch.float32))
+    except ValueError as err:
+        raise AudioError(f"stream: {err}") from err
+    if wave.numel() and not bool(torch.isfinite(wave).all()):
+        # NaN would poison the recurrent state for the rest of the stream: refuse the block whole.
+        raise AudioError(f"stream: block contains {int((~torch.isfinite(wave)).sum())} non-finite samples")
+    return wave.reshape(-1)
+
+
+class Recognizer:
+    """One audio stream: ``accept_waveform`` as audio arrives, ``finalize`` at the end.
+
+    Args:
+        model, tokenizer: e.g. from :func:`asr.train.checkpoint.load_for_inference`; the model is
+            shared (not copied), so many recognizers can serve one model.
+        endpoint: endpoint rules; ``None`` uses the defaults (:class:`EndpointConfig`);
+            ``EndpointConfig.disabled()`` makes the stream one segment.
+        beam_size: 1 = greedy (exact offline parity); > 1 = CTC prefix beam search per segment
+            (the search restarts at each endpoint, i.e. after >= 1.2 s of blank).
+        hotwords: ``{word: bonus}`` for beam search (see :mod:`asr.decode.beam`).
+        device: where the state lives and the model runs (the model must be there already).
+        keep_segments: keep final segments for :meth:`finalize` (default); ``False`` only hands
+            them out through ``Partial.segments``, so hours of transcript do not accumulate.
+    """
+
+    def __init__(
+        self,
+        model: CTCModel,
+        tokenizer: Any,
+        *,
+        endpoint: Optional[EndpointConfig] = None,
+        beam_size: int = 1,
+        hotwords: Optional[Mapping[str, float]] = None,
+        device: Union[str, torch.device] = "cpu",
+        keep_segments: bool = True,
+    ) -> None:
+        if beam_size < 1:
+            raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.endpoint_config = endpoint if endpoint is not None else EndpointConfig()
+        self.beam_size = beam_size
+        self.hotwords = dict(hotwords) if hotwords else None
+        self.device = torch.device(device)
+        self.keep_segments = keep_segments
+        self.blank = 0
+        self.reset()
+
+    # ------------------------------------------------------------------ lifecycle
+    def reset(self) -> None:
+        """Forget everything: the next sample starts a new stream (new state, times from 0)."""
+        self._fbank = StreamingFbank()
+        self._energy = StreamingEnergy() if self.endpoint_config.energy_threshold_db is not None else None
+        self._energies: list[float] = []  # levels of feature frames not yet judged, from index _energy_base
+        self._energy_base = 0
+        self._resampler: Optional[StreamingResampler] = None
+        self._rate: Optional[int] = None
+        self._state: EncoderState = self.model.init_state(1, device=self.device)
+        self._held = torch.zeros(0, NUM_MEL_BINS)  # feature frames not yet given to the model (batch mode)
+        self._endpointer = Endpointer(self.endpoint_config, FRAME_SHIFT)
+        self._num_samples = 0  # 16 kHz samples accepted
+        self._num_frames = 0  # encoder frames decoded
+        self._segments: list[Segment] = []
+        self._finished = False
+        self._last_new: list[Segment] = []  # segments finalize() produced (keep_segments=False)
+        # current segment
+        if self.beam_size == 1 and not self.hotwords:
+            self._greedy: Optional[IncrementalGreedyDecoder] = IncrementalGreedyDecoder(self.blank)
+            self._beam: Optional[CTCPrefixBeamSearch] = None
+        else:
+            self._greedy = None
+            self._beam = CTCPrefixBeamSearch(self.beam_size, blank=self.blank, hotwords=self.hotwords,
+                                             tokenizer=self.tokenizer)
+        self._seg_tokens: list[int] = []
+        self._seg_frames: list[int] = []
+        self._seg_logprobs: list[float] = []
+        self._beam_offset = 0  # absolute frame of the beam search's frame 0
+        self._cand_vals: list[Tensor] = []  # beam: per-frame top-k candidate log-probs of this segment
+        self._cand_idx: list[Tensor] = []
+        self._words_cache: tuple[int, list[Word]] = (-1, [])
+
+    @property
+    def duration(self) -> float:
+        """Seconds of (16 kHz) audio accepted so far."""
+        return self._num_samples / SAMPLE_RATE
+
+    @property
+    def num_frames(self) -> int:
+        """40 ms encoder frames decoded so far."""
+        return self._num_frames
+
+    @property
+    def segments(self) -> list[Segment]:
+        """Final segments kept so far (see ``keep_segments``)."""
+        return list(self._segments)
+
+    def pop_segments(self) -> list[Segment]:
+        """Return the kept final segments and forget them (for long-running streams)."""
+        out, self._segments = self._segments, []
+        return out
+
+    @property
+    def state(self) -> EncoderState:
+        return self._state
+
+    def state_size_bytes(self) -> int:
+        """Bytes of recurrent state: model state + frontend buffers (constant in stream length)."""
+        n = self._state.size_bytes()
+        n += 4 * (self._fbank.buffered_samples + int(self._held.numel()))
+        if self._resampler is not None:
+            n += 4 * self._resampler.buffered_samples
+        return n
+
+    # ------------------------------------------------------------------ audio in
+    @torch.inference_mode()
+    def accept_waveform(self, samples: Samples, sample_rate: int = SAMPLE_RATE) -> Partial:
+        """Feed a block of audio (float in [-1, 1], or int16/int32 PCM; mono ``[n]`` or
+        ``[n, channels]``; any ``n`` >= 0) at ``sample_rate``; return the partial result.
+
+        Raises :class:`asr.audio.AudioError` for NaN/Inf samples or an unusable rate (the block is
+        then ignored and the stream stays usable)."""
+        feats = self._ingest(samples, sample_rate)
+        if self._held.shape[0]:
+            feats = torch.cat([self._held, feats])
+            self._held = self._held[:0]
+        return self._consume(self._run(feats))
+
+    @torch.inference_mode()
+    def finalize(self) -> Transcript:
+        """End of stream: flush the resampler, finalise the last segment, return the transcript.
+
+        The transcript holds the kept segments (all of them by default; with
+        ``keep_segments=False`` only those finalised by this call). Audio after the last whole
+        10 ms feature frame is dropped, as offline feature extraction drops it. Calling it again
+        returns the same; :meth:`reset` starts a new stream.
+        """
+        new: list[Segment] = []
+        if not self._finished:
+            feats = self._held
+            self._held = self._held[:0]
+            if self._resampler is not None:
+                tail = self._resampler.flush()
+                self._num_samples += tail.numel()
+                feats = torch.cat([feats, self._features(tail)])
+            new = self._consume(self._run(feats)).segments
+            seg = self._end_segment()
+            if seg is not None:
+                self._emit(seg, new)
+            self._finished = True
+            self._last_new = new
+        segs = list(self._segments) if self.keep_segments else list(self._last_new)
+        return Transcript(text=" ".join(s.text for s in segs), segments=segs, duration=self.duration)
+
+    # ------------------------------------------------------------------ pipeline stages
+    def _ingest(self, samples: Samples, sample_rate: int) -> Tensor:
+        """Samples -> 16 kHz -> new feature frames [t, 80] (levels recorded for endpointing)."""
+        if self._finished:
+            raise RuntimeError("accept_waveform after finalize(); call reset() to start a new stream")
+        wave = _as_waveform(samples)
+        rate = int(sample_rate)
+        head = torch.zeros(0)
+        if rate != self._rate:
+            if self._resampler is not None:
+                head = self._resampler.flush()  # the old rate's signal ends here, as at a file's end
+            try:
+                self._resampler = None if rate == SAMPLE_RATE else StreamingResampler(rate, SAMPLE_RATE)
+            except ValueError as err:
+                raise AudioError(f"stream: {err}") from err
+            self._rate = rate
+        if self._resampler is not None:
+            wave = self._resampler.accept(wave)
+        if head.numel():
+            wave = torch.cat([head, wave])
+        self._num_samples += wave.numel()
+        return self._features(wave)
+
+    def _features(self, wave: Tensor) -> Tensor:
+        if self._energy is not None:
+            self._energies.extend(self._energy.accept_waveform(wave).tolist())
+        return self._fbank.accept_waveform(wave)
+
+    @torch.inference_mode()
+    def _run(self, feats: Tensor) -> Tensor:
+        """Feature frames [t, 80] -> logits [t', V] of the encoder frames they complete."""
+        if feats.shape[0] == 0:
+            return torch.zeros(0, self.model.config.vocab_size)
+        logits, self._state = self.model.step(feats.to(self.device)[None], self._state)
+        return logits[0]
+
+    def _consume(self, logits: Tensor) -> Partial:
+        """Decode new encoder frames [t', V]; cut segments where an endpoint fires."""
+        new: list[Segment] = []
+        T = logits.shape[0]
+        if T:
+            lp = logits.detach().float().cpu().log_softmax(dim=-1)
+            silent = (lp.argmax(dim=-1) == self.blank).tolist()
+            if self._energy is not None:
+                silent = self._gate_by_energy(silent)
+            start = 0
+            for t in range(T):
+                if self._endpointer.update(bool(silent[t])):
+                    self._decode(lp[start : t + 1])
+                    start = t + 1
+                    seg = self._end_segment()
+                    if seg is not None:
+                        self._emit(seg, new)
+            self._decode(lp[start:])
+        words = self._current_words()
+        return Partial(text=" ".join(w.word for w in words), segments=new, words=words, duration=self.duration)
+
+    def _gate_by_energy(self, silent: list[bool]) -> list[bool]:
+        """A blank frame counts as silence only if quiet too. Encoder frame j has seen feature
+        frames up to 4j; its level is the loudest of the 4 feature frames 4j-3..4j."""
+        thr = self.endpoint_config.energy_threshold_db
+        out = []
+        for t, s in enumerate(silent):
+            j = self._num_frames + t
+            hi = FEATURES_PER_FRAME * j
+            lo = max(0, hi - FEATURES_PER_FRAME + 1)
+            lv = self._energies[lo - self._energy_base : hi - self._energy_base + 1]
+            out.append(bool(s) and bool(lv) and max(lv) < thr)  # type: ignore[operator]
+        last = FEATURES_PER_FRAME * (self._num_frames + len(silent) - 1)
+        drop = max(0, last + 1 - self._energy_base)
+        del self._energies[:drop]
+        self._energy_base += drop
+        return out
+
+    def _decode(self, lp: Tensor) -> None:
+        """Feed log-probs [t, V] of the current segment to the decoder."""
+        if lp.shape[0] == 0:
+            return
+        if self._greedy is not None:
+            for tok, frame in self._greedy.accept(lp):
+                self._seg_tokens.append(tok)
+                self._seg_frames.append(frame)
+                self._seg_logprobs.append(float(lp[frame - self._num_frames, tok]))
+            # The decoder's own token lists would grow for the whole stream; we keep ours per segment.
+            self._greedy.state.tokens.clear()
+            self._greedy.state.frames.clear()
+        else:
+            assert self._beam is not None
+            self._beam.accept(lp)
+            masked = lp.clone()
+            masked[:, self.blank] = -math.inf
+            k = lp.shape[1] - 1 if self._beam.top_k is None else min(self._beam.top_k, lp.shape[1] - 1)
+            vals, idx = masked.topk(k, dim=-1)
+            self._cand_vals.append(vals)
+            self._cand_idx.append(idx.to(torch.int32))
+        self._num_frames += lp.shape[0]
+
+    def _segment_hypothesis(self, final: bool) -> tuple[list[int], list[int], list[float]]:
+        """(tokens, absolute spike frames, log-posteriors) of the current segment's best hypothesis."""
+        if self._greedy is not None:
+            return self._seg_tokens, self._seg_frames, self._seg_logprobs
+        assert self._beam is not None
+        best = (self._beam.finalize() if final else self._beam.hypotheses())[0]
+        if not best.tokens:
+            return [], [], []
+        frames = [f + self._beam_offset for f in best.frames]
+        if not final:
+            return best.tokens, frames, [0.0] * len(best.tokens)
+        vals, idx = torch.cat(self._cand_vals), torch.cat(self._cand_idx)
+        fr = torch.tensor(best.frames)
+        hit = idx[fr] == torch.tensor(best.tokens, dtype=torch.int32)[:, None]
+        lps = vals[fr][hit].tolist()
+        if len(lps) != len(best.tokens):  # a token fires only where it was a candidate
+            raise RuntimeError("beam search emitted a token that was not a candidate at its frame")
+        return best.tokens, frames, lps
+
+    def _words(self, tokens: Sequence[int], frames: Sequence[int], logprobs: Optional[Sequence[float]]) -> list[Word]:
+        """Words of a hypothesis, as the file API builds them (grouped at word-start pieces)."""
+        words: list[Word] = []
+        duration = self.duration
+        group: list[int] = []
+
+        def flush() -> None:
+            if not group:
+                return
+            got = words_from_tokens([tokens[i] for i in group], [frames[i] for i in group], self.tokenizer,
+                                    num_frames=self._num_frames)
+            if got:  # a lone word-boundary piece or <unk> renders as nothing and is no word
+                w = got[0]
+                conf = math.exp(sum(logprobs[i] for i in group) / len(group)) if logprobs is not None else None
+                start = min(w.start, duration)
+                words.append(replace(w, start=start, end=max(start, min(w.end, duration)), confidence=conf))
+            group.clear()
+
+        for i, tok in enumerate(tokens):
+            if group and self.tokenizer.is_word_start(tok):
+                flush()
+            group.append(i)
+        flush()
+        return words
+
+    def _current_words(self) -> list[Word]:
+        if self._greedy is not None:
+            # Greedy only appends: recompute only when tokens were added.
+            n = len(self._seg_tokens)
+            if self._words_cache[0] != n:
+                self._words_cache = (n, self._words(self._seg_tokens, self._seg_frames, self._seg_logprobs))
+            return self._words_cache[1]
+        tokens, frames, _ = self._segment_hypothesis(final=False)
+        return self._words(tokens, frames, None)
+
+    def _end_segment(self) -> Optional[Segment]:
+        """Close the current segment; return it (None if it has no words) and start a new one."""
+        tokens, frames, lps = self._segment_hypothesis(final=True)
+        words = self._words(tokens, frames, lps)
+        self._seg_tokens, self._seg_frames, self._seg_logprobs = [], [], []
+        self._words_cache = (-1, [])
+        if self._beam is not None:
+            self._beam.reset()
+            self._beam_offset = self._num_frames
+            self._cand_vals, self._cand_idx = [], []
+        if not words:
+            return None
+        return Segment(text=" ".join(w.word for w in words), start=words[0].start, end=words[-1].end, words=words)
+
+    def _emit(self, seg: Segment, new: list[Segment]) -> None:
+        new.append(seg)
+        if self.keep_segments:
+            self._segments.append(seg)
+
+    # ------------------------------------------------------------------ batching support
+    def _split_for_batch(self, samples: Samples, sample_rate: int) -> Tensor:
+        """Ingest a block; return the feature frames to step now, holding back the rest.
+
+        The frames returned end on a multiple of 4 feature frames since the stream start (one
+        encoder frame), so afterwards the state is stackable (asr.stream.state); the 0-3 frames
+        held (<= 30 ms) would not complete an encoder frame anyway, except the very next one:
+        that frame's output is delayed by one call.
+        """
+        feats = self._ingest(samples, sample_rate)
+        if self._held.shape[0]:
+            feats = torch.cat([self._held, feats])
+        n = max(0, feats.shape[0] - (self._state.frames_in + feats.shape[0]) % FEATURES_PER_FRAME)
+        self._held = feats[n:].clone()
+        return feats[:n]
+
+
+@torch.inference_mode()
+def step_batch(
+    recognizers: Sequence[Recognizer], blocks: Sequence[Samples], sample_rate: Union[int, Sequence[int]] = SAMPLE_RATE
+) -> list[Partial]:
+    """``accept_waveform`` for several streams at once, running the model on them as one batch.
+
+    All recognizers must share one model. Streams are stepped in multiples of one encoder frame
+    (4 feature frames), so up to 30 ms of audio per stream waits for the next call (``finalize``
+    flushes it). Streams that received more audio than others run their extra frames in a
+    smaller batch (packed stepping); a stream that was stepped alone with odd frame counts before
+    is stepped alone once to get back in phase. Results equal per-stream ``accept_waveform``
+    calls up to float rounding in the model (batched matrix products may round differently).
+    The states are stacked and split on every call (a copy of each state per call).
+    """
+    if len(recognizers) != len(blocks):
+        raise ValueError(f"{len(recognizers)} recognizers but {len(blocks)} blocks")
+    if not recognizers:
+        return []
+    rates = [int(sample_rate)] * len(blocks) if isinstance(sample_rate, (int, np.integer)) else list(sample_rate)
+    model = recognizers[0].model
+    if any(r.model is not model for r in recognizers):
+        raise ValueError("step_batch: all recognizers must share one model")
+    if len({id(r) for r in recognizers}) != len(recognizers):
+        raise ValueError("step_batch: a recognizer appears twice")
+    stackable = [is_stackable(r._state) for r in recognizers]
+    feats = [r._split_for_batch(b, rate) for r, b, rate in zip(recognizers, blocks, rates)]
+    logits: list[list[Tensor]] = [[] for _ in recognizers]
+    for i, rec in enumerate(recognizers):
+        if not stackable[i]:
+            logits[i].append(rec._run(feats[i]))
+    # Packed stepping: all streams for the frames every one has, then the longer ones, and so on.
+    pending = sorted((i for i, ok in enumerate(stackable) if ok and feats[i].shape[0]), key=lambda i: feats[i].shape[0])
+    done = 0
+    while pending:
+        n = feats[pending[0]].shape[0]
+        x = torch.stack([feats[i][done:n] for i in pending]).to(recognizers[pending[0]].device)
+        out, state = model.step(x, stack_states(model, [recognizers[i]._state for i in pending]))
+        parts = split_state(state,
+                            [recognizers[i]._state.frames_in + (n - done) for i in pending],
+                            [recognizers[i]._state.frames_out + out.shape[1] for i in pending])
+        for j, i in enumerate(pending):
+            recognizers[i]._state = parts[j]
+            logits[i].append(out[j])
+        done = n
+        pending = [i for i in pending if feats[i].shape[0] > n]
+    vocab = model.config.vocab_size
+    return [rec._consume(torch.cat(lg) if lg else torch.zeros(0, vocab)) for rec, lg in zip(recognizers, logits)]

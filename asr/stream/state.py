@@ -1,0 +1,104 @@
+"""Stacking the recurrent states of several streams into one batch, and splitting them again.
+
+``CTCModel.step`` runs a batch of streams at once if their :class:`~asr.model.EncoderState`\\ s are
+stacked along the batch dimension: the weights are then read once per step for all streams, which
+is what makes many concurrent streams cheap (a single stream's step is bound by reading weights).
+
+What may be stacked: every tensor of the state has a fixed shape except the subsampling caches,
+whose time length depends on how many feature frames the stream has consumed modulo 4 (the two
+stride-2 convolutions keep 1 or 2 input frames each). At a multiple of 4 (and at the start, where
+the caches are still ``None`` and equal to zeros) the caches have exactly the shapes of
+:func:`initial_caches`, so streams in that "phase 0" stack. :class:`asr.stream.recognizer` steps
+batched streams in multiples of 4 feature frames (one encoder frame) to keep them there.
+
+``frames_in``/``frames_out`` are per stream and do not survive stacking: :func:`stack_states` sets
+them to 0 and :func:`split_state` takes the per-stream values to restore.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from asr.model import CTCModel, EncoderState
+from asr.model.rwkv7 import BlockState
+
+__all__ = ["FEATURES_PER_FRAME", "initial_caches", "is_stackable", "stack_states", "split_state"]
+
+#: Feature frames (10 ms) per encoder frame (40 ms): the subsampling factor.
+FEATURES_PER_FRAME = 4
+
+
+def initial_caches(model: CTCModel, batch: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The subsampling caches a stream has before its first frame (what ``None`` stands for)."""
+    sub = model.subsampling
+    n_mels = model.config.n_mels
+    c1 = torch.zeros(batch, 1, sub.conv1.kernel - 1, n_mels, device=device, dtype=dtype)
+    f1 = sub.conv1._out_freq(n_mels)
+    c2 = torch.zeros(batch, sub.conv2.conv.in_channels, sub.conv2.kernel - 1, f1, device=device, dtype=dtype)
+    return c1, c2
+
+
+def is_stackable(state: EncoderState) -> bool:
+    """True when the state's caches have the phase-0 shapes (see the module docstring)."""
+    return state.frames_in % FEATURES_PER_FRAME == 0
+
+
+def _caches(model: CTCModel, state: EncoderState) -> tuple[Tensor, Tensor]:
+    c1, c2 = state.subsampling
+    if c1 is None or c2 is None:
+        ref = state.blocks[0].tmix_prev
+        init = initial_caches(model, ref.shape[0], ref.device, ref.dtype)
+        c1 = init[0] if c1 is None else c1
+        c2 = init[1] if c2 is None else c2
+    return c1, c2
+
+
+def stack_states(model: CTCModel, states: Sequence[EncoderState]) -> EncoderState:
+    """One batched state from per-stream states (each with batch size 1 or more, all phase 0)."""
+    if not states:
+        raise ValueError("stack_states needs at least one state")
+    for s in states:
+        if not is_stackable(s):
+            raise ValueError(f"a state at feature frame {s.frames_in} (not a multiple of "
+                             f"{FEATURES_PER_FRAME}) cannot be stacked with others")
+    caches = [_caches(model, s) for s in states]
+    blocks = []
+    for i in range(len(states[0].blocks)):
+        parts = [s.blocks[i] for s in states]
+        blocks.append(BlockState(
+            tmix_prev=torch.cat([p.tmix_prev for p in parts]),
+            wkv=torch.cat([p.wkv for p in parts]),
+            cmix_prev=torch.cat([p.cmix_prev for p in parts]),
+        ))
+    return EncoderState(
+        subsampling=(torch.cat([c[0] for c in caches]), torch.cat([c[1] for c in caches])),
+        blocks=blocks,
+    )
+
+
+def split_state(
+    state: EncoderState,
+    frames_in: Optional[Sequence[int]] = None,
+    frames_out: Optional[Sequence[int]] = None,
+) -> list[EncoderState]:
+    """Per-stream states (batch size 1 each) of a batched state; views, no copies.
+
+    ``frames_in``/``frames_out``: the per-stream counters to put back (default 0).
+    """
+    n = state.blocks[0].tmix_prev.shape[0]
+    fin = list(frames_in) if frames_in is not None else [0] * n
+    fout = list(frames_out) if frames_out is not None else [0] * n
+    if len(fin) != n or len(fout) != n:
+        raise ValueError(f"{n} streams in the state but {len(fin)}/{len(fout)} frame counters")
+    c1, c2 = state.subsampling
+    out = []
+    for b in range(n):
+        out.append(EncoderState(
+            subsampling=(None if c1 is None else c1[b : b + 1], None if c2 is None else c2[b : b + 1]),
+            blocks=[BlockState(s.tmix_prev[b : b + 1], s.wkv[b : b + 1], s.cmix_prev[b : b + 1]) for s in state.blocks],
+            frames_in=fin[b],
+            frames_out=fout[b],
+        ))
+    return out
