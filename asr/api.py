@@ -32,9 +32,7 @@ gap between two words is at least ``pause_seconds`` (0.8 s).
 from __future__ import annotations
 
 import io
-import math
 import os
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
@@ -45,8 +43,8 @@ from torch import Tensor
 
 from asr.audio import SAMPLE_RATE, AudioError, iter_audio_blocks, load_audio, prepare_waveform
 from asr.decode.align import Word, words_from_tokens
-from asr.decode.beam import CTCPrefixBeamSearch, Hotwords
-from asr.decode.greedy import IncrementalGreedyDecoder
+from asr.decode.beam import Hotwords
+from asr.decode.incremental import HypothesisDecoder
 from asr.features import compute_fbank
 from asr.transcript import Segment, Transcript
 
@@ -116,109 +114,16 @@ def _resolve_device(device: Union[str, torch.device]) -> torch.device:
 # decoding of the one-pass path (the long-audio path uses asr.stream.recognizer)
 
 
-class _IncrementalDecoder:
-    """Greedy or prefix-beam CTC decoding of the one-pass path, remembering what word confidences
-    need (the streaming recognizer does the same per block on the long-audio path).
+def _build_transcript(dec: HypothesisDecoder, tokenizer: Any, duration: float, source: Optional[str],
+                      pause_seconds: float) -> Transcript:
+    """Words (spike times, confidences from the decoder's log-posteriors) and pause-split segments.
 
-    For confidences we need each emitted token's log-posterior at its spike frame: greedy knows it
-    when the token is emitted; beam search only knows the final hypothesis at the end, so we keep
-    per frame the log-probs of the ``top_k`` non-blank candidates the search may extend with (a
-    token can only fire at a frame where it was a candidate). Chunked input (``accept`` called
-    several times) gives the same result as one call.
-    """
-
-    def __init__(self, beam_size: int = 1, hotwords: Optional[Hotwords] = None, tokenizer: Any = None) -> None:
-        if beam_size < 1:
-            raise ValueError(f"beam_size must be >= 1, got {beam_size}")
-        self.beam_size = beam_size
-        self.num_frames = 0
-        if beam_size == 1 and hotwords is None:
-            self._greedy: Optional[IncrementalGreedyDecoder] = IncrementalGreedyDecoder()
-            self._token_logprobs: list[float] = []
-            self._beam: Optional[CTCPrefixBeamSearch] = None
-        else:
-            self._greedy = None
-            self._beam = CTCPrefixBeamSearch(beam_size, hotwords=hotwords, tokenizer=tokenizer)
-            self._cand_vals: list[Tensor] = []
-            self._cand_idx: list[Tensor] = []
-
-    def accept(self, logits: Tensor) -> None:
-        """Consume [T, V] logits of the next T frames (T may be 0)."""
-        if logits.shape[0] == 0:
-            return
-        logits = logits.detach().float().cpu()
-        lp = logits.log_softmax(dim=-1)
-        if self._greedy is not None:
-            for tok, frame in self._greedy.accept(lp):
-                self._token_logprobs.append(float(lp[frame - self.num_frames, tok]))
-        else:
-            assert self._beam is not None
-            self._beam.accept(lp)
-            masked = lp.clone()
-            masked[:, 0] = -math.inf  # blank never fires as a token
-            k = lp.shape[1] - 1 if self._beam.top_k is None else min(self._beam.top_k, lp.shape[1] - 1)
-            vals, idx = masked.topk(k, dim=-1)
-            self._cand_vals.append(vals)
-            self._cand_idx.append(idx.to(torch.int32))
-        self.num_frames += logits.shape[0]
-
-    def result(self) -> tuple[list[int], list[int], list[float]]:
-        """(tokens, spike frames, log-posterior of each token at its spike) of the best hypothesis."""
-        if self._greedy is not None:
-            return list(self._greedy.tokens), list(self._greedy.frames), list(self._token_logprobs)
-        assert self._beam is not None
-        best = self._beam.finalize()[0]
-        if not best.tokens:
-            return [], [], []
-        vals = torch.cat(self._cand_vals)
-        idx = torch.cat(self._cand_idx)
-        fr = torch.tensor(best.frames)
-        hit = idx[fr] == torch.tensor(best.tokens, dtype=torch.int32)[:, None]  # [n_tokens, k]
-        if not bool(hit.any(dim=1).all()):  # cannot happen: a token fires only as a candidate
-            raise RuntimeError("beam search emitted a token that was not a candidate at its frame")
-        lps = vals[fr][hit].tolist()
-        return list(best.tokens), list(best.frames), lps
-
-
-def _build_transcript(
-    tokens: Sequence[int],
-    frames: Sequence[int],
-    token_logprobs: Sequence[float],
-    tokenizer: Any,
-    num_frames: int,
-    duration: float,
-    source: Optional[str],
-    pause_seconds: float,
-) -> Transcript:
-    """Words (spike times, confidences) and pause-split segments from a decoded hypothesis.
-
-    Words are grouped at ``▁`` pieces and given their text and times by
-    :func:`asr.decode.align.words_from_tokens`; the confidence is exp(mean log-posterior of the
-    word's pieces at their spikes), the definition ``words_from_tokens`` uses when it has the
-    full log-prob matrix (which a streaming pass does not keep). Times are clamped to ``duration``
-    (the last encoder frame can reach up to 15 ms past the last sample). The streaming
-    recognizer builds its words the same way, so both paths report identical words.
-    """
-    words: list[Word] = []
-    group: list[int] = []
-
-    def flush() -> None:
-        if not group:
-            return
-        got = words_from_tokens([tokens[i] for i in group], [frames[i] for i in group], tokenizer,
-                                num_frames=num_frames)
-        if got:  # a lone "▁" or <unk> renders as nothing and is no word
-            w = got[0]
-            conf = math.exp(sum(token_logprobs[i] for i in group) / len(group))
-            start = min(w.start, duration)
-            words.append(replace(w, start=start, end=max(start, min(w.end, duration)), confidence=conf))
-        group.clear()
-
-    for i, tok in enumerate(tokens):
-        if group and tokenizer.is_word_start(tok):
-            flush()
-        group.append(i)
-    flush()
+    The streaming recognizer builds its words with the same call, so both paths report identical
+    words; times are clamped to ``duration`` (the last encoder frame can reach up to 15 ms past the
+    last sample)."""
+    tokens, frames, lps = dec.hypothesis(final=True)
+    words = words_from_tokens(tokens, frames, tokenizer, num_frames=dec.num_frames, token_logprobs=lps,
+                              max_time=duration)
     return _transcript_from_words(words, duration, source, pause_seconds)
 
 
@@ -490,8 +395,8 @@ class ASRModel:
         pause = self.pause_seconds if pause_seconds is None else float(pause_seconds)
         return {"beam_size": beam_size, "hotwords": hot, "hotwords_map": hot_map, "pause_seconds": pause}
 
-    def _decoder(self, opts: dict) -> _IncrementalDecoder:
-        return _IncrementalDecoder(opts["beam_size"], opts["hotwords"], self.tokenizer)
+    def _decoder(self, opts: dict) -> HypothesisDecoder:
+        return HypothesisDecoder(opts["beam_size"], opts["hotwords"], self.tokenizer)
 
     def _load(self, audio: Any, sample_rate: Optional[int]) -> Tensor:
         """16 kHz mono float32 samples of a file or an array (AudioError on bad input)."""
@@ -523,7 +428,7 @@ class ASRModel:
             dec = self._decoder(opts)
             n_out = 0 if logits is None or int(lengths[b]) == 0 else int(out_lengths[b])  # type: ignore[index]
             if n_out:
-                dec.accept(logits[b, :n_out])  # type: ignore[index]
+                dec.accept(logits[b, :n_out].float().log_softmax(dim=-1))  # type: ignore[index]
             results.append(self._finish(dec, wave.numel(), name, opts))
         return results
 
@@ -551,7 +456,5 @@ class ASRModel:
         streamed = rec.finalize()
         return _transcript_from_words(streamed.words, streamed.duration, name, opts["pause_seconds"])
 
-    def _finish(self, dec: _IncrementalDecoder, num_samples: int, name: Optional[str], opts: dict) -> Transcript:
-        tokens, frames, lps = dec.result()
-        return _build_transcript(tokens, frames, lps, self.tokenizer, dec.num_frames, num_samples / SAMPLE_RATE,
-                                 name, opts["pause_seconds"])
+    def _finish(self, dec: HypothesisDecoder, num_samples: int, name: Optional[str], opts: dict) -> Transcript:
+        return _build_transcript(dec, self.tokenizer, num_samples / SAMPLE_RATE, name, opts["pause_seconds"])

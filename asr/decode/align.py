@@ -78,6 +78,8 @@ def words_from_tokens(
     log_probs: Tensor | None = None,
     num_frames: int | None = None,
     frame_offset: int = 0,
+    token_logprobs: Sequence[float] | None = None,
+    max_time: float | None = None,
 ) -> list[Word]:
     """Words with times from token spikes (the output of greedy or beam decoding).
 
@@ -92,10 +94,17 @@ def words_from_tokens(
         frame_offset: subtracted from ``frames`` before indexing ``log_probs``; for streaming,
             where frames are absolute but ``log_probs`` holds only a window starting at that frame.
             Times always use the absolute frames.
+        token_logprobs: each token's log-posterior at its spike, when the decoder kept them
+            (:class:`asr.decode.incremental.HypothesisDecoder` does); same confidence as from
+            ``log_probs``, without keeping the whole matrix. Used only when ``log_probs`` is None.
+        max_time: clamp times to this (the audio's duration: the last encoder frame can reach a
+            few ms past the last sample).
     """
     toks, frs = _as_list(tokens), _as_list(frames)
     if len(toks) != len(frs):
         raise ValueError(f"{len(toks)} tokens but {len(frs)} frames")
+    if token_logprobs is not None and len(token_logprobs) != len(toks):
+        raise ValueError(f"{len(toks)} tokens but {len(token_logprobs)} log-posteriors")
     if any(b <= a for a, b in zip(frs, frs[1:])) or (frs and frs[0] < 0):
         raise ValueError("token frames must be non-negative and strictly increasing")
     lp_rows: Tensor | None = None
@@ -106,12 +115,14 @@ def words_from_tokens(
         if num_frames is None:
             num_frames = frame_offset + lp_rows.shape[0]
     limit = math.inf if num_frames is None else num_frames * frame_shift
+    if max_time is not None:
+        limit = min(limit, max_time)
     words: list[Word] = []
     for g in _group_words(toks, tokenizer):
         text = tokenizer.decode([toks[i] for i in g]).strip()
         if not text:  # e.g. a lone "▁" piece or <unk> that renders empty
             continue
-        start = frs[g[0]] * frame_shift
+        start = min(frs[g[0]] * frame_shift, limit)
         end = min((frs[g[-1]] + 1) * frame_shift, limit)
         conf: float | None = None
         if lp_rows is not None:
@@ -120,6 +131,8 @@ def words_from_tokens(
                 raise ValueError("a token frame lies outside log_probs (check frame_offset)")
             vals = lp_rows[idx_t, torch.tensor([toks[i] for i in g])]
             conf = float(vals.mean().exp())
+        elif token_logprobs is not None:
+            conf = math.exp(sum(token_logprobs[i] for i in g) / len(g))
         words.append(Word(text, start, max(start, end), conf))
     return words
 
