@@ -35,8 +35,7 @@ Several streams can be stepped as one batch (:func:`step_batch`), sharing each w
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -45,8 +44,7 @@ from torch import Tensor
 
 from asr.audio import SAMPLE_RATE, AudioError, StreamingResampler, to_mono
 from asr.decode.align import FRAME_SHIFT, Word, words_from_tokens
-from asr.decode.beam import CTCPrefixBeamSearch
-from asr.decode.greedy import IncrementalGreedyDecoder
+from asr.decode.incremental import HypothesisDecoder
 from asr.features import NUM_MEL_BINS, StreamingFbank
 from asr.model import CTCModel, EncoderState
 from asr.stream.endpoint import EndpointConfig, Endpointer, StreamingEnergy
@@ -153,20 +151,8 @@ class Recognizer:
         self._segments: list[Segment] = []
         self._finished = False
         self._last_new: list[Segment] = []  # segments finalize() produced (keep_segments=False)
-        # current segment
-        if self.beam_size == 1 and not self.hotwords:
-            self._greedy: Optional[IncrementalGreedyDecoder] = IncrementalGreedyDecoder(self.blank)
-            self._beam: Optional[CTCPrefixBeamSearch] = None
-        else:
-            self._greedy = None
-            self._beam = CTCPrefixBeamSearch(self.beam_size, blank=self.blank, hotwords=self.hotwords,
-                                             tokenizer=self.tokenizer)
-        self._seg_tokens: list[int] = []
-        self._seg_frames: list[int] = []
-        self._seg_logprobs: list[float] = []
-        self._beam_offset = 0  # absolute frame of the beam search's frame 0
-        self._cand_vals: list[Tensor] = []  # beam: per-frame top-k candidate log-probs of this segment
-        self._cand_idx: list[Tensor] = []
+        # current segment: the same incremental decoder as file transcription
+        self._decoder = HypothesisDecoder(self.beam_size, self.hotwords, self.tokenizer, self.blank)
         self._words_cache: tuple[int, list[Word]] = (-1, [])
 
     @property
@@ -317,91 +303,28 @@ class Recognizer:
 
     def _decode(self, lp: Tensor) -> None:
         """Feed log-probs [t, V] of the current segment to the decoder."""
-        if lp.shape[0] == 0:
-            return
-        if self._greedy is not None:
-            for tok, frame in self._greedy.accept(lp):
-                self._seg_tokens.append(tok)
-                self._seg_frames.append(frame)
-                self._seg_logprobs.append(float(lp[frame - self._num_frames, tok]))
-            # The decoder's own token lists would grow for the whole stream; we keep ours per segment.
-            self._greedy.state.tokens.clear()
-            self._greedy.state.frames.clear()
-        else:
-            assert self._beam is not None
-            self._beam.accept(lp)
-            masked = lp.clone()
-            masked[:, self.blank] = -math.inf
-            k = lp.shape[1] - 1 if self._beam.top_k is None else min(self._beam.top_k, lp.shape[1] - 1)
-            vals, idx = masked.topk(k, dim=-1)
-            self._cand_vals.append(vals)
-            self._cand_idx.append(idx.to(torch.int32))
+        self._decoder.accept(lp)
         self._num_frames += lp.shape[0]
 
-    def _segment_hypothesis(self, final: bool) -> tuple[list[int], list[int], list[float]]:
-        """(tokens, absolute spike frames, log-posteriors) of the current segment's best hypothesis."""
-        if self._greedy is not None:
-            return self._seg_tokens, self._seg_frames, self._seg_logprobs
-        assert self._beam is not None
-        best = (self._beam.finalize() if final else self._beam.hypotheses())[0]
-        if not best.tokens:
-            return [], [], []
-        frames = [f + self._beam_offset for f in best.frames]
-        if not final:
-            return best.tokens, frames, [0.0] * len(best.tokens)
-        vals, idx = torch.cat(self._cand_vals), torch.cat(self._cand_idx)
-        fr = torch.tensor(best.frames)
-        hit = idx[fr] == torch.tensor(best.tokens, dtype=torch.int32)[:, None]
-        lps = vals[fr][hit].tolist()
-        if len(lps) != len(best.tokens):  # a token fires only where it was a candidate
-            raise RuntimeError("beam search emitted a token that was not a candidate at its frame")
-        return best.tokens, frames, lps
-
     def _words(self, tokens: Sequence[int], frames: Sequence[int], logprobs: Optional[Sequence[float]]) -> list[Word]:
-        """Words of a hypothesis, as the file API builds them (grouped at word-start pieces)."""
-        words: list[Word] = []
-        duration = self.duration
-        group: list[int] = []
-
-        def flush() -> None:
-            if not group:
-                return
-            got = words_from_tokens([tokens[i] for i in group], [frames[i] for i in group], self.tokenizer,
-                                    num_frames=self._num_frames)
-            if got:  # a lone word-boundary piece or <unk> renders as nothing and is no word
-                w = got[0]
-                conf = math.exp(sum(logprobs[i] for i in group) / len(group)) if logprobs is not None else None
-                start = min(w.start, duration)
-                words.append(replace(w, start=start, end=max(start, min(w.end, duration)), confidence=conf))
-            group.clear()
-
-        for i, tok in enumerate(tokens):
-            if group and self.tokenizer.is_word_start(tok):
-                flush()
-            group.append(i)
-        flush()
-        return words
+        """Words of a hypothesis, built exactly as the file API builds them."""
+        return words_from_tokens(tokens, frames, self.tokenizer, num_frames=self._num_frames,
+                                 token_logprobs=logprobs, max_time=self.duration)
 
     def _current_words(self) -> list[Word]:
-        if self._greedy is not None:
+        if self._decoder.is_greedy:
             # Greedy only appends: recompute only when tokens were added.
-            n = len(self._seg_tokens)
+            n = self._decoder.num_tokens
             if self._words_cache[0] != n:
-                self._words_cache = (n, self._words(self._seg_tokens, self._seg_frames, self._seg_logprobs))
+                self._words_cache = (n, self._words(*self._decoder.hypothesis()))
             return self._words_cache[1]
-        tokens, frames, _ = self._segment_hypothesis(final=False)
-        return self._words(tokens, frames, None)
+        return self._words(*self._decoder.hypothesis(final=False))
 
     def _end_segment(self) -> Optional[Segment]:
         """Close the current segment; return it (None if it has no words) and start a new one."""
-        tokens, frames, lps = self._segment_hypothesis(final=True)
-        words = self._words(tokens, frames, lps)
-        self._seg_tokens, self._seg_frames, self._seg_logprobs = [], [], []
+        words = self._words(*self._decoder.hypothesis(final=True))
+        self._decoder.start_segment()
         self._words_cache = (-1, [])
-        if self._beam is not None:
-            self._beam.reset()
-            self._beam_offset = self._num_frames
-            self._cand_vals, self._cand_idx = [], []
         if not words:
             return None
         return Segment(text=" ".join(w.word for w in words), start=words[0].start, end=words[-1].end, words=words)
