@@ -268,19 +268,14 @@ class StreamingResampler:
         return out[(self._next_unit - lo_unit) * self._new :]
 
 
-def prepare_waveform(
-    samples: Union[torch.Tensor, np.ndarray],
-    sample_rate: int,
-    target_rate: int = SAMPLE_RATE,
-    name: str = "waveform",
-    channel_dim: int = -1,
-) -> torch.Tensor:
-    """In-memory counterpart of :func:`load_audio`: mono, checked, resampled float32 ``[N]``.
+def float_mono(samples: Union[torch.Tensor, np.ndarray], name: str = "waveform", channel_dim: int = -1) -> torch.Tensor:
+    """Samples as a float32 mono ``[N]`` tensor on the CPU, at their own rate (not checked for NaN).
 
     Integer arrays are PCM and scaled to [-1, 1] (int16 / 2^15, int32 / 2^31) like soundfile does.
     Multi-channel input is ``[frames, channels]`` unless ``channel_dim=0``.
     """
-    arr = torch.as_tensor(samples)
+    arr = torch.as_tensor(np.asarray(samples)) if not isinstance(samples, torch.Tensor) else samples
+    arr = arr.detach().cpu()
     if arr.dtype == torch.int16:
         arr = arr.to(torch.float32) / 32768.0
     elif arr.dtype == torch.int32:
@@ -288,9 +283,21 @@ def prepare_waveform(
     elif not arr.is_floating_point():
         raise AudioError(f"{name}: unsupported sample type {arr.dtype} (use float, int16 or int32)")
     try:
-        wave = to_mono(arr.to(torch.float32), channel_dim=channel_dim)
+        return to_mono(arr.to(torch.float32), channel_dim=channel_dim).reshape(-1)
     except ValueError as err:
         raise AudioError(f"{name}: {err}") from err
+
+
+def prepare_waveform(
+    samples: Union[torch.Tensor, np.ndarray],
+    sample_rate: int,
+    target_rate: int = SAMPLE_RATE,
+    name: str = "waveform",
+    channel_dim: int = -1,
+) -> torch.Tensor:
+    """In-memory counterpart of :func:`load_audio`: mono, checked, resampled float32 ``[N]``
+    (sample types and channel layout as :func:`float_mono`)."""
+    wave = float_mono(samples, name, channel_dim)
     check_waveform(wave, name)
     try:
         wave = resample(wave, sample_rate, target_rate)

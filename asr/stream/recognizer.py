@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from asr.audio import SAMPLE_RATE, AudioError, StreamingResampler, to_mono
+from asr.audio import SAMPLE_RATE, AudioError, StreamingResampler, float_mono
 from asr.decode.align import FRAME_SHIFT, Word, words_from_tokens
 from asr.decode.incremental import HypothesisDecoder
 from asr.features import NUM_MEL_BINS, StreamingFbank
@@ -77,22 +77,11 @@ class Partial:
 
 def _as_waveform(samples: Samples) -> Tensor:
     """Mono float32 1-D tensor from float/int16/int32 samples ([n] or [n, channels])."""
-    arr = torch.as_tensor(np.asarray(samples)) if not isinstance(samples, Tensor) else samples
-    arr = arr.detach().cpu()
-    if arr.dtype == torch.int16:
-        arr = arr.to(torch.float32) / 32768.0
-    elif arr.dtype == torch.int32:
-        arr = arr.to(torch.float32) / 2147483648.0
-    elif not arr.is_floating_point():
-        raise AudioError(f"unsupported sample type {arr.dtype} (use float, int16 or int32)")
-    try:
-        wave = to_mono(arr.to(torch.float32))
-    except ValueError as err:
-        raise AudioError(f"stream: {err}") from err
+    wave = float_mono(samples, name="stream")
     if wave.numel() and not bool(torch.isfinite(wave).all()):
         # NaN would poison the recurrent state for the rest of the stream: refuse the block whole.
         raise AudioError(f"stream: block contains {int((~torch.isfinite(wave)).sum())} non-finite samples")
-    return wave.reshape(-1)
+    return wave
 
 
 class Recognizer:
