@@ -1,0 +1,346 @@
+"""``asr-live``: transcribe the microphone (or a file played at real-time pace) as you speak.
+
+    asr-live [--model PATH] [--device N|NAME] [--samplerate R] [--output FILE] [--format txt|jsonl]
+             [--stats] [--save-audio WAV] [--input FILE [--fast]] [--list-devices]
+
+What it shows: on a terminal, the partial hypothesis of the current segment on one line that is
+rewritten in place (``\\r``), and each final segment on its own line once an endpoint (a pause)
+closes it. When stdout is not a terminal (a pipe, a file) only the final lines are written, so
+the output is clean text. ``--output FILE`` receives each final as it arrives (flushed at once, so
+a crash loses nothing already final): plain text lines (``txt``) or one JSON object per segment
+with words and times (``jsonl``). Ctrl-C (or SIGTERM) stops recording, transcribes what was still
+queued, finalises the last segment, saves, and exits 0.
+
+Failures end with one line on stderr and a non-zero exit: no input device or an unknown
+``--device`` (see ``--list-devices``), no PortAudio/sounddevice, an unreadable model or input file.
+A device lost mid-stream ends the same way, after saving everything transcribed so far. A device
+that cannot record at ``--samplerate`` (default 16 kHz) is opened at its own default rate and the
+audio is resampled. Input overflows (the machine fell behind) are counted and reported, and
+recording goes on.
+
+``--input FILE`` sends a file through the same path (in 0.1 s blocks, at real-time pace, or as
+fast as possible with ``--fast``): for demos, and to test the pipeline without a microphone.
+``--save-audio WAV`` writes the audio as received (device rate, float) for later inspection.
+``--stats`` prints, at the end: compute time per 40 ms frame (median, p99), the real-time factor,
+the delay between a word's end in the audio and its first appearance on screen, and overflow
+counts.
+
+One intra-op thread: per-frame operations are tiny, and with 2 OpenMP threads on a busy 2-core
+machine they stall waiting for each other (measured: slower than 1 thread).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional, TextIO
+
+import numpy as np
+
+BLOCK_SECONDS = 0.1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="asr-live",
+        description="Live speech recognition from a microphone (or a file played in real time).",
+    )
+    p.add_argument("--model", metavar="PATH", help="checkpoint file or training folder (default: the bundled model)")
+    p.add_argument("--device", metavar="N|NAME", help="input device index or part of its name (default: system default)")
+    p.add_argument("--list-devices", action="store_true", help="list input devices and exit")
+    p.add_argument("--samplerate", type=int, metavar="R",
+                   help="record at R Hz (default 16000; a device that cannot is recorded at its default rate and resampled)")
+    p.add_argument("--output", metavar="FILE", help="write final segments here as they arrive")
+    p.add_argument("--format", choices=("txt", "jsonl"), default=None,
+                   help="output file format (default: from FILE's extension, else txt)")
+    p.add_argument("--stats", action="store_true", help="print timing statistics at the end")
+    p.add_argument("--input", metavar="FILE", help="read this audio file instead of the microphone")
+    p.add_argument("--fast", action="store_true", help="with --input: do not wait, process as fast as possible")
+    p.add_argument("--save-audio", metavar="WAV", help="also save the received audio to this WAV file")
+    p.add_argument("--beam-size", type=int, default=1, help="1: greedy decoding (default); >1: CTC prefix beam search")
+    return p
+
+
+class _Stop:
+    """SIGINT/SIGTERM set a flag that the loop checks between blocks, so a block is never cut in
+    half inside the model; a second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "_Stop":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class Display:
+    """The partial line (terminals only) and the final lines on stdout."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.tty = out.isatty()
+        self.partial = ""
+
+    def _width(self) -> int:
+        return max(20, shutil.get_terminal_size((80, 24)).columns - 1)
+
+    def show_partial(self, text: str) -> None:
+        if not self.tty or text == self.partial:
+            return
+        self.partial = text
+        shown = text if len(text) <= self._width() else "…" + text[-(self._width() - 1):]
+        self.out.write("\r\033[K" + shown)
+        self.out.flush()
+
+    def show_final(self, text: str) -> None:
+        if self.tty:
+            self.out.write("\r\033[K")
+        self.out.write(text + "\n")
+        self.out.flush()
+        if self.tty:
+            self.partial = ""
+
+    def close(self) -> None:
+        if self.tty and self.partial:
+            self.out.write("\r\033[K")
+            self.out.flush()
+
+
+class Writer:
+    """Final segments to the --output file, one line each, flushed as they arrive."""
+
+    def __init__(self, path: Optional[str], fmt: Optional[str]) -> None:
+        self.fmt = fmt or ("jsonl" if path and path.endswith((".jsonl", ".json")) else "txt")
+        self.file: Optional[TextIO] = None
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(path, "w", encoding="utf-8")
+
+    def write(self, segment: Any) -> None:
+        if self.file is None:
+            return
+        line = json.dumps(segment.to_dict(), ensure_ascii=False) if self.fmt == "jsonl" else segment.text
+        self.file.write(line + "\n")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+class Stats:
+    """Compute time per frame, real-time factor, and word delay (end of word -> shown)."""
+
+    def __init__(self) -> None:
+        self.per_frame: list[float] = []  # seconds per encoder frame, one value per call with frames
+        self.compute = 0.0
+        self.delays: list[float] = []
+        self._seen = 0  # words of the current segment already shown
+
+    def record_call(self, seconds: float, frames: int) -> None:
+        self.compute += seconds
+        if frames:
+            self.per_frame.append(seconds / frames)
+
+    def record_words(self, partial: Any, now: float, arrival: Optional[float], duration: float) -> None:
+        """New words in this partial/its finals; the audio at time t arrived at
+        ``arrival - (duration - t)`` (blocks come in real time, the last one at ``arrival``)."""
+        if arrival is None:
+            return
+        for seg in partial.segments:
+            for w in seg.words[self._seen:]:
+                self.delays.append(now - (arrival - (duration - w.end)))
+            self._seen = 0
+        for w in partial.words[self._seen:]:
+            self.delays.append(now - (arrival - (duration - w.end)))
+        self._seen = len(partial.words)
+
+    def report(self, audio_seconds: float, mic: Any, state_bytes: int, paced: bool) -> str:
+        lines = [f"audio {audio_seconds:.2f} s, compute {self.compute:.3f} s, real-time factor "
+                 f"{self.compute / audio_seconds:.4f}" if audio_seconds else "no audio"]
+        if self.per_frame:
+            ms = sorted(1000 * v for v in self.per_frame)
+            p99 = ms[min(len(ms) - 1, int(0.99 * len(ms)))]
+            lines.append(f"compute per 40 ms frame: median {statistics.median(ms):.2f} ms, p99 {p99:.2f} ms "
+                         f"({len(ms)} calls)")
+        if not paced:
+            lines.append("word delay: not measured (--fast)")
+        elif self.delays:
+            d = sorted(self.delays)
+            lines.append(f"word delay (word end -> shown): median {statistics.median(d):.2f} s, "
+                         f"p90 {d[min(len(d) - 1, int(0.9 * len(d)))]:.2f} s, max {d[-1]:.2f} s ({len(d)} words)")
+        if mic is not None:
+            s = mic.stats
+            lines.append(f"input: {s.blocks} blocks, {s.overflows} overflows, {s.dropped_samples} samples dropped")
+        lines.append(f"recognizer state: {state_bytes} bytes")
+        return "\n".join("stats: " + l for l in lines)
+
+
+def _file_blocks(path: str) -> Iterator[np.ndarray]:
+    from asr.audio import iter_audio_blocks
+
+    for block in iter_audio_blocks(path, block_seconds=BLOCK_SECONDS):
+        yield block.numpy()
+
+
+def _load_model(path: Optional[str]) -> tuple[Any, Any]:
+    from asr.train.checkpoint import load_for_inference
+
+    if path is None:
+        bundled = Path(__file__).resolve().parents[1] / "pretrained" / "model.pt"
+        if not bundled.is_file():
+            raise FileNotFoundError(f"no bundled model ({bundled} is not installed); pass --model PATH")
+        path = str(bundled)
+    return load_for_inference(path)
+
+
+def _error(msg: str) -> int:
+    print(f"asr-live: error: {msg}", file=sys.stderr)
+    return 1
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.fast and not args.input:
+        build_parser().error("--fast needs --input FILE")
+    if args.beam_size < 1:
+        build_parser().error("--beam-size must be >= 1")
+
+    from asr.stream.microphone import Microphone, MicrophoneError, list_input_devices
+
+    if args.list_devices:
+        try:
+            print(list_input_devices())
+        except MicrophoneError as err:
+            return _error(str(err))
+        return 0
+
+    import torch
+
+    torch.set_num_threads(1)
+    from asr.audio import AudioError
+    from asr.stream import Recognizer
+
+    mic: Optional[Microphone] = None
+    if not args.input:
+        try:  # resolve the device before the (slower) model load, so a bad device fails fast
+            mic = Microphone(args.device, samplerate=args.samplerate, block_seconds=BLOCK_SECONDS)
+        except MicrophoneError as err:
+            return _error(str(err))
+    elif not Path(args.input).is_file():
+        return _error(f"{args.input}: file not found")
+    try:
+        model, tokenizer = _load_model(args.model)
+    except Exception as err:  # CheckpointError, FileNotFoundError: one line
+        return _error(" ".join(str(err).split()))
+    rec = Recognizer(model, tokenizer, beam_size=args.beam_size, keep_segments=False)
+    try:
+        writer = Writer(args.output, args.format)
+    except OSError as err:
+        return _error(f"cannot write {args.output}: {err.strerror or err}")
+    display = Display(sys.stdout)
+    stats = Stats()
+    audio_out: Any = None
+    rate = mic.samplerate if mic is not None else 16000
+    if args.save_audio:
+        import soundfile as sf
+
+        try:
+            audio_out = sf.SoundFile(args.save_audio, "w", samplerate=rate, channels=1, subtype="FLOAT", format="WAV")
+        except Exception as err:
+            return _error(f"cannot write {args.save_audio}: {' '.join(str(err).split())}")
+
+    def feed(block: np.ndarray, arrival: Optional[float]) -> None:
+        if audio_out is not None:
+            audio_out.write(block)
+        t0 = time.perf_counter()
+        frames0 = rec.num_frames
+        partial = rec.accept_waveform(block, rate)
+        stats.record_call(time.perf_counter() - t0, rec.num_frames - frames0)
+        for seg in partial.segments:
+            display.show_final(seg.text)
+            writer.write(seg)
+        stats.record_words(partial, time.monotonic(), arrival, rec.duration)
+        display.show_partial(partial.text)
+
+    status = 0
+    paced = not args.fast
+    try:
+        with _Stop() as stop:
+            if mic is not None:
+                try:
+                    mic.start()
+                    if mic.rate_note:
+                        print(f"asr-live: {mic.rate_note}", file=sys.stderr)
+                    first = True
+                    reported = 0
+                    while not stop.requested:
+                        got = mic.read(timeout=0.5)
+                        if got is None:
+                            continue
+                        if first:
+                            print(f"asr-live: listening on {mic.device_name!r} at {mic.samplerate} Hz "
+                                  "(Ctrl-C to stop)", file=sys.stderr, flush=True)
+                            first = False
+                        feed(got[0], got[1])
+                        if mic.stats.overflows > reported:
+                            reported = mic.stats.overflows
+                            print(f"\nasr-live: warning: input overflow ({reported} so far, "
+                                  f"{mic.stats.dropped_samples} samples dropped); continuing",
+                                  file=sys.stderr, flush=True)
+                except MicrophoneError as err:
+                    print(f"\nasr-live: error: {err}", file=sys.stderr)
+                    status = 1
+                finally:
+                    mic.close()
+                    for block in mic.drain():  # recorded before the stop: transcribe it too
+                        feed(block, None)
+            else:
+                print(f"asr-live: playing {args.input}" + (" (fast)" if args.fast else " in real time"),
+                      file=sys.stderr, flush=True)
+                start = time.monotonic()
+                for block in _file_blocks(args.input):
+                    if stop.requested:
+                        break
+                    if not args.fast:  # deliver each block when its last sample would have been recorded
+                        due = start + (rec.duration + len(block) / rate)
+                        while not stop.requested and time.monotonic() < due:
+                            time.sleep(min(0.02, max(0.0, due - time.monotonic())))
+                    feed(block, time.monotonic() if paced else None)
+    except AudioError as err:
+        print(f"\nasr-live: error: {err}", file=sys.stderr)
+        status = 1
+    finally:
+        transcript = rec.finalize()
+        for seg in transcript.segments:
+            display.show_final(seg.text)
+            writer.write(seg)
+        display.close()
+        writer.close()
+        if audio_out is not None:
+            audio_out.close()
+    if args.stats:
+        print(stats.report(rec.duration, mic, rec.state_size_bytes(), paced), file=sys.stderr)
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,306 @@
+"""Streaming benchmark on the CPU: per-frame cost, real-time factor, state memory, batched capacity.
+
+    python tools/bench_stream.py                       # default model size (ModelConfig()), random weights
+    python tools/bench_stream.py --model ckpt.pt       # a trained checkpoint
+    python tools/bench_stream.py --quick               # fewer repetitions (a smoke run)
+
+Tables (markdown), all on ``--threads`` intra-op threads (default 1, as ``asr-live`` runs):
+
+1. Single stream, frame by frame (40 ms of audio per call, after warm-up): the whole recognizer
+   (``Recognizer.accept_waveform``: fbank, ``model.step``, greedy decoding, endpointing) and
+   ``model.step`` alone, median and p99 per frame and the real-time factor (compute / audio).
+   The floor the issue sets: one fp32 matrix-vector product over as many weights as the model has
+   (reading every weight once per frame), measured in the same run; and the same model with
+   dynamic int8 quantization of its ``nn.Linear`` layers.
+2. torchaudio's Emformer at about the same size (d=256, 12 layers, 4 heads, FFN 1024, segments of
+   4 frames + 1 right-context frame, 32 frames of left context) through ``Emformer.infer``: the
+   encoder only, per 160 ms segment and per 40 ms.
+3. State memory per stream: ours (``EncoderState.size_bytes()`` + frontend buffers) and Emformer's.
+4. Concurrent streams: B streams stepped as one batch with ``asr.stream.step_batch`` (every call
+   gives each stream ``--batch-block`` seconds of audio), and ``model.step`` on the batched state
+   alone (what a server that keeps the states stacked would pay). The largest B whose step takes
+   less than the audio it processes keeps real time; found by doubling, then bisection.
+
+Weights are random (the default) or a checkpoint's; speed does not depend on their values. The
+numbers depend on the machine and its load: the 1-minute load average is printed with them.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from asr.model import CTCModel, ModelConfig  # noqa: E402
+from asr.stream import Recognizer, stack_states, step_batch  # noqa: E402
+from asr.tokenizer import Tokenizer  # noqa: E402
+
+SR = 16000
+FRAME = 0.04
+
+
+def pct(values: list[float], q: float) -> float:
+    v = sorted(values)
+    return v[min(len(v) - 1, int(q * len(v)))]
+
+
+def timeit(fn: Callable[[], object], reps: int, warmup: int = 5) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def build_model(path: Optional[str]) -> tuple[CTCModel, Tokenizer]:
+    if path:
+        from asr.train.checkpoint import load_for_inference
+
+        return load_for_inference(path)
+    import random
+
+    rng = random.Random(0)  # random words: enough text for a 256-piece BPE vocabulary
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(3000)]
+    texts = [" ".join(rng.sample(words, 12)) for _ in range(2000)]
+    tok = Tokenizer.train(texts, None, vocab_size=256)
+    torch.manual_seed(0)
+    model = CTCModel(ModelConfig(vocab_size=tok.vocab_size))
+    with torch.no_grad():  # the reference init zeroes some matrices; give every weight a value
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model.eval(), tok
+
+
+def speech_like(seconds: float, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(int(seconds * SR)) / SR
+    env = 0.5 + 0.5 * torch.sin(2 * math.pi * 3 * t)
+    return (0.2 * env * torch.sin(2 * math.pi * 220 * t) + 0.02 * torch.randn(t.shape, generator=g)).float()
+
+
+def single_stream(model: CTCModel, tok: Tokenizer, frames: int) -> dict:
+    """Per-frame cost of the whole recognizer and of model.step alone."""
+    audio = speech_like(frames * FRAME + 2.0)
+    rec = Recognizer(model, tok)
+    rec.accept_waveform(audio[:SR])  # warm-up: the first second
+    pos, hop, times = SR, int(FRAME * SR), []
+    for _ in range(frames):
+        t = time.perf_counter()
+        rec.accept_waveform(audio[pos : pos + hop])
+        times.append(time.perf_counter() - t)
+        pos += hop
+    feats = torch.randn(1, 4, 80) * 3 + 5
+    state = model.init_state(1)
+    with torch.inference_mode():
+        _, state = model.step(feats, state)
+
+        def one():
+            nonlocal state
+            _, state = model.step(feats, state)
+
+        step_times = timeit(one, frames)
+        feats4 = torch.randn(1, 16, 80) * 3 + 5  # 160 ms per call: 4 encoder frames, Emformer's segment
+
+        def four():
+            nonlocal state
+            _, state = model.step(feats4, state)
+
+        step4_times = [t / 4 for t in timeit(four, max(5, frames // 4))]
+    return {"recognizer": times, "step": step_times, "step4": step4_times, "state_bytes": rec.state_size_bytes(),
+            "model_state_bytes": rec.state.size_bytes()}
+
+
+def matvec_floor(n_params: int, reps: int) -> list[float]:
+    """One fp32 matrix-vector product over n_params weights (each weight read once)."""
+    cols = 1024
+    w = torch.randn(max(1, n_params // cols), cols)
+    x = torch.randn(cols)
+    return timeit(lambda: torch.mv(w, x), reps)
+
+
+def int8_step(model: CTCModel, reps: int) -> Optional[list[float]]:
+    import copy
+    import warnings
+
+    try:
+        from torch.ao.quantization import quantize_dynamic
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notices
+            q = quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
+    except Exception as err:  # quantization engines differ by build/platform
+        print(f"# int8 dynamic quantization unavailable: {err}", file=sys.stderr)
+        return None
+    feats = torch.randn(1, 4, 80) * 3 + 5
+    state = model.init_state(1)  # same state; the quantized head has no .weight tensor to read it from
+    with torch.inference_mode():
+        _, state = q.step(feats, state)
+
+        def one():
+            nonlocal state
+            _, state = q.step(feats, state)
+
+        return timeit(one, reps)
+
+
+def emformer(reps: int) -> Optional[dict]:
+    try:
+        from torchaudio.models import Emformer
+    except Exception as err:
+        print(f"# torchaudio Emformer unavailable: {err}", file=sys.stderr)
+        return None
+    seg, rc, left = 4, 1, 32
+    torch.manual_seed(0)
+    enc = Emformer(input_dim=256, num_heads=4, ffn_dim=1024, num_layers=12, segment_length=seg,
+                   left_context_length=left, right_context_length=rc).eval()
+    n_params = sum(p.numel() for p in enc.parameters())
+    x = torch.randn(1, seg + rc, 256)
+    lengths = torch.tensor([seg + rc])
+    states = None
+    with torch.inference_mode():
+        for _ in range(left // seg + 2):  # fill the left context so every call attends to all of it
+            _, _, states = enc.infer(x, lengths, states)
+
+        def one():
+            nonlocal states
+            _, _, states = enc.infer(x, lengths, states)
+
+        times = timeit(one, reps)
+    state_bytes = sum(t.numel() * t.element_size() for layer in states for t in layer)
+    return {"params": n_params, "segment": times, "frames_per_call": seg, "state_bytes": state_bytes}
+
+
+def batch_capacity(model: CTCModel, tok: Tokenizer, block: float, reps: int, max_b: int) -> dict:
+    """Time per call of step_batch (and of model.step on a stacked state) for B streams."""
+    hop = int(block * SR)
+    audio = speech_like(60.0, seed=1)
+    cache: dict[int, tuple[float, float]] = {}
+
+    def measure(b: int) -> tuple[float, float]:
+        if b in cache:
+            return cache[b]
+        recs = [Recognizer(model, tok) for _ in range(b)]
+        pos = [int(i * 0.37 * SR) % (len(audio) // 2) for i in range(b)]  # streams at different points
+
+        def call():
+            blocks = [audio[p : p + hop] for p in pos]
+            step_batch(recs, blocks)
+            for i in range(b):
+                pos[i] = (pos[i] + hop) % (len(audio) - hop)
+
+        full = statistics.median(timeit(call, reps, warmup=2))
+        feats = torch.randn(b, int(round(block / 0.01)), 80) * 3 + 5
+        with torch.inference_mode():
+            state = stack_states(model, [r.state for r in recs])
+
+            def step():
+                nonlocal state
+                _, state = model.step(feats, state)
+
+            step_only = statistics.median(timeit(step, reps, warmup=2))
+        cache[b] = (full, step_only)
+        return cache[b]
+
+    def largest(which: int) -> int:
+        lo, hi, b = 0, None, 1
+        while b <= max_b:  # doubling
+            if measure(b)[which] < block:
+                lo, b = b, b * 2
+            else:
+                hi = b
+                break
+        if hi is None:
+            return lo
+        while hi - lo > max(1, lo // 8):  # bisection to ~12 %
+            mid = (lo + hi) // 2
+            if measure(mid)[which] < block:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    cap_full, cap_step = largest(0), largest(1)
+    return {"block": block, "table": sorted(cache.items()), "capacity": cap_full, "capacity_step_only": cap_step}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", help="checkpoint (default: ModelConfig() with random weights)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--frames", type=int, default=400, help="frames timed per single-stream measurement")
+    ap.add_argument("--batch-block", type=float, nargs="+", default=[0.04, 0.16],
+                    help="seconds of audio per stream per batched call")
+    ap.add_argument("--max-streams", type=int, default=512)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["int8", "emformer", "batch"])
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    reps = 30 if args.quick else args.frames
+    model, tok = build_model(args.model)
+    n_params = model.num_parameters()
+    cfg = model.config
+    print(f"# bench_stream: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"torch {torch.__version__}, {args.threads} thread(s), load average {os.getloadavg()[0]:.2f}, "
+          f"{time.strftime('%Y-%m-%d %H:%M')}")
+    print(f"# model: d_model={cfg.d_model}, n_layers={cfg.n_layers}, head_size={cfg.head_size}, "
+          f"vocab={cfg.vocab_size}, {n_params / 1e6:.2f} M parameters\n")
+
+    single = single_stream(model, tok, reps)
+    floor = matvec_floor(n_params, reps)
+    q = None if "int8" in args.skip else int8_step(model, reps)
+    emf = None if "emformer" in args.skip else emformer(reps)
+    fl = statistics.median(floor)
+    rows = [("recognizer (fbank + step + greedy + endpoint)", single["recognizer"]),
+            ("model.step only", single["step"]),
+            ("model.step, 160 ms (4 frames) per call, per 40 ms", single["step4"])]
+    if q is not None:
+        rows.append(("model.step, int8 dynamic (nn.Linear)", q))
+    rows.append((f"floor: fp32 matvec over {n_params / 1e6:.1f} M weights", floor))
+    print("| per 40 ms frame, 1 stream | median ms | p99 ms | real-time factor | x floor |")
+    print("|---|---:|---:|---:|---:|")
+    for name, t in rows:
+        med = statistics.median(t)
+        print(f"| {name} | {1000 * med:.2f} | {1000 * pct(t, 0.99):.2f} | {med / FRAME:.4f} | {med / fl:.2f} |")
+    if emf is not None:
+        seg = emf["segment"]
+        med = statistics.median(seg) / emf["frames_per_call"]
+        ours = statistics.median(single["step"])
+        print(f"| torchaudio Emformer ({emf['params'] / 1e6:.1f} M, encoder only), per 40 ms "
+              f"(segment of 4 + 1 right context: {1000 * statistics.median(seg):.2f} ms) | {1000 * med:.2f} | "
+              f"{1000 * pct(seg, 0.99) / emf['frames_per_call']:.2f} | {med / FRAME:.4f} | {med / fl:.2f} |")
+        print(f"\nEmformer / our model.step per 40 ms of audio: {med / ours:.2f}x")
+    print("\n| state per stream | bytes |")
+    print("|---|---:|")
+    print(f"| ours: model state (EncoderState.size_bytes) | {single['model_state_bytes']:,} |")
+    print(f"| ours: recognizer (model state + frontend buffers) | {single['state_bytes']:,} |")
+    if emf is not None:
+        print(f"| Emformer: infer states (left context 32 frames) | {emf['state_bytes']:,} |")
+
+    if "batch" not in args.skip:
+        for block in args.batch_block:
+            res = batch_capacity(model, tok, block, max(5, reps // 20), args.max_streams)
+            print(f"\nBatched streams, {1000 * block:.0f} ms of audio per stream per call "
+                  f"({args.threads} thread(s)): real time while the call takes < {1000 * block:.0f} ms")
+            print("| streams | step_batch ms/call | x real time | model.step on stacked state ms/call |")
+            print("|---:|---:|---:|---:|")
+            for b, (full, step) in res["table"]:
+                print(f"| {b} | {1000 * full:.1f} | {full / block:.3f} | {1000 * step:.1f} |")
+            print(f"\nlargest real-time batch: {res['capacity']} streams with step_batch, "
+                  f"{res['capacity_step_only']} with model.step on a kept stacked state")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
