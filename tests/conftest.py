@@ -29,16 +29,6 @@ def overfit_tiny_model(entries: list[dict], max_steps: int = 400, seed: int = 0)
     """Train a tiny model on ``entries`` until greedy decoding returns every text (or max_steps).
 
     Returns (model, tokenizer, steps_taken, decoded texts)."""
-    # Tiny tensors: one thread is ~10x faster than two contending OpenMP threads on a 2-core box.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _overfit(entries, max_steps, seed)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _overfit(entries: list[dict], max_steps: int, seed: int):
     torch.manual_seed(seed)
     texts = [e["text"] for e in entries]
     tokenizer = Tokenizer.train(texts * 20, model_prefix=None, vocab_size=30)
