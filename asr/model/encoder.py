@@ -152,7 +152,7 @@ class CTCModel(nn.Module):
                 continue
             if name.endswith("att.w0"):
                 fast.append(param)
-            elif name.endswith(".weight") and param.ndim == 2 and ".ln" not in name:
+            elif name.endswith(".weight") and param.ndim == 2:  # norms and biases are 1-D
                 decay.append(param)
             else:
                 no_decay.append(param)
