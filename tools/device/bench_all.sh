@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# On the device, one call: GPU correctness check, the training-step profile and the two GPU
+# benchmarks of issue 7, each under its own time limit, results under $OUT.
+set -uo pipefail
+T0=$(date +%s)
+python -m pip install --no-deps --no-index -q .gpu/wheels/*.whl 2>&1 | grep -v WARN
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/tc FLA_CACHE_RESULTS=1
+mkdir -p /tmp/tc && tar xzf tools/device/fla_autotune_sm90.tgz -C /tmp/tc
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee $OUT/gpu.txt
+run() {  # run <seconds> <name> <command...>
+  local limit=$1 name=$2; shift 2
+  local t=$(date +%s)
+  timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
+  echo "== $name rc=$? in $(( $(date +%s) - t )) s"; tail -n 30 "$OUT/$name.txt" | cut -c1-200
+}
+run 110 profile python tools/profile_train_step.py --batch 64 --seconds 4
+run 120 check_gpu python tools/check_gpu.py
+run 170 bench_train python tools/bench_train.py
+run 150 bench_kernels python tools/bench_kernels.py
+(cd /tmp/tc && find . -name "*.autotune.json" | tar czf "$OUT/autotune.tgz" -T -)
+echo "total $(( $(date +%s) - T0 )) s"

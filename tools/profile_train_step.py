@@ -1,0 +1,91 @@
+"""Where one training step of the encoder spends its GPU time (torch.profiler), for the next fix.
+
+    python tools/profile_train_step.py [--model bundled] [--batch 64] [--seconds 4] [--steps 3]
+
+Builds the model from ``conf/model/<name>.yaml``, runs a few warm-up steps (fla autotuning happens
+there), then profiles ``--steps`` full steps (bf16 autocast forward, CTC loss, backward, clipping,
+fused AdamW) on random features and prints: the step time, the number of CUDA kernels launched per
+step, and the kernels (and CPU-side ops) that take the most time. ``--trace FILE`` also writes a
+Chrome trace. bench_train.py gives the comparable throughput numbers; this says why.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from asr.model import CTCModel, ModelConfig, ctc_loss  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="bundled", help="conf/model/<name>.yaml")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=4.0, help="utterance length")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--trace", default=None, help="write a Chrome trace here")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("profile_train_step: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "model" / f"{args.model}.yaml")
+    config = ModelConfig.from_dict(OmegaConf.to_container(cfg))
+    model = CTCModel(config).cuda().train()
+    opt = torch.optim.AdamW(model.param_groups(0.01, 1e-3), lr=1e-3, fused=True)
+    T = int(args.seconds * 100)
+    feats = torch.randn(args.batch, T, config.n_mels, device="cuda")
+    lengths = torch.full((args.batch,), T, device="cuda")
+    U = max(1, T // 4 // 6)
+    targets = torch.randint(1, config.vocab_size, (args.batch, U), device="cuda")
+    target_lengths = torch.full((args.batch,), U, device="cuda")
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits, out_lengths = model(feats, lengths)
+        loss = ctc_loss(logits, out_lengths, targets, target_lengths)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(args.steps):
+        step()
+    end.record()
+    torch.cuda.synchronize()
+    step_ms = start.elapsed_time(end) / args.steps
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.steps):
+            step()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    cuda = torch.autograd.DeviceType.CUDA
+    kernels = sum(1 for e in prof.events() if getattr(e, "device_type", None) == cuda)
+    gpu_us = sum(getattr(e, "self_device_time_total", 0.0) for e in events) / args.steps
+    print(f"# {torch.cuda.get_device_name(0)}, torch {torch.__version__}, model {args.model} "
+          f"({model.num_parameters() / 1e6:.1f}M), batch {args.batch} x {args.seconds:g} s")
+    print(f"step {step_ms:.1f} ms ({args.batch * args.seconds / step_ms * 1e3:.0f} audio-s/s), "
+          f"GPU busy {gpu_us / 1e3:.1f} ms/step, {kernels / args.steps:.0f} kernels/step")
+    print(events.table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=60))
+    print(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
+    if args.trace:
+        prof.export_chrome_trace(args.trace)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
