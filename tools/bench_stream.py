@@ -9,6 +9,9 @@ Tables (markdown), all on ``--threads`` intra-op threads (default 1, as ``asr-li
 1. Single stream, frame by frame (40 ms of audio per call, after warm-up): the whole recognizer
    (``Recognizer.accept_waveform``: fbank, ``model.step``, greedy decoding, endpointing) and
    ``model.step`` alone, median and p99 per frame and the real-time factor (compute / audio).
+   ``model.step`` is timed twice, side by side: the packed inference path (the default without
+   autograd) and the general path (``fast=False``, ``Block.forward``), the "before" of issue 7;
+   the two are timed in alternating rounds so machine-load drift hits both alike.
    The floor the issue sets: one fp32 matrix-vector product over as many weights as the model has
    (reading every weight once per frame), measured in the same run; and the same model with
    dynamic int8 quantization of its ``nn.Linear`` layers.
@@ -102,24 +105,29 @@ def single_stream(model: CTCModel, tok: Tokenizer, frames: int) -> dict:
         times.append(time.perf_counter() - t)
         pos += hop
     feats = torch.randn(1, 4, 80) * 3 + 5
-    state = model.init_state(1)
+    feats4 = torch.randn(1, 16, 80) * 3 + 5  # 160 ms per call: 4 encoder frames, Emformer's segment
+    out: dict = {"recognizer": times, "state_bytes": rec.state_size_bytes(), "model_state_bytes": rec.state.size_bytes()}
+    for fast in (True, False):
+        out[f"step_{fast}"], out[f"step4_{fast}"] = [], []
     with torch.inference_mode():
-        _, state = model.step(feats, state)
+        model.prepare_for_inference()
+        for rnd in range(4):  # alternate the two paths so load drift on a shared machine hits both
+            for fast in (True, False):
+                state = model.init_state(1)
+                _, state = model.step(feats, state, fast=fast)
 
-        def one():
-            nonlocal state
-            _, state = model.step(feats, state)
+                def one():
+                    nonlocal state
+                    _, state = model.step(feats, state, fast=fast)
 
-        step_times = timeit(one, frames)
-        feats4 = torch.randn(1, 16, 80) * 3 + 5  # 160 ms per call: 4 encoder frames, Emformer's segment
+                def four():
+                    nonlocal state
+                    _, state = model.step(feats4, state, fast=fast)
 
-        def four():
-            nonlocal state
-            _, state = model.step(feats4, state)
-
-        step4_times = [t / 4 for t in timeit(four, max(5, frames // 4))]
-    return {"recognizer": times, "step": step_times, "step4": step4_times, "state_bytes": rec.state_size_bytes(),
-            "model_state_bytes": rec.state.size_bytes()}
+                out[f"step_{fast}"] += timeit(one, max(5, frames // 4))
+                out[f"step4_{fast}"] += [t / 4 for t in timeit(four, max(5, frames // 16))]
+        out["init_state"] = timeit(lambda: model.init_state(1), frames)
+    return out
 
 
 def matvec_floor(n_params: int, reps: int) -> list[float]:
@@ -263,10 +271,12 @@ def main(argv=None) -> int:
     emf = None if "emformer" in args.skip else emformer(reps)
     fl = statistics.median(floor)
     rows = [("recognizer (fbank + step + greedy + endpoint)", single["recognizer"]),
-            ("model.step only", single["step"]),
-            ("model.step, 160 ms (4 frames) per call, per 40 ms", single["step4"])]
+            ("model.step, general path (`fast=False`, before)", single["step_False"]),
+            ("model.step, packed path (default)", single["step_True"]),
+            ("model.step, 160 ms (4 frames) per call, per 40 ms, general path", single["step4_False"]),
+            ("model.step, 160 ms (4 frames) per call, per 40 ms, packed path", single["step4_True"])]
     if q is not None:
-        rows.append(("model.step, int8 dynamic (nn.Linear)", q))
+        rows.append(("model.step, int8 dynamic (nn.Linear; general path)", q))
     rows.append((f"floor: fp32 matvec over {n_params / 1e6:.1f} M weights", floor))
     print("| per 40 ms frame, 1 stream | median ms | p99 ms | real-time factor | x floor |")
     print("|---|---:|---:|---:|---:|")
@@ -276,11 +286,17 @@ def main(argv=None) -> int:
     if emf is not None:
         seg = emf["segment"]
         med = statistics.median(seg) / emf["frames_per_call"]
-        ours = statistics.median(single["step"])
         print(f"| torchaudio Emformer ({emf['params'] / 1e6:.1f} M, encoder only), per 40 ms "
               f"(segment of 4 + 1 right context: {1000 * statistics.median(seg):.2f} ms) | {1000 * med:.2f} | "
               f"{1000 * pct(seg, 0.99) / emf['frames_per_call']:.2f} | {med / FRAME:.4f} | {med / fl:.2f} |")
-        print(f"\nEmformer / our model.step per 40 ms of audio: {med / ours:.2f}x")
+        print("\nEmformer (160 ms segments) / our model.step, per 40 ms of audio:")
+        for name, key in (("frame by frame (40 ms/call)", "step"), ("160 ms/call", "step4")):
+            gen, pk = statistics.median(single[f"{key}_False"]), statistics.median(single[f"{key}_True"])
+            print(f"- {name}: general path {med / gen:.2f}x, packed path {med / pk:.2f}x "
+                  f"(packed is {gen / pk:.2f}x faster than general)")
+        if q is not None:
+            print(f"- int8, frame by frame: {med / statistics.median(q):.2f}x")
+    print(f"\nmodel.init_state(1): {1e6 * statistics.median(single['init_state']):.0f} us")
     print("\n| state per stream | bytes |")
     print("|---|---:|")
     print(f"| ours: model state (EncoderState.size_bytes) | {single['model_state_bytes']:,} |")

@@ -188,6 +188,7 @@ def wkv7_fla(
     return y.to(out_dtype), final.transpose(-1, -2)
 
 
+@torch.compiler.disable  # traced graphs stop here: fla's Triton kernels and our loops run eagerly
 def wkv7(
     r: Tensor,
     w: Tensor,
