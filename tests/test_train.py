@@ -288,3 +288,51 @@ def test_multirun_sweep(work: dict) -> None:
         ckpt = load_checkpoint(sweep / job / "checkpoints" / "ckpt-step000000002.pt")
         assert f"accumulate_grad_batches: {accum}" in ckpt["train_config"]
         assert (ckpt["sampler"]["epoch"], ckpt["sampler"]["position"]) == (0, 2 * accum)
+
+
+def test_fit_max_steps_ends_the_lr_schedule_at_the_deadline(work: dict, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """trainer.fit_max_steps: with a fake clock (0.5 s per step) and a 1-minute budget, steps 10 to
+    110 take 50 s, 5 s are left, so max_steps becomes 110 + 0.9 * 2 steps/s * 5 s = 119; the run
+    ends there, on the schedule's last learning rate, and the checkpoint keeps the fitted value."""
+    import time as real_time
+    from types import SimpleNamespace
+
+    from hydra import compose, initialize_config_dir
+
+    import asr.cli.train  # noqa: F401  (resolvers)
+    import asr.train.trainer as trainer_mod
+
+    clock = [0.0]
+    real_loss = trainer_mod.ctc_loss
+
+    def ticking_loss(*args):
+        clock[0] += 0.5
+        return real_loss(*args)
+
+    monkeypatch.setattr(trainer_mod, "ctc_loss", ticking_loss)
+    monkeypatch.setattr(trainer_mod, "time", SimpleNamespace(
+        monotonic=lambda: clock[0], perf_counter=real_time.perf_counter, time=real_time.time))
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    overrides = _args(work, tmp_path, "trainer.max_steps=100000", "trainer.max_minutes=1", "trainer.fit_max_steps=true",
+                      "trainer.log_every=1", "trainer.val_every=100000", "data.dev_manifests=[]", "optim.min_lr_ratio=0.1")
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("config", overrides=[a for a in overrides if not a.startswith("hydra.")])
+    summary = trainer_mod.Trainer(cfg, tmp_path).fit()
+    assert summary["step"] == 119
+    last = _metrics(tmp_path)[-1]
+    assert last["step"] == 119 and last["train/lr"] == pytest.approx(3e-3 * 0.1)
+    ckpt = load_checkpoint(resolve_checkpoint(tmp_path / "checkpoints"))
+    assert ckpt["max_steps"] == 119 and ckpt["max_steps_fitted"]
+
+
+def test_compile_blocks_keeps_parameter_names() -> None:
+    """trainer.compile compiles blocks in place: checkpoints keep their keys (no ``_orig_mod.``)."""
+    from asr.model import CTCModel, ModelConfig
+    from asr.train.trainer import compile_blocks
+
+    model = CTCModel(ModelConfig(vocab_size=16, d_model=32, n_layers=2, head_size=16, subsample_channels=8))
+    names = list(model.state_dict())
+    compile_blocks(model)
+    assert list(model.state_dict()) == names
+    assert all(isinstance(b, torch.nn.Module) and b._compiled_call_impl is not None for b in model.blocks)

@@ -115,6 +115,19 @@ def _gather_objects(obj: Any) -> list:
     return [obj]
 
 
+def compile_blocks(model: torch.nn.Module) -> None:
+    """torch.compile each RWKV block in place (trainer.compile), for fewer and fused GPU kernels.
+
+    Why: at the bundled size an eager training step launches ~4,000 small kernels and the GPU waits
+    on Python (tools/profile_train_step.py). Blocks are compiled one by one with ``Module.compile``,
+    so parameter names and checkpoints stay the same, blocks share one compiled graph (layer 0 gets
+    its own), and ``dynamic=True`` keeps the bucketing sampler's changing shapes from recompiling.
+    The wkv kernel itself is excluded from tracing (``asr.ops.wkv7.wkv7``): fla runs as it is.
+    """
+    for block in model.blocks:
+        block.compile(dynamic=True)
+
+
 # ---------------------------------------------------------------------- schedule
 def lr_factor(step: int, warmup_steps: int, max_steps: int, schedule: str, min_lr_ratio: float) -> float:
     """Multiplier of the base learning rate for optimizer step ``step`` (0-based).
@@ -385,6 +398,8 @@ class Trainer:
         else:
             self.compute_cmvn(model, train_entries)
         model.to(self.device)
+        if tc.get("compile", False):
+            compile_blocks(model)
         self.model = model
         if env.is_main:
             log.info("model: %s, %.2fM parameters, vocabulary %d", model.config, model.num_parameters() / 1e6,
@@ -407,7 +422,10 @@ class Trainer:
             )
             dev_loader = self._loader(dev_ds, dev_sampler, int(dc.num_workers))
 
-        max_steps = int(tc.max_steps)
+        # The lr schedule reads self.max_steps, so fitting it to a time budget (_fit_max_steps) moves
+        # the end of the schedule too; a resumed run keeps the value its checkpoint fitted.
+        self.max_steps_fitted = bool(ckpt is not None and ckpt.get("max_steps_fitted", False))
+        self.max_steps = int(ckpt["max_steps"]) if self.max_steps_fitted else int(tc.max_steps)
         opt_kwargs: dict[str, Any] = {}
         if self.use_cuda:
             opt_kwargs["fused"] = True
@@ -416,9 +434,9 @@ class Trainer:
             betas=tuple(float(b) for b in oc.betas), eps=float(oc.eps), **opt_kwargs,
         )
         warmup, schedule, min_ratio = int(oc.warmup_steps), str(oc.schedule), float(oc.min_lr_ratio)
-        lr_factor(0, warmup, max_steps, schedule, min_ratio)  # validate the schedule name early
+        lr_factor(0, warmup, self.max_steps, schedule, min_ratio)  # validate the schedule name early
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, warmup, max_steps, schedule, min_ratio)
+            self.optimizer, lambda s: lr_factor(s, warmup, self.max_steps, schedule, min_ratio)
         )
 
         ddp_model: torch.nn.Module = model
@@ -454,7 +472,7 @@ class Trainer:
 
                 self.writer = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=self.step or None)
 
-        result = self._loop(ddp_model, train_loader, dev_loader, manager, max_steps)
+        result = self._loop(ddp_model, train_loader, dev_loader, manager)
         if self.writer is not None:
             self.writer.close()
         return result
@@ -482,6 +500,8 @@ class Trainer:
             "sampler": self.train_sampler.state_dict(),
             "rng": rng,
             "step": self.step,
+            "max_steps": self.max_steps,
+            "max_steps_fitted": self.max_steps_fitted,
             "epoch": self.train_sampler.epoch,
             "best_wer": self.best_wer,
             "dev_wer": wer,
@@ -498,7 +518,10 @@ class Trainer:
         _barrier()
 
     def validate(self, dev_loader: DataLoader) -> dict:
-        loss_sum, n, counts, _ = evaluate_model(self.model, dev_loader, self.tokenizer, self.device, self.autocast)
+        # Compiled blocks would recompile for eval mode and no_grad; validation is short, run it eagerly.
+        eager = torch.compiler.set_stance("force_eager") if self.cfg.trainer.get("compile", False) else contextlib.nullcontext()
+        with eager:
+            loss_sum, n, counts, _ = evaluate_model(self.model, dev_loader, self.tokenizer, self.device, self.autocast)
         t = torch.tensor([loss_sum, n] + counts.as_list(), dtype=torch.float64, device=self.device)
         _all_reduce(t)
         counts = ErrorCounts.from_list(t[2:].tolist())
@@ -526,7 +549,23 @@ class Trainer:
             dist.broadcast(flag, src=0)
         return bool(flag.item())
 
-    def _loop(self, ddp_model, train_loader, dev_loader, manager, max_steps: int) -> dict:
+    def _fit_max_steps(self, steps_done: int, seconds: float, deadline: float) -> None:
+        """Set max_steps so the lr schedule ends at the wall-clock deadline (trainer.fit_max_steps).
+
+        ``steps_done`` steps took ``seconds`` (measured after the first, compiling steps). A tenth of
+        the time left is kept back for validation, checkpoints and the final save. Rank 0 decides and
+        broadcasts, so every rank runs the same number of steps.
+        """
+        left = max(0.0, deadline - time.monotonic())
+        fitted = self.step + int(steps_done / max(seconds, 1e-9) * left * 0.9)
+        value = torch.tensor(float(max(fitted, self.step + 1)), device=self.device)
+        if dist.is_initialized():
+            dist.broadcast(value, src=0)
+        old, self.max_steps, self.max_steps_fitted = self.max_steps, int(value.item()), True
+        log.info("step %d: %.2f steps/s, %.0f s left: max_steps %d -> %d (lr schedule ends at the deadline)",
+                 self.step, steps_done / max(seconds, 1e-9), left, old, self.max_steps)
+
+    def _loop(self, ddp_model, train_loader, dev_loader, manager) -> dict:
         tc = self.cfg.trainer
         env = self.env
         accum = max(1, int(tc.accumulate_grad_batches))
@@ -537,7 +576,7 @@ class Trainer:
         if env.is_main and tc.get("progress_bar", True):
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+            bar = tqdm(total=self.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
 
         # Window sums for logging: loss * utterances, utterances, audio seconds (all-reduced at log time).
         window = torch.zeros(3, dtype=torch.float64, device=self.device)
@@ -552,8 +591,21 @@ class Trainer:
         # A wall-clock budget (e.g. a rented GPU for N minutes): stop cleanly, validate and save.
         max_minutes = float(tc.get("max_minutes") or 0)
         deadline = time.monotonic() + 60 * max_minutes if max_minutes > 0 else float("inf")
+        # trainer.fit_max_steps: time steps [start+10, start+110) of this run (after compilation and
+        # warm-up), then fit max_steps to the deadline.
+        fit = bool(tc.get("fit_max_steps", False)) and deadline != float("inf") and not self.max_steps_fitted
+        fit_from, fit_to, fit_t0 = self.step + 10, self.step + 110, 0.0
 
-        while self.step < max_steps and not exhausted:
+        while self.step < self.max_steps and not exhausted:
+            if fit and self.step == fit_from:
+                fit_t0 = time.monotonic()
+            elif fit and self.step == fit_to:
+                self._fit_max_steps(fit_to - fit_from, time.monotonic() - fit_t0, deadline)
+                fit = False
+                if bar is not None:
+                    bar.total = self.max_steps
+                if self.step >= self.max_steps:
+                    break
             if self._past_deadline(deadline):
                 log.info("step %d: trainer.max_minutes=%g reached, stopping", self.step, max_minutes)
                 break
@@ -597,7 +649,7 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
 
-            if self.step % log_every == 0 or self.step == max_steps:
+            if self.step % log_every == 0 or self.step == self.max_steps:
                 w = _all_reduce(window.clone())
                 elapsed = time.perf_counter() - window_start
                 record = {
@@ -624,7 +676,7 @@ class Trainer:
                 window_start = time.perf_counter()
 
             wer = None
-            if dev_loader is not None and (self.step % val_every == 0 or self.step == max_steps):
+            if dev_loader is not None and (self.step % val_every == 0 or self.step == self.max_steps):
                 wer = last_wer = self._validate_and_log(dev_loader)
                 last_validated = self.step
             if self.step % save_every == 0:
