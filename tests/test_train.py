@@ -218,6 +218,44 @@ def test_kill_during_checkpoint_write_then_resume_is_bit_exact(work: dict) -> No
     assert a["best_wer"] == b["best_wer"]
 
 
+def test_ctrl_c_saves_a_checkpoint_and_resume_continues(work: dict) -> None:
+    """SIGINT to the whole process group (what Ctrl-C does: the DataLoader worker gets it too) stops
+    the run after its current step with a saved checkpoint and exit code 130; resume continues."""
+    import signal
+    import time
+
+    run = work["root"] / "ctrl_c"
+    args = _args(work, run, "trainer.max_steps=100000", "trainer.log_every=1", "trainer.val_every=100000",
+                 "data.num_workers=1")
+    proc = subprocess.Popen([sys.executable, "-m", "asr.cli.train", *args], cwd=work["root"], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            metrics = run / "metrics.jsonl"
+            if metrics.exists() and any(r.get("step", 0) >= 4 for r in _metrics(run)):
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("training did not reach step 4")
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, out[-3000:]
+    assert "SIGINT" in out and "Traceback" not in out, out[-3000:]
+    ckdir = run / "checkpoints"
+    latest = CheckpointManager(ckdir, writable=False).latest()
+    step = load_checkpoint(latest)["step"]
+    assert step >= 4 and not list(ckdir.glob(".*.tmp"))
+    assert step >= max(r["step"] for r in _metrics(run) if "train/loss" in r)  # nothing trained is lost
+
+    _train(_args(work, run, f"trainer.max_steps={step + 2}", "trainer.val_every=100000"), work["root"])
+    assert f"at step {step}" in (run / "train.log").read_text()
+    assert json.loads((run / "summary.json").read_text())["step"] == step + 2
+
+
 def test_non_finite_steps_are_skipped_and_counted(work: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from hydra import compose, initialize_config_dir
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -75,6 +76,9 @@ def _share_stamp_across_ranks() -> None:
     _STAMP = holder[0]
 
 
+_INTERRUPTED: list[str] = []  # signal names of runs stopped by Ctrl-C / SIGTERM (exit code 128 + n)
+
+
 def _task(cfg: DictConfig) -> Optional[float]:
     from hydra.core.hydra_config import HydraConfig
 
@@ -86,6 +90,8 @@ def _task(cfg: DictConfig) -> Optional[float]:
                 h.setLevel(logging.WARNING)
     out_dir = HydraConfig.get().runtime.output_dir
     summary = Trainer(cfg, out_dir).fit()
+    if summary.get("interrupted_by"):
+        _INTERRUPTED.append(summary["interrupted_by"])
     # Sweepers (e.g. Optuna) minimise the return value: the best dev WER.
     return summary.get("best_wer")
 
@@ -103,6 +109,8 @@ def main() -> None:
                  "pass --config-dir DIR")
     try:
         hydra.main(config_path=cdir, config_name="config", version_base="1.3")(_task)()
+        if _INTERRUPTED:  # the checkpoint is saved; say so in the exit code, as an interrupted program does
+            sys.exit(128 + int(getattr(signal, _INTERRUPTED[-1])))
     finally:
         import torch.distributed as dist
 

@@ -22,6 +22,8 @@ import logging
 import math
 import os
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -126,6 +128,37 @@ def compile_blocks(model: torch.nn.Module) -> None:
     """
     for block in model.blocks:
         block.compile(dynamic=True)
+
+
+class StopSignals:
+    """Ctrl-C (SIGINT) or SIGTERM during training: finish the current step, save a checkpoint and
+    stop, so an interrupted run loses nothing and ``resume`` continues from there. A second signal
+    interrupts at once. Handlers are only installed in the main thread (Python's rule)."""
+
+    def __init__(self) -> None:
+        self.received: Optional[int] = None
+        self._received_at = 0.0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:
+            # torchrun forwards the Ctrl-C its ranks already got from the terminal: not a second press
+            if time.monotonic() - self._received_at > 2.0:
+                raise KeyboardInterrupt
+            return
+        self.received, self._received_at = signum, time.monotonic()
+        log.warning("%s: finishing this step, saving a checkpoint, then stopping (send it again to abort)",
+                    signal.Signals(signum).name)
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 # ---------------------------------------------------------------------- schedule
@@ -540,14 +573,15 @@ class Trainer:
                      metrics["dev/loss"], 100 * wer, 100 * metrics["dev/cer"], 100 * self.best_wer)
         return wer
 
-    def _past_deadline(self, deadline: float) -> bool:
-        """All ranks agree on stopping (rank 0's clock decides), so none waits in a collective."""
-        if deadline == float("inf"):
-            return False
-        flag = torch.tensor(float(time.monotonic() > deadline), device=self.device)
+    def _stop_reason(self, deadline: float, signals: StopSignals) -> Optional[str]:
+        """"deadline", "signal" or None. All ranks agree (a flag on any rank stops every rank), so
+        none is left waiting in a collective."""
+        flags = [float(time.monotonic() > deadline), float(signals.received is not None)]
         if dist.is_initialized():
-            dist.broadcast(flag, src=0)
-        return bool(flag.item())
+            t = torch.tensor(flags, device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flags = t.tolist()
+        return "signal" if flags[1] else "deadline" if flags[0] else None
 
     def _fit_max_steps(self, steps_done: int, seconds: float, deadline: float) -> None:
         """Set max_steps so the lr schedule ends at the wall-clock deadline (trainer.fit_max_steps).
@@ -566,6 +600,10 @@ class Trainer:
                  self.step, steps_done / max(seconds, 1e-9), left, old, self.max_steps)
 
     def _loop(self, ddp_model, train_loader, dev_loader, manager) -> dict:
+        with StopSignals() as signals:
+            return self._loop_until_stopped(ddp_model, train_loader, dev_loader, manager, signals)
+
+    def _loop_until_stopped(self, ddp_model, train_loader, dev_loader, manager, signals: StopSignals) -> dict:
         tc = self.cfg.trainer
         env = self.env
         accum = max(1, int(tc.accumulate_grad_batches))
@@ -596,6 +634,7 @@ class Trainer:
         fit = bool(tc.get("fit_max_steps", False)) and deadline != float("inf") and not self.max_steps_fitted
         fit_from, fit_to, fit_t0 = self.step + 10, self.step + 110, 0.0
 
+        interrupted = False
         while self.step < self.max_steps and not exhausted:
             if fit and self.step == fit_from:
                 fit_t0 = time.monotonic()
@@ -606,8 +645,12 @@ class Trainer:
                     bar.total = self.max_steps
                 if self.step >= self.max_steps:
                     break
-            if self._past_deadline(deadline):
+            reason = self._stop_reason(deadline, signals)
+            if reason == "deadline":
                 log.info("step %d: trainer.max_minutes=%g reached, stopping", self.step, max_minutes)
+                break
+            if reason == "signal":
+                interrupted = True
                 break
             micro = []
             for _ in range(accum):
@@ -616,7 +659,13 @@ class Trainer:
                 except StopIteration:
                     exhausted = True
                     break
-            if not micro:
+                except Exception:
+                    if signals.received is None:
+                        raise
+                    # Ctrl-C in a terminal also reaches the DataLoader workers, which then exit.
+                    interrupted = True
+                    break
+            if interrupted or not micro:
                 break
             loss_total = torch.zeros((), device=self.device)
             for i, batch in enumerate(micro):
@@ -685,7 +734,9 @@ class Trainer:
 
         if bar is not None:
             bar.close()
-        if dev_loader is not None and last_validated != self.step and self.step > 0:
+        if interrupted:
+            log.warning("step %d: interrupted; saving a checkpoint (resume=auto continues from it)", self.step)
+        elif dev_loader is not None and last_validated != self.step and self.step > 0:
             last_wer = self._validate_and_log(dev_loader)
         if last_saved != self.step and self.step > 0:
             self._save(manager, last_wer if dev_loader is not None else None)
@@ -695,7 +746,8 @@ class Trainer:
         if len(set(digests)) > 1:
             log.error("ranks hold different weights: %s", digests)
         summary = {"step": self.step, "best_wer": self.best_wer, "last_wer": last_wer,
-                   "skipped_steps": self.skipped_steps, "weights_sha256": digest}
+                   "skipped_steps": self.skipped_steps, "weights_sha256": digest,
+                   "interrupted_by": signal.Signals(signals.received).name if interrupted else None}
         if self.use_cuda:
             summary["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         if env.is_main:
