@@ -1,14 +1,21 @@
 #!/usr/bin/env bash
-# On the device, one call: train the bundled model on every GPU of the machine (torchrun + DDP),
-# compiled blocks (trainer.compile) and a schedule fitted to the call's time (trainer.fit_max_steps).
-# If the compiled run fails early, the rest of the call trains eagerly. Optional first: a short
-# one-GPU eager probe (PROBE=1) for the single-card speed. The fp16 export comes back in 15 MB parts:
-#   cat model.pt.part-* > asr/pretrained/model.pt
-# Env: CALL_BUDGET (s, default 570), BATCH (padded audio-seconds per GPU and step, default 400),
-#      COMPILE (1/0, default 1), PROBE (0/1, default 0).
+# On the device: train the bundled model on every GPU of the machine (torchrun + DDP), one call or
+# several in a row, then export it. Run it again right after a call returns (the machine stays warm
+# for 30 s and keeps the git-ignored run folder) and it resumes where the last call stopped.
+#
+# The cosine schedule is fitted to TOTAL_MINUTES of training (trainer.fit_max_steps); each call trains
+# until its own time is up, then SIGINT makes the trainer finish the step and save a checkpoint. The
+# fp16 export comes back in 15 MB parts: cat model.pt.part-* > asr/pretrained/model.pt
+#
+# Env: CALL_BUDGET  seconds this call may use (default 560)
+#      TOTAL_MINUTES training minutes over all calls (default: this call's)
+#      BATCH        padded audio-seconds per GPU and step (default 400)
+#      COMPILE      1: trainer.compile=true, falling back to eager if it fails early (default 0)
+#      EXTRA        more asr-train overrides, e.g. "trainer.init_from=exp/model.pt"
 set -uo pipefail
 T0=$(date +%s)
-CALL_BUDGET=${CALL_BUDGET:-570}; BATCH=${BATCH:-400}; COMPILE=${COMPILE:-1}; PROBE=${PROBE:-0}
+CALL_BUDGET=${CALL_BUDGET:-560}; BATCH=${BATCH:-400}; COMPILE=${COMPILE:-0}; EXTRA=${EXTRA:-}
+RUN=exp/device_run
 python -m pip install --no-deps --no-index -q .gpu/wheels/*.whl 2>&1 | grep -v WARN
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/tc FLA_CACHE_RESULTS=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -16,28 +23,27 @@ mkdir -p /tmp/tc && tar xzf tools/device/fla_autotune_sm90.tgz -C /tmp/tc
 NGPU=$(nvidia-smi -L | wc -l)
 WORKERS=$(( $(nproc) / NGPU - 2 ))
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee $OUT/gpu.txt
-echo "gpus=$NGPU workers/gpu=$WORKERS batch=${BATCH}s/gpu compile=$COMPILE"
-COMMON="recipe=bundled model=bundled trainer.tensorboard=false trainer.progress_bar=false data.num_workers=$WORKERS data.max_batch_seconds=$BATCH"
-if [ "$PROBE" = 1 ]; then
-  timeout 100 python -m asr.cli.train $COMMON trainer.max_steps=250 trainer.log_every=50 trainer.val_every=100000 trainer.save_every=100000 hydra.run.dir=/tmp/probe > $OUT/probe.log 2>&1
-  echo "probe (1 GPU) rc=$? after $(( $(date +%s) - T0 )) s"; grep "audio-s/s" $OUT/probe.log | tail -3
-fi
-train() {  # train <compile 0/1> <log>
-  local left=$(( CALL_BUDGET - ($(date +%s) - T0) - 40 ))
-  local compile=$([ "$1" = 1 ] && echo true || echo false)
-  echo "training ${left}s, compile=$compile"
-  torchrun --standalone --nproc_per_node $NGPU -m asr.cli.train $COMMON trainer.compile=$compile \
-    trainer.max_steps=100000 trainer.fit_max_steps=true trainer.max_minutes=$(python -c "print($left/60)") \
-    trainer.val_every=1000 trainer.log_every=100 hydra.run.dir=/tmp/run > "$2" 2>&1
+[ -d $RUN/checkpoints ] && echo "resuming from $(ls $RUN/checkpoints | grep ckpt | tail -1)"
+COMMON="recipe=bundled model=bundled trainer.tensorboard=false trainer.progress_bar=false data.num_workers=$WORKERS data.max_batch_seconds=$BATCH $EXTRA"
+train() {  # train <compile true/false>
+  local left=$(( CALL_BUDGET - ($(date +%s) - T0) - 45 ))
+  local total=${TOTAL_MINUTES:-$(python -c "print(($left - 15) / 60)")}
+  echo "gpus=$NGPU workers/gpu=$WORKERS batch=${BATCH}s/gpu compile=$1: ${left}s in this call, schedule over ${total} min"
+  timeout -s INT -k 60 $left torchrun --standalone --nproc_per_node $NGPU -m asr.cli.train $COMMON \
+    trainer.compile=$1 trainer.max_steps=1000000 trainer.fit_max_steps=true trainer.max_minutes=$total \
+    trainer.val_every=1000 trainer.log_every=100 hydra.run.dir=$RUN >> $OUT/train_stdout.log 2>&1
 }
-train $COMPILE $OUT/train_stdout.log; rc=$?
-echo "train ($NGPU GPUs) rc=$rc after $(( $(date +%s) - T0 )) s"
-if [ $rc != 0 ] && [ $(( $(date +%s) - T0 )) -lt 300 ]; then
-  tail -30 $OUT/train_stdout.log; rm -rf /tmp/run
-  train 0 $OUT/train_eager.log; echo "eager retry rc=$? after $(( $(date +%s) - T0 )) s"
-  cat $OUT/train_eager.log >> $OUT/train_stdout.log
+if [ "$COMPILE" = 1 ]; then
+  train true; rc=$?
+  if [ $rc != 0 ] && [ $(( $(date +%s) - T0 )) -lt 240 ] && ! grep -q "interrupted" $OUT/train_stdout.log; then
+    echo "compiled run failed (rc=$rc), training eagerly"; grep -m3 -E "Error|error" $OUT/train_stdout.log | cut -c1-200
+    train false
+  fi
+else
+  train false
 fi
-grep -E "audio-s/s|WER|max_steps|stopping" $OUT/train_stdout.log | tail -14 | cut -c1-200
-cp /tmp/run/metrics.jsonl /tmp/run/summary.json $OUT/
-python tools/export_model.py /tmp/run /tmp/model.pt && split -b 15M /tmp/model.pt $OUT/model.pt.part-
+echo "training ended after $(( $(date +%s) - T0 )) s"
+grep -E "audio-s/s|WER|max_steps|stopping|interrupted|resumed" $OUT/train_stdout.log | tail -14 | cut -c1-200
+cp $RUN/metrics.jsonl $RUN/summary.json $OUT/ 2>/dev/null
+python tools/export_model.py $RUN /tmp/model.pt && split -b 15M /tmp/model.pt $OUT/model.pt.part-
 ls -la $OUT; echo "total $(( $(date +%s) - T0 )) s"
