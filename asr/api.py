@@ -77,18 +77,25 @@ AudioInput = Union[str, os.PathLike, io.IOBase, bytes, bytearray, np.ndarray, Te
 ProgressCallback = Callable[[float], None]
 
 
-def load_model(path: Union[str, os.PathLike, None] = None, device: Union[str, torch.device] = "cpu") -> "ASRModel":
+def load_model(
+    path: Union[str, os.PathLike, None] = None, device: Union[str, torch.device] = "cpu", *, int8: bool = False
+) -> "ASRModel":
     """Load a model for transcription.
 
     ``path``: a checkpoint file, or a training output / checkpoint folder (its best checkpoint by
     dev WER, else its newest); ``None`` loads the bundled model ``asr/pretrained/model.pt``.
     ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (CUDA when available).
+    ``int8``: run the model with int8 block weights (CPU only; see
+    :meth:`asr.model.CTCModel.prepare_for_inference`): faster streaming, outputs within about 1 %
+    of float32 (not bit-identical). Off by default.
     Raises :class:`asr.train.checkpoint.CheckpointError` with a one-line message when the model is
     missing or unusable, and ``ValueError`` for an unavailable device.
     """
     from asr.train.checkpoint import CheckpointError, load_for_inference
 
     dev = _resolve_device(device)
+    if int8 and dev.type != "cpu":
+        raise ValueError(f"int8 inference runs on the CPU only (device {dev} requested)")
     if path is None:
         if not BUNDLED_MODEL.is_file():
             raise CheckpointError(
@@ -97,6 +104,8 @@ def load_model(path: Union[str, os.PathLike, None] = None, device: Union[str, to
             )
         path = BUNDLED_MODEL
     model, tokenizer = load_for_inference(path, device=dev)
+    if int8:
+        model.prepare_for_inference(int8=True)
     return ASRModel(model, tokenizer, device=dev)
 
 

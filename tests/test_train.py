@@ -374,3 +374,29 @@ def test_compile_blocks_keeps_parameter_names() -> None:
     compile_blocks(model)
     assert list(model.state_dict()) == names
     assert all(isinstance(b, torch.nn.Module) and b._compiled_call_impl is not None for b in model.blocks)
+
+
+def test_compile_blocks_trains_under_ddp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """trainer.compile under DDP (world_size > 1): dynamo's DDPOptimizer splits each compiled block
+    graph at gradient-bucket boundaries. A Python int that a traced piece hands across the wkv7
+    graph break (``B, T, C = u.shape``) made AOTAutograd fail there ("'int' object has no attribute
+    'meta'"). One process on gloo with tiny buckets reproduces the split at this toy size."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from asr.model import CTCModel, ModelConfig
+    from asr.train.trainer import compile_blocks
+
+    torch.manual_seed(0)
+    model = CTCModel(ModelConfig(vocab_size=16, n_mels=16, d_model=64, n_layers=1, head_size=32, subsample_channels=8))
+    compile_blocks(model)
+    monkeypatch.setattr(dist, "_DEFAULT_FIRST_BUCKET_BYTES", 16 * 1024)  # DDP's first bucket; 1 MiB by default
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = DDP(model, bucket_cap_mb=0.05)
+        logits, _ = ddp(torch.randn(2, 48, 16), torch.full((2,), 48), impl="chunked")
+        logits.square().mean().backward()
+        assert all(p.grad is not None for p in model.blocks.parameters())
+    finally:
+        dist.destroy_process_group()
+        torch._dynamo.reset()

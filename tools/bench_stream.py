@@ -12,9 +12,12 @@ Tables (markdown), all on ``--threads`` intra-op threads (default 1, as ``asr-li
    ``model.step`` is timed twice, side by side: the packed inference path (the default without
    autograd) and the general path (``fast=False``, ``Block.forward``), the "before" of issue 7;
    the two are timed in alternating rounds so machine-load drift hits both alike.
+   The packed path is also timed with int8 block weights (``prepare_for_inference(int8=True)``),
+   in the same alternating rounds.
    The floor the issue sets: one fp32 matrix-vector product over as many weights as the model has
-   (reading every weight once per frame), measured in the same run; and the same model with
-   dynamic int8 quantization of its ``nn.Linear`` layers.
+   (reading every weight once per frame), measured in the same run, and the int8 floor: one int8
+   mat-vec over as many weights with the kernel the int8 path uses (``torch._int_mm``); and the
+   same model with ``torch.ao`` dynamic int8 quantization of its ``nn.Linear`` layers.
 2. torchaudio's Emformer at about the same size (d=256, 12 layers, 4 heads, FFN 1024, segments of
    4 frames + 1 right-context frame, 32 frames of left context) through ``Emformer.infer``: the
    encoder only, per 160 ms segment and per 40 ms.
@@ -22,7 +25,8 @@ Tables (markdown), all on ``--threads`` intra-op threads (default 1, as ``asr-li
 4. Concurrent streams: B streams stepped as one batch with ``asr.stream.step_batch`` (every call
    gives each stream ``--batch-block`` seconds of audio), and ``model.step`` on the batched state
    alone (what a server that keeps the states stacked would pay). The largest B whose step takes
-   less than the audio it processes keeps real time; found by doubling, then bisection.
+   less than the audio it processes keeps real time; found by doubling, then bisection. Float32
+   packed path, then int8.
 
 Weights are random (the default) or a checkpoint's; speed does not depend on their values. The
 numbers depend on the machine and its load: the 1-minute load average is printed with them.
@@ -107,12 +111,13 @@ def single_stream(model: CTCModel, tok: Tokenizer, frames: int) -> dict:
     feats = torch.randn(1, 4, 80) * 3 + 5
     feats4 = torch.randn(1, 16, 80) * 3 + 5  # 160 ms per call: 4 encoder frames, Emformer's segment
     out: dict = {"recognizer": times, "state_bytes": rec.state_size_bytes(), "model_state_bytes": rec.state.size_bytes()}
-    for fast in (True, False):
-        out[f"step_{fast}"], out[f"step4_{fast}"] = [], []
+    modes = {True: (True, False), False: (False, False), "int8": (True, True)}  # key: (fast, int8)
+    for key in modes:
+        out[f"step_{key}"], out[f"step4_{key}"] = [], []
     with torch.inference_mode():
-        model.prepare_for_inference()
-        for rnd in range(4):  # alternate the two paths so load drift on a shared machine hits both
-            for fast in (True, False):
+        for rnd in range(4):  # alternate the paths so load drift on a shared machine hits all alike
+            for key, (fast, int8) in modes.items():
+                model.prepare_for_inference(int8=int8)
                 state = model.init_state(1)
                 _, state = model.step(feats, state, fast=fast)
 
@@ -124,8 +129,9 @@ def single_stream(model: CTCModel, tok: Tokenizer, frames: int) -> dict:
                     nonlocal state
                     _, state = model.step(feats4, state, fast=fast)
 
-                out[f"step_{fast}"] += timeit(one, max(5, frames // 4))
-                out[f"step4_{fast}"] += [t / 4 for t in timeit(four, max(5, frames // 16))]
+                out[f"step_{key}"] += timeit(one, max(5, frames // 4))
+                out[f"step4_{key}"] += [t / 4 for t in timeit(four, max(5, frames // 16))]
+        model.prepare_for_inference(int8=False)
         out["init_state"] = timeit(lambda: model.init_state(1), frames)
     return out
 
@@ -136,6 +142,15 @@ def matvec_floor(n_params: int, reps: int) -> list[float]:
     w = torch.randn(max(1, n_params // cols), cols)
     x = torch.randn(cols)
     return timeit(lambda: torch.mv(w, x), reps)
+
+
+def int8_matvec_floor(n_params: int, reps: int) -> list[float]:
+    """One int8 matrix-vector product over n_params weights with ``torch._int_mm`` (the int8 path's
+    kernel, in its one-row layout), the activation already quantized."""
+    cols = 1024
+    w = torch.randint(-127, 128, (max(1, n_params // cols), cols), dtype=torch.int8)
+    x = torch.randint(-127, 128, (1, cols), dtype=torch.int8)
+    return timeit(lambda: torch._int_mm(x, w.t()), reps)
 
 
 def int8_step(model: CTCModel, reps: int) -> Optional[list[float]]:
@@ -267,17 +282,21 @@ def main(argv=None) -> int:
 
     single = single_stream(model, tok, reps)
     floor = matvec_floor(n_params, reps)
+    floor8 = int8_matvec_floor(n_params, reps)
     q = None if "int8" in args.skip else int8_step(model, reps)
     emf = None if "emformer" in args.skip else emformer(reps)
     fl = statistics.median(floor)
     rows = [("recognizer (fbank + step + greedy + endpoint)", single["recognizer"]),
             ("model.step, general path (`fast=False`, before)", single["step_False"]),
             ("model.step, packed path (default)", single["step_True"]),
+            ("model.step, packed path, int8 (`prepare_for_inference(int8=True)`)", single["step_int8"]),
             ("model.step, 160 ms (4 frames) per call, per 40 ms, general path", single["step4_False"]),
-            ("model.step, 160 ms (4 frames) per call, per 40 ms, packed path", single["step4_True"])]
+            ("model.step, 160 ms (4 frames) per call, per 40 ms, packed path", single["step4_True"]),
+            ("model.step, 160 ms (4 frames) per call, per 40 ms, packed int8", single["step4_int8"])]
     if q is not None:
-        rows.append(("model.step, int8 dynamic (nn.Linear; general path)", q))
+        rows.append(("model.step, torch.ao int8 dynamic (nn.Linear; general path)", q))
     rows.append((f"floor: fp32 matvec over {n_params / 1e6:.1f} M weights", floor))
+    rows.append((f"int8 floor: int8 matvec (torch._int_mm) over {n_params / 1e6:.1f} M weights", floor8))
     print("| per 40 ms frame, 1 stream | median ms | p99 ms | real-time factor | x floor |")
     print("|---|---:|---:|---:|---:|")
     for name, t in rows:
@@ -292,10 +311,12 @@ def main(argv=None) -> int:
         print("\nEmformer (160 ms segments) / our model.step, per 40 ms of audio:")
         for name, key in (("frame by frame (40 ms/call)", "step"), ("160 ms/call", "step4")):
             gen, pk = statistics.median(single[f"{key}_False"]), statistics.median(single[f"{key}_True"])
-            print(f"- {name}: general path {med / gen:.2f}x, packed path {med / pk:.2f}x "
-                  f"(packed is {gen / pk:.2f}x faster than general)")
+            i8 = statistics.median(single[f"{key}_int8"])
+            print(f"- {name}: general path {med / gen:.2f}x, packed path {med / pk:.2f}x, packed int8 "
+                  f"{med / i8:.2f}x (packed is {gen / pk:.2f}x faster than general, int8 {pk / i8:.2f}x "
+                  f"faster than packed fp32)")
         if q is not None:
-            print(f"- int8, frame by frame: {med / statistics.median(q):.2f}x")
+            print(f"- torch.ao int8, frame by frame: {med / statistics.median(q):.2f}x")
     print(f"\nmodel.init_state(1): {1e6 * statistics.median(single['init_state']):.0f} us")
     print("\n| state per stream | bytes |")
     print("|---|---:|")
@@ -305,10 +326,13 @@ def main(argv=None) -> int:
         print(f"| Emformer: infer states (left context 32 frames) | {emf['state_bytes']:,} |")
 
     if "batch" not in args.skip:
-        for block in args.batch_block:
+        for block, int8 in [(b, i) for b in args.batch_block for i in (False, True)]:
+            with torch.no_grad():
+                model.prepare_for_inference(int8=int8)
             res = batch_capacity(model, tok, block, max(5, reps // 20), args.max_streams)
-            print(f"\nBatched streams, {1000 * block:.0f} ms of audio per stream per call "
-                  f"({args.threads} thread(s)): real time while the call takes < {1000 * block:.0f} ms")
+            print(f"\nBatched streams, {'int8' if int8 else 'float32'} packed path, {1000 * block:.0f} ms of "
+                  f"audio per stream per call ({args.threads} thread(s)): real time while the call takes "
+                  f"< {1000 * block:.0f} ms")
             print("| streams | step_batch ms/call | x real time | model.step on stacked state ms/call |")
             print("|---:|---:|---:|---:|")
             for b, (full, step) in res["table"]:

@@ -1,7 +1,7 @@
 """``asr-live``: transcribe the microphone (or a file played at real-time pace) as you speak.
 
     asr-live [--model PATH] [--device N|NAME] [--samplerate R] [--output FILE] [--format txt|jsonl]
-             [--stats] [--save-audio WAV] [--input FILE [--fast]] [--list-devices]
+             [--stats] [--save-audio WAV] [--input FILE [--fast]] [--int8] [--list-devices]
 
 What it shows: on a terminal, the partial hypothesis of the current segment on one line that is
 rewritten in place (``\\r``), and each final segment on its own line once an endpoint (a pause)
@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast", action="store_true", help="with --input: do not wait, process as fast as possible")
     p.add_argument("--save-audio", metavar="WAV", help="also save the received audio to this WAV file")
     p.add_argument("--beam-size", type=int, default=1, help="1: greedy decoding (default); >1: CTC prefix beam search")
+    p.add_argument("--int8", action="store_true",
+                   help="int8 block weights: ~2x faster step, outputs within ~1%% of float32")
     return p
 
 
@@ -201,7 +203,7 @@ def _file_blocks(path: str) -> Iterator[np.ndarray]:
         yield block.numpy()
 
 
-def _load_model(path: Optional[str]) -> tuple[Any, Any]:
+def _load_model(path: Optional[str], int8: bool = False) -> tuple[Any, Any]:
     from asr.train.checkpoint import load_for_inference
 
     if path is None:
@@ -209,7 +211,10 @@ def _load_model(path: Optional[str]) -> tuple[Any, Any]:
         if not bundled.is_file():
             raise FileNotFoundError(f"no bundled model ({bundled} is not installed); pass --model PATH")
         path = str(bundled)
-    return load_for_inference(path)
+    model, tokenizer = load_for_inference(path)
+    if int8:
+        model.prepare_for_inference(int8=True)
+    return model, tokenizer
 
 
 def _error(msg: str) -> int:
@@ -248,7 +253,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     elif not Path(args.input).is_file():
         return _error(f"{args.input}: file not found")
     try:
-        model, tokenizer = _load_model(args.model)
+        model, tokenizer = _load_model(args.model, args.int8)
     except Exception as err:  # CheckpointError, FileNotFoundError: one line
         return _error(" ".join(str(err).split()))
     rec = Recognizer(model, tokenizer, beam_size=args.beam_size, keep_segments=False)

@@ -14,7 +14,8 @@ tolerance for any split of the input (tests/test_model_parity.py).
 Inference fast path: without autograd, ``step`` runs the blocks through
 :func:`asr.model.rwkv7.packed_step` on weights rearranged once (:meth:`CTCModel.prepare_for_inference`,
 built lazily and rebuilt when a parameter changes). Same arithmetic, ~5x fewer PyTorch calls;
-``step(..., fast=False)`` is the general path it is tested against.
+``step(..., fast=False)`` is the general path it is tested against. ``prepare_for_inference(int8=True)``
+gives the packed path int8 weights (per output channel) and per-frame dynamic activation scales.
 """
 from __future__ import annotations
 
@@ -98,6 +99,7 @@ class CTCModel(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.head = nn.Linear(config.d_model, config.vocab_size)
         self._packed: Optional[tuple[list[Tensor], list[int], Optional[list[PackedBlock]]]] = None
+        self._int8 = False  # prepare_for_inference(int8=True): the packed path with int8 weights
         # load_state_dict(assign=True) swaps Parameter objects: drop the pack (in-place loads are
         # caught by the parameters' version counters, see _packed_blocks)
         self.register_load_state_dict_post_hook(CTCModel._drop_packed_hook)
@@ -122,9 +124,18 @@ class CTCModel(nn.Module):
         """features: raw log-mel [B, T, n_mels]; returns CTC logits [B, T', V] and their lengths.
 
         The model is causal, so frames past a sequence's length never change its valid outputs.
+        With int8 inference on (:meth:`prepare_for_inference`) and autograd off, the blocks run
+        the packed int8 step over the whole sequence (``impl`` is then ignored), so one pass and
+        streaming give the same int8 results.
         """
         x = self.subsampling(self.cmvn(features))
-        logits, _ = self._blocks_and_head(x, None, impl)
+        packs = None
+        if self.int8_inference and not torch.is_grad_enabled() and x.shape[1] > 0:
+            packs = self._packed_blocks()
+        if packs is not None:
+            logits, _ = self._packed_blocks_and_head(x, self.init_state(x.shape[0], x.device).blocks, packs)
+        else:
+            logits, _ = self._blocks_and_head(x, None, impl)
         return logits, self.output_lengths(lengths)
 
     # ------------------------------------------------------------------ recurrent path
@@ -152,7 +163,9 @@ class CTCModel(nn.Module):
         ``fast``: ``None`` (default) takes the packed inference path when it applies (autograd
         off, ``impl="auto"``, float32/float64 ``nn.Linear`` weights, no active dropout); ``False``
         forces the general path (``Block.forward``); ``True`` insists on the packed path.
-        Both give the same outputs to float rounding.
+        Both give the same outputs to float rounding, except with int8 inference on
+        (:meth:`prepare_for_inference`): then the packed path has int8 weights and ``fast=False``
+        is the float reference.
         """
         x, caches = self.subsampling.stream(self.cmvn(features), state.subsampling)
         if x.shape[1] == 0:
@@ -193,10 +206,29 @@ class CTCModel(nn.Module):
         x = F.layer_norm(x, (C,), ln.weight, ln.bias, ln.eps)
         return torch.addmm(self.head.bias, x, self.head.weight.t()).view(B, T, -1), new_states
 
-    def prepare_for_inference(self) -> bool:
+    @property
+    def int8_inference(self) -> bool:
+        """Whether the packed inference path runs with int8 weights (:meth:`prepare_for_inference`)."""
+        return getattr(self, "_int8", False)
+
+    def prepare_for_inference(self, int8: bool = False) -> bool:
         """Build the packed weights of the inference step now (``step`` also builds them lazily on
         first use). Returns whether the packed path applies to this model (it does not to
         quantized or half-precision linear layers; those run the general path).
+
+        ``int8=True`` switches the packed path to int8 weights (CPU, float32 models only; it stays
+        on until ``prepare_for_inference(int8=False)``): the large matrices of every block (r, k,
+        v, output, FFN key and value, the LoRA factors) get int8 weights with one scale per output
+        channel; activations are quantized dynamically with one scale per row (frame), products
+        run in ``torch._int_mm`` (oneDNN, exact int32 sums) and are scaled back to float32.
+        Norms, biases, the wkv state and all element-wise math stay float32, as do the
+        subsampling and the CTC head. Outputs then differ from float32 by the quantization error
+        (about 1 % of the logits' range). Per-row scales keep a stream independent of the others in
+        a batch, but streaming equals one pass only to that quantization noise, not to float
+        rounding: float sums that differ in the last bit with the cut can round to different int8
+        values (tests: within 3 % of the logits, same greedy tokens). ``forward`` without autograd
+        takes the same int8 path; ``step(..., fast=False)`` is the float32 reference. Memory: ~2 bytes per block weight (two int8 layouts) instead of the
+        float32 pack's 4.
 
         The pack holds a rearranged copy of every block matrix (~+85 % of the model's weight
         memory: 42 MB more for the default 12.4 M-parameter model).
@@ -204,6 +236,14 @@ class CTCModel(nn.Module):
         ``load_state_dict``, ``copy_``: their version counters change), replaced
         (``load_state_dict(assign=True)``) or moved/cast (``.to()``). After replacing submodules
         by hand, call :meth:`drop_inference_cache`."""
+        int8 = bool(int8)
+        if int8:
+            w = self.ln_out.weight
+            if w.device.type != "cpu" or w.dtype != torch.float32:
+                raise ValueError(f"int8 inference needs a float32 model on the CPU (this one: {w.dtype} on {w.device})")
+        if int8 != self.int8_inference:
+            self._int8 = int8
+            self._packed = None
         return self._packed_blocks() is not None
 
     def drop_inference_cache(self) -> None:
@@ -238,8 +278,12 @@ class CTCModel(nn.Module):
         linears = [m for b in self.blocks for m in (b.att.receptance, b.att.key, b.att.value, b.att.output,
                                                       b.ffn.key, b.ffn.value)] + [self.head]
         if all(type(m) is nn.Linear and m.weight.dtype in (torch.float32, torch.float64) for m in linears):
+            int8 = self.int8_inference
+            if int8 and (self.head.weight.device.type != "cpu" or self.head.weight.dtype != torch.float32):
+                raise RuntimeError("int8 inference needs a float32 model on the CPU; call "
+                                   "prepare_for_inference(int8=False) before moving or casting it")
             with torch.no_grad():
-                packs = [block.pack() for block in self.blocks]
+                packs = [block.pack(int8=int8) for block in self.blocks]
         self._packed = (params, [p._version for p in params], packs)
         return packs
 

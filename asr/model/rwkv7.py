@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -135,8 +135,12 @@ class TimeMix(nn.Module):
         impl: str = "auto",
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """u: LN1 output [B, T, C]. Returns (out, new prev, new wkv state, v_first)."""
-        B, T, C = u.shape
+        # No sizes are read off u into Python ints: under trainer.compile, wkv7 is a graph break, and
+        # a static size (C) that the traced piece before it hands to the code after it becomes an
+        # int output of a graph. DDP's graph splitting (dynamo's DDPOptimizer) then fails in
+        # AOTAutograd ("'int' object has no attribute 'meta'"). Shapes come from the tensors instead.
         H, N = self.n_heads, self.head_size
+        heads = lambda t: t.unflatten(-1, (H, N))  # noqa: E731  [B, T, C] -> [B, T, H, N]
         xx, new_prev = token_shift(u, prev)
         xr, xw, xk, xv, xa, xg = (u + xx * mu for mu in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
         r = self.receptance(xr)
@@ -150,14 +154,13 @@ class TimeMix(nn.Module):
             v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
         a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)
         g = torch.sigmoid(xg @ self.g1) @ self.g2
-        kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0, eps=1e-12)
+        kk = F.normalize(heads(k * self.k_k), dim=-1, p=2.0, eps=1e-12)
         k = k * (1 + (a - 1) * self.k_a)
 
-        heads = lambda t: t.view(B, T, H, N)  # noqa: E731
         y, new_state = wkv7(heads(r), heads(w), heads(k), heads(v), -kk, kk * heads(a), wkv_state, impl=impl)
-        y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
+        y = self.ln_x(y.flatten(2).flatten(0, 1)).view_as(r)  # GroupNorm over [B * T, C] rows
         bonus = (heads(r) * heads(k) * self.r_k).sum(dim=-1, keepdim=True) * heads(v)
-        out = self.output((y + bonus.reshape(B, T, C)) * g)
+        out = self.output((y + bonus.flatten(2)) * g)
         return out, new_prev, new_state, v_first
 
 
@@ -209,9 +212,10 @@ class Block(nn.Module):
         self.att = TimeMix(channels, head_size, layer_id, n_layers, ranks)
         self.ffn = ChannelMix(channels, layer_id, n_layers, ffn_mult)
 
-    def pack(self) -> "PackedBlock":
-        """This block's weights rearranged for :func:`packed_step` (copies where needed)."""
-        return _pack_block(self)
+    def pack(self, int8: bool = False) -> "PackedBlock":
+        """This block's weights rearranged for :func:`packed_step` (copies where needed); with
+        ``int8``, its large matrices quantized to int8 (per output channel)."""
+        return _pack_block(self, int8)
 
     def init_state(self, batch: int, device=None, dtype: torch.dtype = torch.float32) -> BlockState:
         H, N = self.channels // self.head_size, self.head_size
@@ -273,11 +277,62 @@ class Block(nn.Module):
 
 
 @dataclass
+class Int8Matrix:
+    """A weight W [K, N] (used as ``x @ W``) in int8 with one scale per output channel (column).
+
+    ``W[:, n] ~= q[:, n] * amax_n / 127`` with ``amax_n = max_k |W[k, n]|``; ``scale`` holds
+    ``amax_n / 127**2``, the activation's own ``1 / 127`` folded in (see :func:`_mm8`). The int8
+    values are kept twice, in the two layouts ``torch._int_mm`` (oneDNN) is fastest with: ``q``
+    [K, N] contiguous for several rows, ``q_t`` (a [K, N] view of an [N, K] copy) for one row
+    (~2x faster there). A workload reads only one of them, so the cache footprint is one copy.
+    """
+
+    q: Tensor  # [K, N] int8, contiguous
+    q_t: Tensor  # [K, N] int8, transposed view of an [N, K] contiguous copy
+    scale: Tensor  # [N] float32: amax_n / 127**2
+
+
+def _quantize_columns(w: Tensor, nn_out: Tensor, nt_out: Tensor) -> Int8Matrix:
+    """Per-output-channel symmetric int8 of w [K, N], written into the given int8 views."""
+    w = w.float()
+    amax = w.abs().amax(dim=0).clamp_(min=1e-30)
+    q = torch.round(w * (127.0 / amax)).to(torch.int8)
+    nn_out.copy_(q)
+    nt_out.copy_(q.t())
+    return Int8Matrix(q=nn_out, q_t=nt_out.t(), scale=amax / 127.0**2)
+
+
+def _quant_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Dynamic symmetric int8 of the rows of x [..., K]: (q int8, amax [..., 1]), x ~= q amax/127.
+
+    One scale per row (per frame of each stream), never per call: a row's product depends on that
+    row alone, so outputs do not depend on how the audio is cut into calls or which streams
+    share a batch."""
+    amax = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).clamp_(min=1e-30)
+    return torch.mul(x, 127.0 / amax).round_().to(torch.int8), amax
+
+
+def _mm8(q: Tensor, amax: Tensor, w: Int8Matrix) -> Tensor:
+    """(rows q [M, K] int8 with row maxima amax [M, 1]) @ w, in float32: exact int32 sums
+    (|sum| <= 127**2 K < 2**24 for K <= 1024, so also exact as float32), scaled per row and column."""
+    return (torch._int_mm(q, w.q_t if q.shape[0] == 1 else w.q) * amax).mul_(w.scale)
+
+
+def _addmm8(x: Tensor, q: Tensor, amax: Tensor, w: Int8Matrix) -> Tensor:
+    """x + :func:`_mm8` (q, amax, w), the residual add fused into the column scaling."""
+    return torch.addcmul(x, torch._int_mm(q, w.q_t if q.shape[0] == 1 else w.q) * amax, w.scale)
+
+
+@dataclass
 class PackedBlock:
     """One block's weights rearranged for :func:`packed_step` (built by :meth:`Block.pack`).
 
     Tensors here are either the module's own parameters (or views of them) or copies derived from
     them; the owner (``CTCModel``) rebuilds the pack when any parameter changes.
+
+    With ``int8`` (``Block.pack(int8=True)``) the large products are :class:`Int8Matrix`: r/k/v
+    (``w_rkv`` a tuple of three), the output, the FFN key and value, and the LoRA down and up
+    factors; everything else stays float32.
     """
 
     channels: int
@@ -288,30 +343,31 @@ class PackedBlock:
     ln1: tuple[Tensor, Tensor, float]
     ln2: tuple[Tensor, Tensor, float]
     mu: Tensor  # [6, 1, C]: x_r, x_k, x_v, x_w, x_a, x_g
-    w_rkv: Tensor  # [3, C, C]: W_r^T, W_k^T, W_v^T
+    w_rkv: Union[Tensor, tuple[Int8Matrix, Int8Matrix, Int8Matrix]]  # [3, C, C]: W_r^T, W_k^T, W_v^T
     lora_first_row: int  # rows of the mixes that feed LoRAs: (v,) w, a, g -> 2 or 3
-    w_down: Tensor  # [C, D]: (v1 |) w1 | a1 | g1
+    w_down: Union[Tensor, Int8Matrix]  # [C, D]: (v1 |) w1 | a1 | g1
     lora_mask: Tensor  # [n, 1, D] block diagonal 0/1
     w_span: tuple[int, int]  # columns of w1 in w_down (tanh goes there)
     g_span: tuple[int, int]  # columns of g1 (sigmoid goes there)
-    w_up: Tensor  # [D, C]: (v2;) w2; a2; g2
+    w_up: Union[Tensor, Int8Matrix]  # [D, C]: (v2;) w2; a2; g2
     bias: Tensor  # [n - 1, 1, C]: (v0,) w0, a0
     k_k: Tensor
     k_a: Tensor
     one_minus_k_a: Tensor
     r_k: Tensor  # [H, N]
     ln_x: tuple[Tensor, Tensor, float]
-    w_o: Tensor  # [C, C] W_o^T (transposed view of a copy)
+    w_o: Union[Tensor, Int8Matrix]  # [C, C] W_o^T (transposed view of a copy)
     cmix_mu: Tensor  # [C]
-    w_ffn_key: Tensor  # [C, 4C] W_k^T
-    w_ffn_value: Tensor  # [4C, C] W_v^T (transposed view of a copy: W_v has rows of 4C)
+    w_ffn_key: Union[Tensor, Int8Matrix]  # [C, 4C] W_k^T
+    w_ffn_value: Union[Tensor, Int8Matrix]  # [4C, C] W_v^T (transposed view of a copy: W_v has rows of 4C)
+    int8: bool = False
 
 
 def _ln(norm: nn.LayerNorm) -> tuple[Tensor, Tensor, float]:
     return norm.weight, norm.bias, norm.eps
 
 
-def _pack_block(block: "Block") -> PackedBlock:
+def _pack_block(block: "Block", int8: bool = False) -> PackedBlock:
     att, ffn = block.att, block.ffn
     C = block.channels
     has_v = block.layer_id > 0
@@ -336,12 +392,27 @@ def _pack_block(block: "Block") -> PackedBlock:
         ffn.key.weight.t(),  # [C, 4C]: rows of 4C stream faster than rows of C
         ffn.value.weight,  # [C, 4C], used transposed (rows of 4C again)
     ]
-    arena = att.w1.new_empty(sum(m.numel() for m in mats))
-    views, pos = [], 0
-    for m in mats:
-        views.append(arena[pos : pos + m.numel()].view(m.shape).copy_(m))
-        pos += m.numel()
-    w_rkv, w_down, w_up, w_o, w_key, w_value = views
+    if int8:
+        # the same order, as int8 with per-output-channel scales, in two buffers (see Int8Matrix);
+        # every matrix as [K, N] for x @ W
+        mats = [*mats[0], mats[1], mats[2], mats[3].t(), mats[4], mats[5].t()]
+        total = sum(m.numel() for m in mats)
+        arenas = [torch.empty(total, dtype=torch.int8, device=att.w1.device) for _ in range(2)]
+        q, pos = [], 0
+        for m in mats:
+            K, N = m.shape
+            q.append(_quantize_columns(m, arenas[0][pos : pos + m.numel()].view(K, N),
+                                       arenas[1][pos : pos + m.numel()].view(N, K)))
+            pos += m.numel()
+        w_rkv, (w_down, w_up, w_o, w_key, w_value) = tuple(q[:3]), q[3:]
+    else:
+        arena = att.w1.new_empty(sum(m.numel() for m in mats))
+        views, pos = [], 0
+        for m in mats:
+            views.append(arena[pos : pos + m.numel()].view(m.shape).copy_(m))
+            pos += m.numel()
+        w_rkv, w_down, w_up, w_o, w_key, w_value = views
+        w_o, w_value = w_o.t(), w_value.t()
     return PackedBlock(
         channels=C,
         n_heads=att.n_heads,
@@ -364,10 +435,11 @@ def _pack_block(block: "Block") -> PackedBlock:
         one_minus_k_a=1 - att.k_a,
         r_k=att.r_k,
         ln_x=(att.ln_x.weight, att.ln_x.bias, att.ln_x.eps),
-        w_o=w_o.t(),
+        w_o=w_o,
         cmix_mu=ffn.x_k,
         w_ffn_key=w_key,
-        w_ffn_value=w_value.t(),
+        w_ffn_value=w_value,
+        int8=int8,
     )
 
 
@@ -378,6 +450,23 @@ def _shift(u: Tensor, prev: Tensor, B: int, T: int) -> tuple[Tensor, Tensor]:
     u3 = u.view(B, T, -1)
     xx = torch.cat([prev.unsqueeze(1), u3[:, :-1]], dim=1) - u3
     return xx.view(B * T, -1), u3[:, -1]
+
+
+def _wkv_token(
+    S: Tensor, r: Tensor, w_sig: Tensor, k: Tensor, v: Tensor, kk: Tensor, b: Tensor, B: int, H: int, N: int
+) -> tuple[Tensor, Tensor]:
+    """wkv7_recurrent for one token of B streams (rows [B, C]; S [B, H, N, N], not modified):
+    S' = S diag(exp(w)) - (S kk)(kk a)^T + v k^T; y = S' r. Returns (y [B, C], S').
+
+    The mat-vecs are written as multiply + sum: for 64 x 64 heads that is ~2x faster than batched
+    matmul calls on the CPU (whose per-call cost dominates at this size)."""
+    decay = torch.exp(w_sig * NEG_EXP_HALF).reshape(B, H, 1, N)
+    s_kk = (S * kk.reshape(B, H, 1, N)).sum(dim=-1, keepdim=True)
+    S = S * decay
+    S.addcmul_(s_kk, b.reshape(B, H, 1, N), value=-1.0)
+    S.addcmul_(v.reshape(B, H, N, 1), k.reshape(B, H, 1, N))
+    y = (S * r.reshape(B, H, 1, N)).sum(dim=-1).view(B, H * N)
+    return y, S
 
 
 def packed_step(
@@ -395,14 +484,23 @@ def packed_step(
     u = F.layer_norm(x, (C,), *p.ln1[:2], p.ln1[2])
     xx, tmix_prev = _shift(u, state.tmix_prev, B, T)
     mixes = torch.addcmul(u, xx, p.mu)  # [6, M, C]: x_r, x_k, x_v, x_w, x_a, x_g
-    rkv = torch.bmm(mixes[:3], p.w_rkv)
-    r, k, v = rkv[0], rkv[1], rkv[2]
     lo = p.lora_first_row
     n = 6 - lo
-    h = torch.mm(mixes[lo:].view(n * M, C), p.w_down).view(n, M, -1).mul_(p.lora_mask)
+    if p.int8:  # all six mixes quantized at once, one scale per row
+        qm, am = _quant_rows(mixes)
+        r, k, v = (_mm8(qm[i], am[i], p.w_rkv[i]) for i in range(3))
+        h = _mm8(qm[lo:].view(n * M, C), am[lo:].view(n * M, 1), p.w_down)
+    else:
+        rkv = torch.bmm(mixes[:3], p.w_rkv)
+        r, k, v = rkv[0], rkv[1], rkv[2]
+        h = torch.mm(mixes[lo:].view(n * M, C), p.w_down)
+    h = h.view(n, M, -1).mul_(p.lora_mask)
     h[n - 3, :, p.w_span[0] : p.w_span[1]].tanh_()
     h[n - 1, :, p.g_span[0] : p.g_span[1]].sigmoid_()
-    up = torch.mm(h.view(n * M, -1), p.w_up).view(n, M, C)  # rows: (v,) w, a, g
+    if p.int8:
+        up = _mm8(*_quant_rows(h.view(n * M, -1)), p.w_up).view(n, M, C)
+    else:
+        up = torch.mm(h.view(n * M, -1), p.w_up).view(n, M, C)  # rows: (v,) w, a, g
     gates = torch.sigmoid(up[:-1] + p.bias)  # rows: (v-mix,) w, a
     g = up[-1]
     if p.has_v_mix:
@@ -415,25 +513,24 @@ def packed_step(
     b = kk * a.view(M, H, N)
     S = state.wkv
     if T == 1 and S.dtype == x.dtype:
-        # wkv7_recurrent for one token: S' = S diag(exp(w)) - (S kk)(kk a)^T + v k^T; y = S' r.
-        # The mat-vecs are written as multiply + sum: for 64 x 64 heads that is ~2x faster than
-        # batched matmul calls on the CPU (whose per-call cost dominates at this size).
-        decay = torch.exp(w_sig * NEG_EXP_HALF).view(B, H, 1, N)
-        s_kk = (S * kk.unsqueeze(-2)).sum(dim=-1, keepdim=True)
-        S = S * decay
-        S.addcmul_(s_kk, b.view(B, H, 1, N), value=-1.0)
-        S.addcmul_(v.reshape(B, H, N, 1), k.view(B, H, 1, N))
-        y = (S * r.reshape(B, H, 1, N)).sum(dim=-1).view(M, C)
+        y, S = _wkv_token(S, r, w_sig, k, v, kk, b, B, H, N)
     else:
         heads = lambda t: t.reshape(B, T, H, N)  # noqa: E731
         y, S = wkv7(heads(r), heads(w_sig * NEG_EXP_HALF), heads(k), heads(v), heads(-kk), heads(b), S)
         y = y.reshape(M, C)
     y = F.group_norm(y, H, *p.ln_x[:2], p.ln_x[2])
     bonus = ((r * k).view(M, H, N) * p.r_k).sum(dim=-1, keepdim=True) * v.reshape(M, H, N)
-    x = torch.addmm(x, (y + bonus.view(M, C)) * g, p.w_o)
+    if p.int8:
+        x = _addmm8(x, *_quant_rows((y + bonus.view(M, C)) * g), p.w_o)
+    else:
+        x = torch.addmm(x, (y + bonus.view(M, C)) * g, p.w_o)
     # ---- channel mix
     u = F.layer_norm(x, (C,), *p.ln2[:2], p.ln2[2])
     xx, cmix_prev = _shift(u, state.cmix_prev, B, T)
-    hidden = torch.mm(torch.addcmul(u, xx, p.cmix_mu), p.w_ffn_key).relu_().square_()
-    x = torch.addmm(x, hidden, p.w_ffn_value)
+    if p.int8:
+        hidden = _mm8(*_quant_rows(torch.addcmul(u, xx, p.cmix_mu)), p.w_ffn_key).relu_().square_()
+        x = _addmm8(x, *_quant_rows(hidden), p.w_ffn_value)
+    else:
+        hidden = torch.mm(torch.addcmul(u, xx, p.cmix_mu), p.w_ffn_key).relu_().square_()
+        x = torch.addmm(x, hidden, p.w_ffn_value)
     return x, BlockState(tmix_prev, S, cmix_prev), v_first
