@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -29,6 +30,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--trace", default=None, help="write a Chrome trace here")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the step with trainer.compile's compiled blocks (same batch)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("profile_train_step: needs a CUDA GPU", file=sys.stderr)
@@ -65,6 +68,25 @@ def main() -> int:
     end.record()
     torch.cuda.synchronize()
     step_ms = start.elapsed_time(end) / args.steps
+
+    if args.compile:  # same model and batch, blocks compiled as trainer.compile does
+        from asr.train.trainer import compile_blocks
+
+        compile_blocks(model)
+        t0 = time.perf_counter()
+        for _ in range(3):  # compilation (forward and backward graphs) happens here
+            step()
+        torch.cuda.synchronize()
+        compile_s = time.perf_counter() - t0
+        start.record()
+        for _ in range(args.steps * 3):
+            step()
+        end.record()
+        torch.cuda.synchronize()
+        compiled_ms = start.elapsed_time(end) / (args.steps * 3)
+        print(f"eager step {step_ms:.1f} ms, compiled step {compiled_ms:.1f} ms: {step_ms / compiled_ms:.2f}x "
+              f"(first 3 compiled steps incl. compilation {compile_s:.0f} s); profile below is compiled")
+        step_ms = compiled_ms
 
     from torch.profiler import ProfilerActivity, profile
 
