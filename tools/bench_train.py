@@ -55,17 +55,19 @@ class AnchorCTC(nn.Module):
         return self.head(self.ln(x)), out_lengths
 
 
-def bench(model: nn.Module, batch: int, seconds: float, iters: int) -> tuple[float, float]:
-    T = int(seconds * 100)
-    feats = torch.randn(batch, T, 80, device="cuda")
-    lengths = torch.full((batch,), T, device="cuda")
-    U = T // 4 // 4
-    targets = torch.randint(1, VOCAB, (batch, U), device="cuda")
+def training_step(model: nn.Module, batch: int, frames: int, vocab: int = VOCAB, tokens_per_frame: float = 1 / 16):
+    """A closure running one full training step on a fixed random batch of ``batch`` x ``frames``
+    80-dim features (bf16 autocast forward, CTC loss, backward, clipping, fused AdamW); shared with
+    tools/profile_train_step.py so both time the same step."""
+    feats = torch.randn(batch, frames, 80, device="cuda")
+    lengths = torch.full((batch,), frames, device="cuda")
+    U = max(1, int(frames * tokens_per_frame))
+    targets = torch.randint(1, vocab, (batch, U), device="cuda")
     target_lengths = torch.full((batch,), U, device="cuda")
     params = model.param_groups(0.01, 1e-3) if isinstance(model, CTCModel) else model.parameters()
     opt = torch.optim.AdamW(params, lr=1e-3, fused=True)
 
-    def step():
+    def step() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             logits, out_lengths = model(feats, lengths)
         loss = ctc_loss(logits, out_lengths, targets, target_lengths)
@@ -74,6 +76,11 @@ def bench(model: nn.Module, batch: int, seconds: float, iters: int) -> tuple[flo
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    return step
+
+
+def bench(model: nn.Module, batch: int, seconds: float, iters: int) -> tuple[float, float]:
+    step = training_step(model, batch, int(seconds * 100))
     for _ in range(3):
         step()
     torch.cuda.synchronize()

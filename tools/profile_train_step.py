@@ -19,7 +19,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from asr.model import CTCModel, ModelConfig, ctc_loss  # noqa: E402
+from asr.model import CTCModel, ModelConfig  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_train import training_step  # noqa: E402
 
 
 def main() -> int:
@@ -41,22 +44,7 @@ def main() -> int:
     cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "model" / f"{args.model}.yaml")
     config = ModelConfig.from_dict(OmegaConf.to_container(cfg))
     model = CTCModel(config).cuda().train()
-    opt = torch.optim.AdamW(model.param_groups(0.01, 1e-3), lr=1e-3, fused=True)
-    T = int(args.seconds * 100)
-    feats = torch.randn(args.batch, T, config.n_mels, device="cuda")
-    lengths = torch.full((args.batch,), T, device="cuda")
-    U = max(1, T // 4 // 6)
-    targets = torch.randint(1, config.vocab_size, (args.batch, U), device="cuda")
-    target_lengths = torch.full((args.batch,), U, device="cuda")
-
-    def step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits, out_lengths = model(feats, lengths)
-        loss = ctc_loss(logits, out_lengths, targets, target_lengths)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    step = training_step(model, args.batch, int(args.seconds * 100), config.vocab_size, tokens_per_frame=1 / 24)
 
     for _ in range(5):
         step()
