@@ -241,6 +241,11 @@ class CTCModel(nn.Module):
             w = self.ln_out.weight
             if w.device.type != "cpu" or w.dtype != torch.float32:
                 raise ValueError(f"int8 inference needs a float32 model on the CPU (this one: {w.dtype} on {w.device})")
+            try:  # a private PyTorch op: fail here, in one line, rather than mid-stream
+                torch._int_mm(torch.ones(1, 8, dtype=torch.int8), torch.ones(8, 8, dtype=torch.int8))
+            except (AttributeError, RuntimeError, NotImplementedError) as err:
+                raise ValueError(f"int8 inference needs torch._int_mm on the CPU, which torch {torch.__version__} "
+                                 f"lacks ({' '.join(str(err).split())[:120]})") from None
         if int8 != self.int8_inference:
             self._int8 = int8
             self._packed = None
