@@ -10,6 +10,9 @@ that must hold (tests/test_train.py checks them):
 * **Non-finite steps are skipped, not fatal.** After backward, one all-reduced flag says whether the
   loss and the gradient norm are finite on every rank; if not, all ranks drop the update together
   (a rank-local decision would desynchronise DDP) and the step is counted in ``skipped_steps``.
+  The flag stays on the device: fused AdamW reads it (``found_inf``, as under a GradScaler) and
+  skips the update itself, so a step waits for the GPU nowhere (CTC gets its lengths from the CPU
+  copy of the batch) and the CPU can queue the next step's kernels while the GPU runs this one.
 * **DDP through torchrun only.** Rank, world size and local rank come from the environment
   torchrun sets; the process group uses NCCL for CUDA tensors and gloo for CPU tensors.
 """
@@ -459,12 +462,10 @@ class Trainer:
         # the end of the schedule too; a resumed run keeps the value its checkpoint fitted.
         self.max_steps_fitted = bool(ckpt is not None and ckpt.get("max_steps_fitted", False))
         self.max_steps = int(ckpt["max_steps"]) if self.max_steps_fitted else int(tc.max_steps)
-        opt_kwargs: dict[str, Any] = {}
-        if self.use_cuda:
-            opt_kwargs["fused"] = True
+        # fused (CPU and CUDA): one kernel for all parameters, and it honours ``found_inf`` (see _loop)
         self.optimizer = torch.optim.AdamW(
             model.param_groups(float(oc.weight_decay), float(oc.lr)), lr=float(oc.lr),
-            betas=tuple(float(b) for b in oc.betas), eps=float(oc.eps), **opt_kwargs,
+            betas=tuple(float(b) for b in oc.betas), eps=float(oc.eps), fused=True,
         )
         warmup, schedule, min_ratio = int(oc.warmup_steps), str(oc.schedule), float(oc.min_lr_ratio)
         lr_factor(0, warmup, self.max_steps, schedule, min_ratio)  # validate the schedule name early
@@ -573,12 +574,22 @@ class Trainer:
                      metrics["dev/loss"], 100 * wer, 100 * metrics["dev/cer"], 100 * self.best_wer)
         return wer
 
+    def _count_skipped(self, skipped_window: torch.Tensor) -> None:
+        """Move the device-side count of skipped updates into ``skipped_steps`` (a host sync, so only
+        at logging and saving time) and say so when there were any."""
+        n = int(skipped_window.item())
+        if n:
+            self.skipped_steps += n
+            log.warning("step %d: %d update(s) skipped since the last log for a non-finite loss or "
+                        "gradient (%d in all)", self.step, n, self.skipped_steps)
+            skipped_window.zero_()
+
     def _stop_reason(self, deadline: float, signals: StopSignals) -> Optional[str]:
         """"deadline", "signal" or None. All ranks agree (a flag on any rank stops every rank), so
         none is left waiting in a collective."""
         flags = [float(time.monotonic() > deadline), float(signals.received is not None)]
-        if dist.is_initialized():
-            t = torch.tensor(flags, device=self.device)
+        if dist.is_initialized():  # a CPU tensor (gloo): agreeing on it never waits for the GPU
+            t = torch.tensor(flags)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             flags = t.tolist()
         return "signal" if flags[1] else "deadline" if flags[0] else None
@@ -620,6 +631,7 @@ class Trainer:
         window = torch.zeros(3, dtype=torch.float64, device=self.device)
         window_start = time.perf_counter()
         window_steps = 0
+        skipped_window = torch.zeros((), device=self.device)  # skipped updates not yet counted on the host
         last_saved = last_validated = -1
         last_wer: Optional[float] = None
         batches = self._train_batches(train_loader)
@@ -669,28 +681,28 @@ class Trainer:
                 break
             loss_total = torch.zeros((), device=self.device)
             for i, batch in enumerate(micro):
+                # CTC copies its lengths to the CPU; giving it the CPU ones avoids waiting for the GPU.
+                out_lens = self.model.output_lengths(batch.feature_lengths)
+                target_lens = batch.target_lengths
                 batch = batch.to(self.device)
                 last = i == len(micro) - 1
                 sync = contextlib.nullcontext() if (last or env.world_size == 1) else ddp_model.no_sync()
                 with sync:
                     with self.autocast():
-                        logits, out_lens = ddp_model(batch.features, batch.feature_lengths)
-                    loss = ctc_loss(logits, out_lens, batch.targets, batch.target_lengths)
+                        logits, _ = ddp_model(batch.features, batch.feature_lengths)
+                    loss = ctc_loss(logits, out_lens, batch.targets, target_lens)
                     (loss / len(micro)).backward()
                 loss_total = loss_total + loss.detach().float() / len(micro)
                 window[0] += loss.detach().double() * len(batch)
                 window[1] += len(batch)
                 window[2] += sum(batch.durations)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-            ok = torch.isfinite(torch.stack([loss_total, grad_norm.float()])).all().float()
-            _all_reduce(ok, dist.ReduceOp.MIN if dist.is_initialized() else None)
-            if bool(ok.item()):
-                self.optimizer.step()
-            else:
-                self.skipped_steps += 1
-                log.warning("step %d: non-finite loss or gradient, update skipped (%d so far)",
-                            self.step + 1, self.skipped_steps)
-                window.zero_()  # keep NaN out of the logged average
+            found_inf = (~torch.isfinite(torch.stack([loss_total, grad_norm.float()])).all()).float()
+            _all_reduce(found_inf, dist.ReduceOp.MAX if dist.is_initialized() else None)
+            self.optimizer.found_inf = found_inf  # fused AdamW leaves weights and moments alone when 1
+            self.optimizer.step()
+            skipped_window += found_inf
+            window.copy_(torch.where(found_inf > 0, torch.zeros_like(window), window))  # no NaN in the log
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
             self.step += 1
@@ -699,6 +711,7 @@ class Trainer:
                 bar.update(1)
 
             if self.step % log_every == 0 or self.step == self.max_steps:
+                self._count_skipped(skipped_window)
                 w = _all_reduce(window.clone())
                 elapsed = time.perf_counter() - window_start
                 record = {
@@ -729,11 +742,13 @@ class Trainer:
                 wer = last_wer = self._validate_and_log(dev_loader)
                 last_validated = self.step
             if self.step % save_every == 0:
+                self._count_skipped(skipped_window)
                 self._save(manager, wer)
                 last_saved = self.step
 
         if bar is not None:
             bar.close()
+        self._count_skipped(skipped_window)
         if interrupted:
             log.warning("step %d: interrupted; saving a checkpoint (resume=auto continues from it)", self.step)
         elif dev_loader is not None and last_validated != self.step and self.step > 0:
