@@ -11,8 +11,9 @@ that must hold (tests/test_train.py checks them):
   loss and the gradient norm are finite on every rank; if not, all ranks drop the update together
   (a rank-local decision would desynchronise DDP) and the step is counted in ``skipped_steps``.
   The flag stays on the device: fused AdamW reads it (``found_inf``, as under a GradScaler) and
-  skips the update itself, so a step waits for the GPU nowhere (CTC gets its lengths from the CPU
-  copy of the batch) and the CPU can queue the next step's kernels while the GPU runs this one.
+  skips the update itself, so the host does not wait for the backward pass; the CPU queues the next
+  batch's forward while the GPU finishes this step. (PyTorch's CUDA CTC loss still waits once per
+  batch: it copies its batch offsets to the GPU synchronously; we at least hand it CPU lengths.)
 * **DDP through torchrun only.** Rank, world size and local rank come from the environment
   torchrun sets; the process group uses NCCL for CUDA tensors and gloo for CPU tensors.
 """
@@ -681,7 +682,7 @@ class Trainer:
                 break
             loss_total = torch.zeros((), device=self.device)
             for i, batch in enumerate(micro):
-                # CTC copies its lengths to the CPU; giving it the CPU ones avoids waiting for the GPU.
+                # CTC copies its lengths to the CPU anyway: hand it the batch's CPU ones (no GPU read).
                 out_lens = self.model.output_lengths(batch.feature_lengths)
                 target_lens = batch.target_lengths
                 batch = batch.to(self.device)
