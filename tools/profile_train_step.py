@@ -60,6 +60,8 @@ def main() -> int:
     if args.compile:  # same model and batch, blocks compiled as trainer.compile does
         from asr.train.trainer import compile_blocks
 
+        print(f"eager step {step_ms:.1f} ms; compiling the blocks ...", flush=True)
+
         compile_blocks(model)
         t0 = time.perf_counter()
         for _ in range(3):  # compilation (forward and backward graphs) happens here
