@@ -400,3 +400,18 @@ def test_compile_blocks_trains_under_ddp(tmp_path: Path, monkeypatch: pytest.Mon
     finally:
         dist.destroy_process_group()
         torch._dynamo.reset()
+
+
+def test_resume_from_a_checkpoint_of_the_unfused_optimizer(trained: Path, work: dict, tmp_path: Path) -> None:
+    """Checkpoints written before the trainer switched to fused AdamW (param groups without
+    ``fused``) still resume: the skip-on-non-finite mechanism needs the fused kernel."""
+    src = CheckpointManager(trained / "checkpoints", writable=False).latest()
+    ckpt = load_checkpoint(src)
+    for group in ckpt["optimizer"]["param_groups"]:
+        group["fused"], group["foreach"] = None, None
+    run = tmp_path / "old_run"
+    (run / "checkpoints").mkdir(parents=True)
+    atomic_torch_save(ckpt, run / "checkpoints" / src.name)
+    _train(_args(work, run, f"trainer.max_steps={ckpt['step'] + 2}", "trainer.val_every=100000"), work["root"])
+    assert f"at step {ckpt['step']}" in (run / "train.log").read_text()
+    assert json.loads((run / "summary.json").read_text())["step"] == ckpt["step"] + 2

@@ -486,6 +486,8 @@ class Trainer:
         self._seed_everything(self.seed + 1000003 * env.rank)
         if ckpt is not None:
             self.optimizer.load_state_dict(ckpt["optimizer"])
+            for group in self.optimizer.param_groups:  # checkpoints from before the fused optimizer
+                group["fused"], group["foreach"] = True, None
             self.scheduler.load_state_dict(ckpt["scheduler"])
             self.train_sampler.load_state_dict(ckpt["sampler"])
             self.step = int(ckpt["step"])
