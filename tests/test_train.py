@@ -129,6 +129,8 @@ def test_asr_train_loss_falls_and_writes_its_outputs(trained: Path) -> None:
     assert len(losses) == 8
     assert all(math.isfinite(x) for x in losses)
     assert sum(losses[-2:]) / 2 < 0.6 * losses[0], losses
+    waits = [m["train/data_wait_frac"] for m in _metrics(trained) if "train/loss" in m]
+    assert all(0.0 <= w <= 1.0 for w in waits), waits  # the input-bound diagnostic is a fraction
     dev = [m for m in _metrics(trained) if "dev/wer" in m]
     assert [m["step"] for m in dev] == [20, 40] and all(math.isfinite(m["dev/loss"]) for m in dev)
     for name in ("config_resolved.yaml", "train.log", "tokenizer.model", "summary.json", ".hydra/config.yaml"):

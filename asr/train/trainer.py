@@ -634,6 +634,7 @@ class Trainer:
         window = torch.zeros(3, dtype=torch.float64, device=self.device)
         window_start = time.perf_counter()
         window_steps = 0
+        data_wait = 0.0  # seconds this window spent waiting for the DataLoader (input-bound if large)
         skipped_window = torch.zeros((), device=self.device)  # skipped updates not yet counted on the host
         last_saved = last_validated = -1
         last_wer: Optional[float] = None
@@ -670,7 +671,9 @@ class Trainer:
             micro = []
             for _ in range(accum):
                 try:
+                    wait_start = time.perf_counter()
                     micro.append(next(batches))
+                    data_wait += time.perf_counter() - wait_start
                 except StopIteration:
                     exhausted = True
                     break
@@ -725,6 +728,7 @@ class Trainer:
                     "train/skipped_steps": self.skipped_steps,
                     "train/audio_sec_per_sec": float(w[2]) / max(elapsed, 1e-9),
                     "train/steps_per_sec": window_steps / max(elapsed, 1e-9),
+                    "train/data_wait_frac": data_wait / max(elapsed, 1e-9),
                     "train/epoch": self.train_sampler.epoch,
                 }
                 if self.use_cuda:
@@ -733,11 +737,12 @@ class Trainer:
                 if bar is not None:
                     bar.set_postfix(loss=f"{record['train/loss']:.3f}", lr=f"{record['train/lr']:.2e}")
                 if env.is_main:
-                    log.info("step %d loss %.4f lr %.3e grad_norm %.3f %.1f audio-s/s", self.step,
-                             record["train/loss"], record["train/lr"], record["train/grad_norm"],
-                             record["train/audio_sec_per_sec"])
+                    log.info("step %d loss %.4f lr %.3e grad_norm %.3f %.1f audio-s/s (%.0f%% waiting for data)",
+                             self.step, record["train/loss"], record["train/lr"], record["train/grad_norm"],
+                             record["train/audio_sec_per_sec"], 100 * record["train/data_wait_frac"])
                 window.zero_()
                 window_steps = 0
+                data_wait = 0.0
                 window_start = time.perf_counter()
 
             wer = None
