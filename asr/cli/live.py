@@ -43,6 +43,8 @@ from typing import Any, Iterator, Optional, TextIO
 
 import numpy as np
 
+from asr.stop import StopSignals
+
 BLOCK_SECONDS = 0.1
 
 
@@ -67,29 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8", action="store_true",
                    help="int8 block weights (CPU): 1.1-1.8x faster steps, outputs within ~1%% of float32")
     return p
-
-
-class _Stop:
-    """SIGINT/SIGTERM set a flag that the loop checks between blocks, so a block is never cut in
-    half inside the model; a second Ctrl-C interrupts at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> "_Stop":
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
 
 class Display:
@@ -289,7 +268,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     status = 0
     paced = not args.fast
     try:
-        with _Stop() as stop:
+        # a block is never cut in half inside the model; a second Ctrl-C interrupts at once
+        with StopSignals(abort_on=(signal.SIGINT,)) as stop:
             if mic is not None:
                 try:
                     mic.start()

@@ -27,7 +27,6 @@ import math
 import os
 import random
 import signal
-import threading
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -45,6 +44,7 @@ from asr.data.dataset import Batch, ManifestDataset, collate
 from asr.data.manifest import read_manifests
 from asr.data.sampler import BucketingBatchSampler
 from asr.model import CTCModel, ModelConfig, ctc_loss
+from asr.stop import StopSignals
 from asr.train.checkpoint import (
     CheckpointError,
     CheckpointManager,
@@ -132,37 +132,6 @@ def compile_blocks(model: torch.nn.Module) -> None:
     """
     for block in model.blocks:
         block.compile(dynamic=True)
-
-
-class StopSignals:
-    """Ctrl-C (SIGINT) or SIGTERM during training: finish the current step, save a checkpoint and
-    stop, so an interrupted run loses nothing and ``resume`` continues from there. A second signal
-    interrupts at once. Handlers are only installed in the main thread (Python's rule)."""
-
-    def __init__(self) -> None:
-        self.received: Optional[int] = None
-        self._received_at = 0.0
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "StopSignals":
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.received is not None:
-            # torchrun forwards the Ctrl-C its ranks already got from the terminal: not a second press
-            if time.monotonic() - self._received_at > 2.0:
-                raise KeyboardInterrupt
-            return
-        self.received, self._received_at = signum, time.monotonic()
-        log.warning("%s: finishing this step, saving a checkpoint, then stopping (send it again to abort)",
-                    signal.Signals(signum).name)
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 # ---------------------------------------------------------------------- schedule
@@ -614,7 +583,13 @@ class Trainer:
                  self.step, steps_done / max(seconds, 1e-9), left, old, self.max_steps)
 
     def _loop(self, ddp_model, train_loader, dev_loader, manager) -> dict:
-        with StopSignals() as signals:
+        # Ctrl-C / SIGTERM: finish the step, save, stop; torchrun's forwarded copy of the terminal's
+        # Ctrl-C (within the grace time) is not a second press.
+        def announce(signum: int) -> None:
+            log.warning("%s: finishing this step, saving a checkpoint, then stopping (send it again to abort)",
+                        signal.Signals(signum).name)
+
+        with StopSignals(grace_seconds=2.0, on_first=announce) as signals:
             return self._loop_until_stopped(ddp_model, train_loader, dev_loader, manager, signals)
 
     def _loop_until_stopped(self, ddp_model, train_loader, dev_loader, manager, signals: StopSignals) -> dict:
