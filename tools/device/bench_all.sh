@@ -3,10 +3,7 @@
 # benchmarks of issue 7, each under its own time limit, results under $OUT.
 set -uo pipefail
 T0=$(date +%s)
-python -m pip install --no-deps --no-index -q .gpu/wheels/*.whl 2>&1 | grep -v WARN
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/tc FLA_CACHE_RESULTS=1
-mkdir -p /tmp/tc && tar xzf tools/device/fla_autotune_sm90.tgz -C /tmp/tc
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee $OUT/gpu.txt
+source tools/device/setup.sh
 run() {  # run <seconds> <name> <command...>
   local limit=$1 name=$2; shift 2
   local t=$(date +%s)

@@ -16,13 +16,9 @@ set -uo pipefail
 T0=$(date +%s)
 CALL_BUDGET=${CALL_BUDGET:-560}; BATCH=${BATCH:-400}; COMPILE=${COMPILE:-0}; EXTRA=${EXTRA:-}
 RUN=exp/device_run
-python -m pip install --no-deps --no-index -q .gpu/wheels/*.whl 2>&1 | grep -v WARN
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/tc FLA_CACHE_RESULTS=1
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-mkdir -p /tmp/tc && tar xzf tools/device/fla_autotune_sm90.tgz -C /tmp/tc
+source tools/device/setup.sh
 NGPU=$(nvidia-smi -L | wc -l)
 WORKERS=$(( $(nproc) / NGPU - 2 ))
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee $OUT/gpu.txt
 [ -d $RUN/checkpoints ] && echo "resuming from $(ls $RUN/checkpoints | grep ckpt | tail -1)"
 COMMON="recipe=bundled model=bundled trainer.tensorboard=false trainer.progress_bar=false data.num_workers=$WORKERS data.max_batch_seconds=$BATCH $EXTRA"
 train() {  # train <compile true/false>
