@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# On the device: train several variants of the bundled model side by side, one per GPU, then (last
+# call) export each, score it on the GPU and return the best by dev WER.
+#
+# Why one plain single-GPU run per GPU rather than one DDP run over all of them: DDP over two GPUs
+# gave only 1.35x one GPU (each rank is launch-bound and they wait on each other every step), so N
+# independent runs buy N times the optimizer steps per device-minute and a comparison of settings.
+#
+# Like train_bundled.sh, training may span several calls in a row: start the next call immediately
+# after one returns (the machine stays warm for 30 s and keeps the git-ignored exp/variants/); each
+# run resumes from the checkpoint that SIGINT made it save. The cosine schedule of every run is fitted
+# to TOTAL_MINUTES of training, measured in the first call (trainer.fit_max_steps).
+#
+# Env: VARIANTS      file of "<name> <asr-train overrides ...>" lines, '#' comments
+#                    (default tools/device/bundled_variants.txt), at most one per GPU
+#      TOTAL_MINUTES training minutes over all calls (required)
+#      CALL_BUDGET   seconds this call may use (default 560)
+#      FINAL         1: last call: keep time back to export, score and return models (default 0)
+#      RETURN        how many of the best models come back as 15 MB parts (default 1); a call
+#                    that is not FINAL returns the one with the lowest recent training loss
+set -uo pipefail
+T0=$(date +%s)
+VARIANTS=${VARIANTS:-tools/device/bundled_variants.txt}; CALL_BUDGET=${CALL_BUDGET:-560}
+FINAL=${FINAL:-0}; RETURN=${RETURN:-1}; : "${TOTAL_MINUTES:?set TOTAL_MINUTES}"
+source tools/device/setup.sh
+NGPU=$(nvidia-smi -L | wc -l)
+mapfile -t LINES < <(grep -v -E '^[[:space:]]*(#|$)' "$VARIANTS")
+if (( ${#LINES[@]} > NGPU )); then echo "${#LINES[@]} variants but $NGPU GPUs: using the first $NGPU"; LINES=("${LINES[@]:0:NGPU}"); fi
+WORKERS=$(( $(nproc) / NGPU - 2 )); (( WORKERS < 1 )) && WORKERS=1
+RESERVE=$([ "$FINAL" = 1 ] && echo 120 || echo 40)
+LEFT=$(( CALL_BUDGET - ($(date +%s) - T0) - RESERVE ))
+echo "gpus=$NGPU variants=${#LINES[@]} workers/run=$WORKERS: ${LEFT}s of training in this call, schedule over $TOTAL_MINUTES min"
+
+for i in "${!LINES[@]}"; do
+  read -r name overrides <<< "${LINES[$i]}"
+  dir=exp/variants/$name; mkdir -p "$dir"
+  [ -d "$dir/checkpoints" ] && echo "$name: resuming from $(ls "$dir/checkpoints" | grep ckpt | tail -1)"
+  # shellcheck disable=SC2086  # overrides are separate words on purpose
+  CUDA_VISIBLE_DEVICES=$i timeout -s INT -k 60 "$LEFT" python -m asr.cli.train recipe=bundled model=bundled \
+    trainer.tensorboard=false trainer.progress_bar=false data.num_workers=$WORKERS \
+    trainer.max_steps=1000000 trainer.fit_max_steps=true trainer.max_minutes="$TOTAL_MINUTES" \
+    trainer.val_every=1000000 trainer.log_every=100 hydra.run.dir="$dir" $overrides >> "$dir/stdout.log" 2>&1 &
+done
+wait
+echo "training ended after $(( $(date +%s) - T0 )) s"
+for i in "${!LINES[@]}"; do
+  read -r name _ <<< "${LINES[$i]}"
+  echo "== $name: $(grep -E 'audio-s/s|max_steps ' "exp/variants/$name/stdout.log" | tail -1 | cut -c1-160)"
+  grep -m2 -E "Error|error" "exp/variants/$name/stdout.log" | cut -c1-200
+done
+
+if [ "$FINAL" = 1 ]; then
+  for i in "${!LINES[@]}"; do
+    read -r name _ <<< "${LINES[$i]}"
+    (
+      python tools/export_model.py "exp/variants/$name" "/tmp/$name.pt" > /dev/null || exit 1
+      for m in dev test dev_real misc; do
+        printf '%s %s ' "$name" "$m"
+        CUDA_VISIBLE_DEVICES=$i python -m asr.cli.evaluate "/tmp/$name.pt" ".data/bundle/$m.jsonl" --worst 0 \
+          --num-workers 4 2>> "exp/variants/$name/eval_stderr.log" | head -1
+      done > "exp/variants/$name/scores.txt"
+    ) &
+  done
+  wait
+  cat exp/variants/*/scores.txt | tee "$OUT/scores.txt"
+  # best by WER on dev.jsonl (synthetic dev voices + real dev speakers), never by the test sets
+  best=$(grep -h " dev utterances" exp/variants/*/scores.txt | sed -E 's/^(\S+) .*WER ([0-9.]+)%.*/\2 \1/' | sort -n | head -"$RETURN" | cut -d' ' -f2)
+  for name in $best; do split -b 15M "/tmp/$name.pt" "$OUT/$name.pt.part-"; done
+else
+  # a safety copy in case no final call follows: the variant with the lowest recent training loss
+  best=$(for i in "${!LINES[@]}"; do read -r name _ <<< "${LINES[$i]}"
+         echo "$(grep -oE ' loss [0-9.]+' "exp/variants/$name/stdout.log" | tail -1 | cut -d' ' -f3) $name"; done \
+         | sort -n | head -1 | cut -d' ' -f2)
+  python tools/export_model.py "exp/variants/$best" "/tmp/$best.pt" && split -b 15M "/tmp/$best.pt" "$OUT/$best.pt.part-"
+fi
+tar czf "$OUT/logs.tgz" exp/variants/*/stdout.log exp/variants/*/metrics.jsonl exp/variants/*/summary.json exp/variants/*/eval_stderr.log 2>/dev/null
+ls -la "$OUT"; echo "total $(( $(date +%s) - T0 )) s"
