@@ -16,12 +16,14 @@
 #      TOTAL_MINUTES training minutes over all calls (required)
 #      CALL_BUDGET   seconds this call may use (default 560)
 #      FINAL         1: last call: keep time back to export, score and return models (default 0)
+#      EXTRA         asr-train overrides for every variant (e.g. other manifests), before the variant's own
+#      EVAL_DIR      folder of dev/test/dev_real/misc.jsonl scored at the end (default .data/bundle)
 #      RETURN        how many of the best models come back as 15 MB parts (default 1); a call
 #                    that is not FINAL returns the one with the lowest recent training loss
 set -uo pipefail
 T0=$(date +%s)
 VARIANTS=${VARIANTS:-tools/device/bundled_variants.txt}; CALL_BUDGET=${CALL_BUDGET:-560}
-FINAL=${FINAL:-0}; RETURN=${RETURN:-1}; : "${TOTAL_MINUTES:?set TOTAL_MINUTES}"
+FINAL=${FINAL:-0}; RETURN=${RETURN:-1}; EXTRA=${EXTRA:-}; EVAL_DIR=${EVAL_DIR:-.data/bundle}; : "${TOTAL_MINUTES:?set TOTAL_MINUTES}"
 source tools/device/setup.sh
 NGPU=$(nvidia-smi -L | wc -l)
 mapfile -t LINES < <(grep -v -E '^[[:space:]]*(#|$)' "$VARIANTS")
@@ -31,6 +33,7 @@ RESERVE=$([ "$FINAL" = 1 ] && echo 120 || echo 40)
 LEFT=$(( CALL_BUDGET - ($(date +%s) - T0) - RESERVE ))
 echo "gpus=$NGPU variants=${#LINES[@]} workers/run=$WORKERS: ${LEFT}s of training in this call, schedule over $TOTAL_MINUTES min"
 
+set -f  # overrides such as data.train_manifests=[a,b] are words, not file patterns
 for i in "${!LINES[@]}"; do
   read -r name overrides <<< "${LINES[$i]}"
   dir=exp/variants/$name; mkdir -p "$dir"
@@ -39,8 +42,9 @@ for i in "${!LINES[@]}"; do
   CUDA_VISIBLE_DEVICES=$i timeout -s INT -k 60 "$LEFT" python -m asr.cli.train recipe=bundled model=bundled \
     trainer.tensorboard=false trainer.progress_bar=false data.num_workers=$WORKERS \
     trainer.max_steps=1000000 trainer.fit_max_steps=true trainer.max_minutes="$TOTAL_MINUTES" \
-    trainer.val_every=1000000 trainer.log_every=100 hydra.run.dir="$dir" $overrides >> "$dir/stdout.log" 2>&1 &
+    trainer.val_every=1000000 trainer.log_every=100 hydra.run.dir="$dir" $EXTRA $overrides >> "$dir/stdout.log" 2>&1 &
 done
+set +f
 wait
 echo "training ended after $(( $(date +%s) - T0 )) s"
 for i in "${!LINES[@]}"; do
@@ -56,7 +60,7 @@ if [ "$FINAL" = 1 ]; then
       python tools/export_model.py "exp/variants/$name" "/tmp/$name.pt" > /dev/null || exit 1
       for m in dev test dev_real misc; do
         printf '%s %s ' "$name" "$m"
-        CUDA_VISIBLE_DEVICES=$i python -m asr.cli.evaluate "/tmp/$name.pt" ".data/bundle/$m.jsonl" --worst 0 \
+        CUDA_VISIBLE_DEVICES=$i python -m asr.cli.evaluate "/tmp/$name.pt" "$EVAL_DIR/$m.jsonl" --worst 0 \
           --num-workers 4 2>> "exp/variants/$name/eval_stderr.log" | head -1
       done > "exp/variants/$name/scores.txt"
     ) &
