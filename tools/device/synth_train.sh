@@ -29,6 +29,17 @@ if [ ! -f $CORPUS/train.jsonl ]; then
     --exclude-manifest $PACK/real_manifest.jsonl --kjv-text /tmp/texts/kjv.txt --wordnet-dir /tmp/texts/wordnet \
     2>&1 | grep -v "^  skip" | tee "$OUT/synth.log" | tail -4
   [ -f $CORPUS/train.jsonl ] || { echo "synthesis failed"; exit 1; }
+  # The sentence split must match the carried evaluation sets, or training could hold test sentences.
+  python - $CORPUS $PACK/bundle_small <<'EOF' || { rm -f $CORPUS/train.jsonl; exit 1; }
+import json, sys
+texts = lambda p: {json.loads(l)["text"] for l in open(p) if json.loads(l)["id"].startswith("synth-")}
+for split in ("dev", "test"):
+    made, carried = texts(f"{sys.argv[1]}/{split}.jsonl"), texts(f"{sys.argv[2]}/{split}.jsonl")
+    if made != carried:
+        sys.exit(f"{split}: {len(made ^ carried)} sentences differ from the carried {split} set: not training")
+train = texts(f"{sys.argv[1]}/train.jsonl")
+print(f"dev/test sentences match the carried sets; {len(train & texts(sys.argv[2] + '/test.jsonl'))} test sentences in train")
+EOF
   echo "corpus made in $(( $(date +%s) - T0 )) s; $(du -sh $CORPUS | cut -f1) on disk"
 fi
 S=$PACK/bundle_small
