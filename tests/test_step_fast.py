@@ -75,6 +75,18 @@ def test_parity_fast_step_frame_by_frame_and_batched():
     assert torch.equal(got.argmax(-1), want.argmax(-1))
 
 
+@pytest.mark.parametrize("frames_per_call", [8, 16, 24])
+def test_parity_fast_step_few_tokens_per_call_batched(frames_per_call):
+    """2, 4 and 6 encoder frames per call, batch of 3: the token loop (up to _TOKEN_LOOP_MAX_T
+    tokens) and the chunked form beyond it."""
+    model = random_model(6)
+    feats = torch.randn(3, 144, 80) * 3 - 8
+    sizes = [frames_per_call] * (144 // frames_per_call)
+    want = run(model, feats, sizes, fast=False)
+    got = run(model, feats, sizes, fast=True)
+    assert got.shape == want.shape and rel_err(got, want) < 1e-5
+
+
 def test_fast_step_leaves_the_input_state_alone():
     model = random_model(4)
     feats = torch.randn(1, 20, 80) * 3 - 8
