@@ -43,6 +43,6 @@ EOF
   echo "corpus made in $(( $(date +%s) - T0 )) s; $(du -sh $CORPUS | cut -f1) on disk"
 fi
 S=$PACK/bundle_small
-export VARIANTS=${VARIANTS:-tools/device/bundled_variants_synth.txt} EVAL_DIR=$S
+export VARIANTS=${VARIANTS:-tools/device/bundled_variants_synth.txt} EVAL_DIR=$S ROOT=${ROOT:-exp/variants_synth}
 export EXTRA="data.manifest_dir=$S data.train_manifests=[$CORPUS/train.jsonl,$S/train_real.jsonl] ${EXTRA:-}"
 CALL_BUDGET=$(( CALL_BUDGET - ($(date +%s) - T0) )) bash tools/device/train_variants.sh

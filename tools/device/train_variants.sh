@@ -7,7 +7,7 @@
 # independent runs buy N times the optimizer steps per device-minute and a comparison of settings.
 #
 # Like train_bundled.sh, training may span several calls in a row: start the next call immediately
-# after one returns (the machine stays warm for 30 s and keeps the git-ignored exp/variants/); each
+# after one returns (the machine stays warm for 30 s and keeps the git-ignored run folders); each
 # run resumes from the checkpoint that SIGINT made it save. The cosine schedule of every run is fitted
 # to TOTAL_MINUTES of training, measured in the first call (trainer.fit_max_steps).
 #
@@ -16,6 +16,7 @@
 #      TOTAL_MINUTES training minutes over all calls (required)
 #      CALL_BUDGET   seconds this call may use (default 560)
 #      FINAL         1: last call: keep time back to export, score and return models (default 0)
+#      ROOT          folder of the run folders (default exp/variants)
 #      EXTRA         asr-train overrides for every variant (e.g. other manifests), before the variant's own
 #      EVAL_DIR      folder of dev/test/dev_real/misc.jsonl scored at the end (default .data/bundle)
 #      RETURN        how many of the best models come back as 15 MB parts (default 1); a call
@@ -23,7 +24,7 @@
 set -uo pipefail
 T0=$(date +%s)
 VARIANTS=${VARIANTS:-tools/device/bundled_variants.txt}; CALL_BUDGET=${CALL_BUDGET:-560}
-FINAL=${FINAL:-0}; RETURN=${RETURN:-1}; EXTRA=${EXTRA:-}; EVAL_DIR=${EVAL_DIR:-.data/bundle}; : "${TOTAL_MINUTES:?set TOTAL_MINUTES}"
+FINAL=${FINAL:-0}; RETURN=${RETURN:-1}; ROOT=${ROOT:-exp/variants}; EXTRA=${EXTRA:-}; EVAL_DIR=${EVAL_DIR:-.data/bundle}; : "${TOTAL_MINUTES:?set TOTAL_MINUTES}"
 source tools/device/setup.sh
 NGPU=$(nvidia-smi -L | wc -l)
 mapfile -t LINES < <(grep -v -E '^[[:space:]]*(#|$)' "$VARIANTS")
@@ -36,7 +37,7 @@ echo "gpus=$NGPU variants=${#LINES[@]} workers/run=$WORKERS: ${LEFT}s of trainin
 set -f  # overrides such as data.train_manifests=[a,b] are words, not file patterns
 for i in "${!LINES[@]}"; do
   read -r name overrides <<< "${LINES[$i]}"
-  dir=exp/variants/$name; mkdir -p "$dir"
+  dir=$ROOT/$name; mkdir -p "$dir"
   [ -d "$dir/checkpoints" ] && echo "$name: resuming from $(ls "$dir/checkpoints" | grep ckpt | tail -1)"
   # shellcheck disable=SC2086  # overrides are separate words on purpose
   CUDA_VISIBLE_DEVICES=$i timeout -s INT -k 60 "$LEFT" python -m asr.cli.train recipe=bundled model=bundled \
@@ -49,33 +50,33 @@ wait
 echo "training ended after $(( $(date +%s) - T0 )) s"
 for i in "${!LINES[@]}"; do
   read -r name _ <<< "${LINES[$i]}"
-  echo "== $name: $(grep -E 'audio-s/s|max_steps ' "exp/variants/$name/stdout.log" | tail -1 | cut -c1-160)"
-  grep -m2 -E "Error|error" "exp/variants/$name/stdout.log" | cut -c1-200
+  echo "== $name: $(grep -E 'audio-s/s|max_steps ' "$ROOT/$name/stdout.log" | tail -1 | cut -c1-160)"
+  grep -m2 -E "Error|error" "$ROOT/$name/stdout.log" | cut -c1-200
 done
 
 if [ "$FINAL" = 1 ]; then
   for i in "${!LINES[@]}"; do
     read -r name _ <<< "${LINES[$i]}"
     (
-      python tools/export_model.py "exp/variants/$name" "/tmp/$name.pt" > /dev/null || exit 1
+      python tools/export_model.py "$ROOT/$name" "/tmp/$name.pt" > /dev/null || exit 1
       for m in dev test dev_real misc; do
         printf '%s %s ' "$name" "$m"
         CUDA_VISIBLE_DEVICES=$i python -m asr.cli.evaluate "/tmp/$name.pt" "$EVAL_DIR/$m.jsonl" --worst 0 \
-          --num-workers 4 2>> "exp/variants/$name/eval_stderr.log" | head -1
-      done > "exp/variants/$name/scores.txt"
+          --num-workers 4 2>> "$ROOT/$name/eval_stderr.log" | head -1
+      done > "$ROOT/$name/scores.txt"
     ) &
   done
   wait
-  cat exp/variants/*/scores.txt | tee "$OUT/scores.txt"
+  cat $ROOT/*/scores.txt | tee "$OUT/scores.txt"
   # best by WER on dev.jsonl (synthetic dev voices + real dev speakers), never by the test sets
-  best=$(grep -h " dev utterances" exp/variants/*/scores.txt | sed -E 's/^(\S+) .*WER ([0-9.]+)%.*/\2 \1/' | sort -n | head -"$RETURN" | cut -d' ' -f2)
+  best=$(grep -h " dev utterances" $ROOT/*/scores.txt | sed -E 's/^(\S+) .*WER ([0-9.]+)%.*/\2 \1/' | sort -n | head -"$RETURN" | cut -d' ' -f2)
   for name in $best; do split -b 15M "/tmp/$name.pt" "$OUT/$name.pt.part-"; done
 else
   # a safety copy in case no final call follows: the variant with the lowest recent training loss
   best=$(for i in "${!LINES[@]}"; do read -r name _ <<< "${LINES[$i]}"
-         echo "$(grep -oE ' loss [0-9.]+' "exp/variants/$name/stdout.log" | tail -1 | cut -d' ' -f3) $name"; done \
+         echo "$(grep -oE ' loss [0-9.]+' "$ROOT/$name/stdout.log" | tail -1 | cut -d' ' -f3) $name"; done \
          | sort -n | head -1 | cut -d' ' -f2)
-  python tools/export_model.py "exp/variants/$best" "/tmp/$best.pt" && split -b 15M "/tmp/$best.pt" "$OUT/$best.pt.part-"
+  python tools/export_model.py "$ROOT/$best" "/tmp/$best.pt" && split -b 15M "/tmp/$best.pt" "$OUT/$best.pt.part-"
 fi
-tar czf "$OUT/logs.tgz" exp/variants/*/stdout.log exp/variants/*/metrics.jsonl exp/variants/*/summary.json exp/variants/*/eval_stderr.log 2>/dev/null
+tar czf "$OUT/logs.tgz" $ROOT/*/stdout.log $ROOT/*/metrics.jsonl $ROOT/*/summary.json $ROOT/*/eval_stderr.log 2>/dev/null
 ls -la "$OUT"; echo "total $(( $(date +%s) - T0 )) s"
