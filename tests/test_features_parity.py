@@ -17,8 +17,10 @@ from asr.features import (
     NUM_MEL_BINS,
     GlobalCMVN,
     StreamingFbank,
+    accept_waveforms,
     compute_cmvn_stats,
     compute_fbank,
+    compute_fbank_batch,
     num_frames,
 )
 
@@ -283,3 +285,48 @@ def test_global_cmvn_module():
         cmvn.set_stats(torch.zeros(80), torch.zeros(80))
     with pytest.raises(ValueError):
         cmvn.set_stats(torch.zeros(79), torch.ones(79))
+
+
+def test_fbank_batch_equals_one_call_per_waveform():
+    """Waveforms of every awkward length (empty, one sample short of a frame, exact frames, a
+    frame plus a shift minus one) in one call: the frames of each, none from a neighbour."""
+    g = torch.Generator().manual_seed(3)
+    lengths = [0, 399, 400, 401, 559, 560, 1600, 2963, 0, 16000, 17]
+    waves = [torch.randn(n, generator=g) * (0.05 + 0.1 * i) for i, n in enumerate(lengths)]
+    got = compute_fbank_batch(waves)
+    assert len(got) == len(waves)
+    for w, feats in zip(waves, got):
+        ref = compute_fbank(w)
+        assert feats.shape == ref.shape
+        torch.testing.assert_close(feats, ref, rtol=0, atol=ATOL)
+    assert [f.shape[0] for f in compute_fbank_batch([torch.zeros(10), torch.zeros(0)])] == [0, 0]
+
+
+def test_accept_waveforms_equals_separate_streams():
+    """Several streams fed random block sizes through accept_waveforms, one fbank call per round,
+    give each stream what its own StreamingFbank gives, and keep the same buffered tails."""
+    import random
+
+    rng = random.Random(11)
+    g = torch.Generator().manual_seed(11)
+    signals = [torch.randn(n, generator=g) * 0.2 for n in (9000, 4321, 12000)]
+    batched = [StreamingFbank() for _ in signals]
+    alone = [StreamingFbank() for _ in signals]
+    pos = [0] * len(signals)
+    outs = [[] for _ in signals]
+    refs = [[] for _ in signals]
+    while any(p < len(x) for p, x in zip(pos, signals)):
+        blocks = []
+        for i, x in enumerate(signals):
+            n = rng.choice([0, 1, 160, 399, 400, 1000, 2500])
+            blocks.append(x[pos[i] : pos[i] + n])
+            pos[i] += n
+        for i, f in enumerate(accept_waveforms(batched, blocks)):
+            outs[i].append(f)
+        for i, (s, b) in enumerate(zip(alone, blocks)):
+            refs[i].append(s.accept_waveform(b))
+    for i in range(len(signals)):
+        torch.testing.assert_close(torch.cat(outs[i]), torch.cat(refs[i]), rtol=0, atol=ATOL)
+        torch.testing.assert_close(torch.cat(outs[i]), compute_fbank(signals[i]), rtol=0, atol=ATOL)
+        assert batched[i].buffered_samples == alone[i].buffered_samples
+        assert batched[i].num_frames == alone[i].num_frames and batched[i].num_samples == alone[i].num_samples

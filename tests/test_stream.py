@@ -255,6 +255,23 @@ def test_step_batch_equals_separate_streams(overfit, waves):
         step_batch([recs[0], recs[0]], [np.zeros(1), np.zeros(1)])
 
 
+def test_step_batch_bad_block_moves_no_stream(overfit, waves):
+    """A NaN block for one stream raises AudioError before any stream consumed its block, so
+    the caller can send the good blocks again: all streams then end with what they give alone."""
+    model, tok = overfit
+    names = ["goforward", "cards"]
+    recs = [Recognizer(model, tok) for _ in names]
+    half = [len(waves[n]) // 2 for n in names]
+    step_batch(recs, [waves[n][:h] for n, h in zip(names, half)])
+    before = [r.duration for r in recs]
+    with pytest.raises(AudioError, match="non-finite"):
+        step_batch(recs, [waves["goforward"][half[0]:], np.full(800, np.nan, dtype=np.float32)])
+    assert [r.duration for r in recs] == before  # so the caller can retry the good blocks
+    step_batch(recs, [waves[n][h:] for n, h in zip(names, half)])
+    for rec, name in zip(recs, names):
+        assert rec.finalize().text == FILES[name][1]
+
+
 # ---------------------------------------------------------------------------------------------- endpointing
 def test_endpoint_rules():
     cfg = EndpointConfig()

@@ -45,7 +45,7 @@ from torch import Tensor
 from asr.audio import SAMPLE_RATE, AudioError, StreamingResampler, float_mono
 from asr.decode.align import FRAME_SHIFT, Word, words_from_tokens
 from asr.decode.incremental import HypothesisDecoder
-from asr.features import NUM_MEL_BINS, StreamingFbank
+from asr.features import NUM_MEL_BINS, StreamingFbank, accept_waveforms
 from asr.model import CTCModel, EncoderState
 from asr.stream.endpoint import EndpointConfig, Endpointer, StreamingEnergy
 from asr.stream.state import FEATURES_PER_FRAME, is_stackable, split_state, stack_states
@@ -219,9 +219,12 @@ class Recognizer:
     # ------------------------------------------------------------------ pipeline stages
     def _ingest(self, samples: Samples, sample_rate: int) -> Tensor:
         """Samples -> 16 kHz -> new feature frames [t, 80] (levels recorded for endpointing)."""
+        return self._features(self._to_16k(_as_waveform(samples), sample_rate))
+
+    def _to_16k(self, wave: Tensor, sample_rate: int) -> Tensor:
+        """A checked mono waveform (``_as_waveform``) at ``sample_rate`` -> the new 16 kHz samples."""
         if self._finished:
             raise RuntimeError("accept_waveform after finalize(); call reset() to start a new stream")
-        wave = _as_waveform(samples)
         rate = int(sample_rate)
         head = torch.zeros(0)
         if rate != self._rate:
@@ -237,12 +240,15 @@ class Recognizer:
         if head.numel():
             wave = torch.cat([head, wave])
         self._num_samples += wave.numel()
-        return self._features(wave)
+        return wave
 
     def _features(self, wave: Tensor) -> Tensor:
+        self._record_levels(wave)
+        return self._fbank.accept_waveform(wave)
+
+    def _record_levels(self, wave: Tensor) -> None:
         if self._energy is not None:
             self._energies.extend(self._energy.accept_waveform(wave).tolist())
-        return self._fbank.accept_waveform(wave)
 
     @torch.inference_mode()
     def _run(self, feats: Tensor) -> Tensor:
@@ -324,15 +330,14 @@ class Recognizer:
             self._segments.append(seg)
 
     # ------------------------------------------------------------------ batching support
-    def _split_for_batch(self, samples: Samples, sample_rate: int) -> Tensor:
-        """Ingest a block; return the feature frames to step now, holding back the rest.
+    def _split_for_batch(self, feats: Tensor) -> Tensor:
+        """New feature frames -> the frames to step now, holding back the rest.
 
         The frames returned end on a multiple of 4 feature frames since the stream start (one
         encoder frame), so afterwards the state is stackable (asr.stream.state); the 0-3 frames
         held (<= 30 ms) would not complete an encoder frame anyway, except the very next one:
         that frame's output is delayed by one call.
         """
-        feats = self._ingest(samples, sample_rate)
         if self._held.shape[0]:
             feats = torch.cat([self._held, feats])
         n = max(0, feats.shape[0] - (self._state.frames_in + feats.shape[0]) % FEATURES_PER_FRAME)
@@ -365,7 +370,12 @@ def step_batch(
     if len({id(r) for r in recognizers}) != len(recognizers):
         raise ValueError("step_batch: a recognizer appears twice")
     stackable = [is_stackable(r._state) for r in recognizers]
-    feats = [r._split_for_batch(b, rate) for r, b, rate in zip(recognizers, blocks, rates)]
+    checked = [_as_waveform(b) for b in blocks]  # a bad block raises before any stream has moved on
+    waves = [r._to_16k(w, rate) for r, w, rate in zip(recognizers, checked, rates)]
+    for rec, wave in zip(recognizers, waves):
+        rec._record_levels(wave)
+    new_feats = accept_waveforms([r._fbank for r in recognizers], waves)  # one fbank call for all
+    feats = [r._split_for_batch(f) for r, f in zip(recognizers, new_feats)]
     logits: list[list[Tensor]] = [[] for _ in recognizers]
     for i, rec in enumerate(recognizers):
         if not stackable[i]:
