@@ -270,6 +270,8 @@ def test_step_batch_bad_block_moves_no_stream(overfit, waves):
     step_batch(recs, [waves[n][h:] for n, h in zip(names, half)])
     for rec, name in zip(recs, names):
         assert rec.finalize().text == FILES[name][1]
+    with pytest.raises(RuntimeError, match="finalized"):
+        step_batch(recs, [np.zeros(160), np.zeros(160)])
 
 
 # ---------------------------------------------------------------------------------------------- endpointing

@@ -357,7 +357,9 @@ def step_batch(
     smaller batch (packed stepping); a stream that was stepped alone with odd frame counts before
     is stepped alone once to get back in phase. Results equal per-stream ``accept_waveform``
     calls up to float rounding in the model (batched matrix products may round differently).
-    The states are stacked and split on every call (a copy of each state per call).
+    The states are stacked and split on every call (a copy of each state per call); the
+    features of all streams come from one fbank call. Bad samples in any block (NaN, wrong shape)
+    raise :class:`asr.audio.AudioError` before any stream has taken its block.
     """
     if len(recognizers) != len(blocks):
         raise ValueError(f"{len(recognizers)} recognizers but {len(blocks)} blocks")
@@ -370,6 +372,8 @@ def step_batch(
     if len({id(r) for r in recognizers}) != len(recognizers):
         raise ValueError("step_batch: a recognizer appears twice")
     stackable = [is_stackable(r._state) for r in recognizers]
+    if any(r._finished for r in recognizers):
+        raise RuntimeError("step_batch: a stream was finalized; call reset() to start a new stream")
     checked = [_as_waveform(b) for b in blocks]  # a bad block raises before any stream has moved on
     waves = [r._to_16k(w, rate) for r, w, rate in zip(recognizers, checked, rates)]
     for rec, wave in zip(recognizers, waves):
