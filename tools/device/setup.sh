@@ -1,8 +1,11 @@
 # Sourced by the device scripts: install the carried wheels, set the environment (fla's autotune
 # cache, NVLink multicast off as the device rules require), restore fla's autotune results and
-# record the GPUs in $OUT/gpu.txt.
+# record the GPUs in $OUT/gpu.txt. Once per call: a script started by one that already sourced it
+# (synth_train.sh -> train_variants.sh) inherits the environment and skips the rest.
+[ -n "${ASR_DEVICE_SETUP_DONE:-}" ] && return 0
 python -m pip install --no-deps --no-index -q .gpu/wheels/*.whl 2>&1 | grep -v WARN
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/tc FLA_CACHE_RESULTS=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 mkdir -p /tmp/tc && tar xzf tools/device/fla_autotune_sm90.tgz -C /tmp/tc
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee $OUT/gpu.txt
+export ASR_DEVICE_SETUP_DONE=1
