@@ -108,7 +108,8 @@ def compute_fbank_batch(waves: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     the 160-sample shift and padded to the next one; the frames of one call then are the frames of
     each waveform, plus a few that straddle two waveforms, which are dropped.
     """
-    counts = [num_frames(int(torch.as_tensor(w).numel())) for w in waves]
+    waves = [torch.as_tensor(w).to(torch.float32) for w in waves]
+    counts = [num_frames(w.numel()) for w in waves]
     pieces: list[torch.Tensor] = []
     first_frame: list[int] = []
     pos = 0
@@ -118,7 +119,6 @@ def compute_fbank_batch(waves: Sequence[torch.Tensor]) -> list[torch.Tensor]:
             continue
         used = (t - 1) * FRAME_SHIFT + FRAME_LENGTH  # samples the frames read
         span = -(-used // FRAME_SHIFT) * FRAME_SHIFT
-        w = torch.as_tensor(w).to(torch.float32)
         pieces.append(w[:used])
         if span > used:
             pieces.append(w.new_zeros(span - used))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from pathlib import Path
 
 import pytest
@@ -305,8 +306,6 @@ def test_fbank_batch_equals_one_call_per_waveform():
 def test_accept_waveforms_equals_separate_streams():
     """Several streams fed random block sizes through accept_waveforms, one fbank call per round,
     give each stream what its own StreamingFbank gives, and keep the same buffered tails."""
-    import random
-
     rng = random.Random(11)
     g = torch.Generator().manual_seed(11)
     signals = [torch.randn(n, generator=g) * 0.2 for n in (9000, 4321, 12000)]
