@@ -20,6 +20,22 @@ from asr.tokenizer import Tokenizer
 DATA = Path(__file__).parent / "data"
 
 
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest absolute difference relative to the largest magnitude of the reference ``b``."""
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def stream_in_pieces(sub, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """``sub.stream`` (a ConvSubsampling) over ``x`` [B, T, F] cut into pieces of ``sizes``
+    (summing to at least T), caches carried along; the outputs concatenated over time."""
+    caches, outs, pos = (None, None), [], 0
+    for size in sizes:
+        y, caches = sub.stream(x[:, pos : pos + size], caches)
+        outs.append(y)
+        pos += size
+    return torch.cat(outs, dim=1)
+
+
 def read_test_manifest() -> list[dict]:
     lines = (DATA / "manifest.jsonl").read_text().splitlines()
     return [dict(json.loads(l), audio=str(DATA / json.loads(l)["audio"])) for l in lines if l.strip()]

@@ -12,6 +12,7 @@ from asr.decode.greedy import ctc_greedy
 from asr.features import StreamingFbank, compute_fbank
 from asr.model import CTCModel, ModelConfig
 from asr.model.subsampling import ConvSubsampling
+from conftest import rel_err, stream_in_pieces
 
 
 def tiny_model(seed: int = 0, dtype=torch.float32) -> CTCModel:
@@ -35,23 +36,13 @@ def random_cuts(total: int, rng: random.Random, max_piece: int) -> list[int]:
     return cuts
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
 @pytest.mark.parametrize("seed", range(4))
 def test_parity_subsampling_stream_equals_parallel(seed):
     torch.manual_seed(seed)
     sub = ConvSubsampling(80, 4, 16).double()
     x = torch.randn(2, 53 + seed, 80, dtype=torch.float64)
     want = sub(x)
-    rng = random.Random(seed)
-    caches, outs, pos = (None, None), [], 0
-    for size in random_cuts(x.shape[1], rng, 9):
-        y, caches = sub.stream(x[:, pos : pos + size], caches)
-        outs.append(y)
-        pos += size
-    got = torch.cat(outs, dim=1)
+    got = stream_in_pieces(sub, x, random_cuts(x.shape[1], random.Random(seed), 9))
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
