@@ -3,6 +3,9 @@
 # record the GPUs in $OUT/gpu.txt. Once per call: a script started by one that already sourced it
 # (synth_train.sh -> train_variants.sh) inherits the environment and skips the rest.
 [ -n "${ASR_DEVICE_SETUP_DONE:-}" ] && return 0
+# Everything the call prints also goes to $OUT/run.log as it happens: a call cut off at the device's
+# time limit returns only $OUT, not the output its caller would have printed at the end.
+exec > >(tee -a "$OUT/run.log") 2>&1
 python -m pip install --no-deps --no-index -q .gpu/wheels/*.whl 2>&1 | grep -v WARN
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/tc FLA_CACHE_RESULTS=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
