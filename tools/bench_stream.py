@@ -13,7 +13,9 @@ Tables (markdown), all on ``--threads`` intra-op threads (default 1, as ``asr-li
    autograd) and the general path (``fast=False``, ``Block.forward``), the "before" of issue 7;
    the two are timed in alternating rounds so machine-load drift hits both alike.
    The packed path is also timed with int8 block weights (``prepare_for_inference(int8=True)``),
-   in the same alternating rounds.
+   and, unless ``--skip compile``, with the one-frame step compiled by ``torch.compile``'s inductor
+   (``prepare_for_inference(compile=True)``, float32 and int8; its compile time is printed), all in
+   the same alternating rounds; the recognizer is also timed with the compiled step.
    The floor the issue sets: one fp32 matrix-vector product over as many weights as the model has
    (reading every weight once per frame), measured in the same run, and the int8 floor: one int8
    mat-vec over as many weights with the kernel the int8 path uses (``torch._int_mm``); and the
@@ -97,7 +99,7 @@ def speech_like(seconds: float, seed: int = 0) -> torch.Tensor:
     return (0.2 * env * torch.sin(2 * math.pi * 220 * t) + 0.02 * torch.randn(t.shape, generator=g)).float()
 
 
-def single_stream(model: CTCModel, tok: Tokenizer, frames: int) -> dict:
+def single_stream(model: CTCModel, tok: Tokenizer, frames: int, compile: bool = False) -> dict:
     """Per-frame cost of the whole recognizer and of model.step alone."""
     audio = speech_like(frames * FRAME + 2.0)
     rec = Recognizer(model, tok)
@@ -111,13 +113,22 @@ def single_stream(model: CTCModel, tok: Tokenizer, frames: int) -> dict:
     feats = torch.randn(1, 4, 80) * 3 + 5
     feats4 = torch.randn(1, 16, 80) * 3 + 5  # 160 ms per call: 4 encoder frames, Emformer's segment
     out: dict = {"recognizer": times, "state_bytes": rec.state_size_bytes(), "model_state_bytes": rec.state.size_bytes()}
-    modes = {True: (True, False), False: (False, False), "int8": (True, True)}  # key: (fast, int8)
+    # key: (fast, int8, compile)
+    modes = {True: (True, False, False), False: (False, False, False), "int8": (True, True, False)}
+    if compile:
+        modes.update({"compiled": (True, False, True), "compiled_int8": (True, True, True)})
+        out["compile_s"] = {}
+        for key in ("compiled", "compiled_int8"):  # compile once each (kept across the rounds)
+            t = time.perf_counter()
+            model.prepare_for_inference(int8=modes[key][1], compile=True)
+            out["compile_s"][key] = time.perf_counter() - t
     for key in modes:
         out[f"step_{key}"], out[f"step4_{key}"] = [], []
+    out["recognizer_compiled"] = []
     with torch.inference_mode():
         for rnd in range(4):  # alternate the paths so load drift on a shared machine hits all alike
-            for key, (fast, int8) in modes.items():
-                model.prepare_for_inference(int8=int8)
+            for key, (fast, int8, comp) in modes.items():
+                model.prepare_for_inference(int8=int8, compile=comp)
                 state = model.init_state(1)
                 _, state = model.step(feats, state, fast=fast)
 
@@ -130,7 +141,16 @@ def single_stream(model: CTCModel, tok: Tokenizer, frames: int) -> dict:
                     _, state = model.step(feats4, state, fast=fast)
 
                 out[f"step_{key}"] += timeit(one, max(5, frames // 4))
-                out[f"step4_{key}"] += [t / 4 for t in timeit(four, max(5, frames // 16))]
+                if not comp:  # 4 frames per call take the packed path anyway
+                    out[f"step4_{key}"] += [t / 4 for t in timeit(four, max(5, frames // 16))]
+                elif not int8:  # the whole recognizer, frame by frame, on the compiled step
+                    for _ in range(max(5, frames // 4)):
+                        if pos + hop > len(audio):
+                            pos = SR
+                        t = time.perf_counter()
+                        rec.accept_waveform(audio[pos : pos + hop])
+                        out["recognizer_compiled"].append(time.perf_counter() - t)
+                        pos += hop
         model.prepare_for_inference(int8=False)
         out["init_state"] = timeit(lambda: model.init_state(1), frames)
     return out
@@ -267,7 +287,7 @@ def main(argv=None) -> int:
                     help="seconds of audio per stream per batched call")
     ap.add_argument("--max-streams", type=int, default=512)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["int8", "emformer", "batch"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["int8", "emformer", "batch", "compile"])
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     reps = 30 if args.quick else args.frames
@@ -280,7 +300,7 @@ def main(argv=None) -> int:
     print(f"# model: d_model={cfg.d_model}, n_layers={cfg.n_layers}, head_size={cfg.head_size}, "
           f"vocab={cfg.vocab_size}, {n_params / 1e6:.2f} M parameters\n")
 
-    single = single_stream(model, tok, reps)
+    single = single_stream(model, tok, reps, compile="compile" not in args.skip)
     floor = matvec_floor(n_params, reps)
     floor8 = int8_matvec_floor(n_params, reps)
     q = None if "int8" in args.skip else int8_step(model, reps)
@@ -289,7 +309,12 @@ def main(argv=None) -> int:
     rows = [("recognizer (fbank + step + greedy + endpoint)", single["recognizer"]),
             ("model.step, general path (`fast=False`, before)", single["step_False"]),
             ("model.step, packed path (default)", single["step_True"]),
-            ("model.step, packed path, int8 (`prepare_for_inference(int8=True)`)", single["step_int8"]),
+            ("model.step, packed path, int8 (`prepare_for_inference(int8=True)`)", single["step_int8"])]
+    if "compile_s" in single:
+        rows += [("model.step, compiled one-frame step (`prepare_for_inference(compile=True)`)", single["step_compiled"]),
+                 ("model.step, compiled one-frame step, int8 (`int8=True, compile=True`)", single["step_compiled_int8"]),
+                 ("recognizer, compiled one-frame step", single["recognizer_compiled"])]
+    rows += [
             ("model.step, 160 ms (4 frames) per call, per 40 ms, general path", single["step4_False"]),
             ("model.step, 160 ms (4 frames) per call, per 40 ms, packed path", single["step4_True"]),
             ("model.step, 160 ms (4 frames) per call, per 40 ms, packed int8", single["step4_int8"])]
@@ -302,6 +327,13 @@ def main(argv=None) -> int:
     for name, t in rows:
         med = statistics.median(t)
         print(f"| {name} | {1000 * med:.2f} | {1000 * pct(t, 0.99):.2f} | {med / FRAME:.4f} | {med / fl:.2f} |")
+    if "compile_s" in single:
+        pk = statistics.median(single["step_True"])
+        print(f"\ncompiled one-frame step: {pk / statistics.median(single['step_compiled']):.2f}x the packed path "
+              f"(int8: {statistics.median(single['step_int8']) / statistics.median(single['step_compiled_int8']):.2f}x "
+              f"the packed int8 path); compile time {single['compile_s']['compiled']:.1f} s (float32), "
+              f"{single['compile_s']['compiled_int8']:.1f} s (int8), in this process (inductor's disk cache "
+              f"makes later processes faster)")
     if emf is not None:
         seg = emf["segment"]
         med = statistics.median(seg) / emf["frames_per_call"]

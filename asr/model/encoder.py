@@ -15,7 +15,9 @@ Inference fast path: without autograd, ``step`` runs the blocks through
 :func:`asr.model.rwkv7.packed_step` on weights rearranged once (:meth:`CTCModel.prepare_for_inference`,
 built lazily and rebuilt when a parameter changes). Same arithmetic, ~5x fewer PyTorch calls;
 ``step(..., fast=False)`` is the general path it is tested against. ``prepare_for_inference(int8=True)``
-gives the packed path int8 weights (per output channel) and per-frame dynamic activation scales.
+gives the packed path int8 weights (per output channel) and per-frame dynamic activation scales;
+``prepare_for_inference(compile=True)`` serves one-frame calls of one stream with the whole step
+compiled into one C++ function (:mod:`asr.model.token_step`, ~2x faster per frame, opt-in).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from torch import Tensor, nn
 from asr.features import GlobalCMVN
 from asr.model.rwkv7 import Block, BlockState, PackedBlock, default_lora_ranks, packed_step
 from asr.model.subsampling import ConvSubsampling
+from asr.model.token_step import CompiledTokenStep
 
 FRAME_SHIFT_SECONDS = 0.04  # one encoder frame: 4 feature frames of 10 ms
 
@@ -100,6 +103,8 @@ class CTCModel(nn.Module):
         self.head = nn.Linear(config.d_model, config.vocab_size)
         self._packed: Optional[tuple[list[Tensor], list[int], Optional[list[PackedBlock]]]] = None
         self._int8 = False  # prepare_for_inference(int8=True): the packed path with int8 weights
+        self._compile = False  # prepare_for_inference(compile=True): one-token calls compiled
+        self._token_step: Optional[CompiledTokenStep] = None
         # load_state_dict(assign=True) swaps Parameter objects: drop the pack (in-place loads are
         # caught by the parameters' version counters, see _packed_blocks)
         self.register_load_state_dict_post_hook(CTCModel._drop_packed_hook)
@@ -165,7 +170,9 @@ class CTCModel(nn.Module):
         forces the general path (``Block.forward``); ``True`` insists on the packed path.
         Both give the same outputs to float rounding, except with int8 inference on
         (:meth:`prepare_for_inference`): then the packed path has int8 weights and ``fast=False``
-        is the float reference.
+        is the float reference. With ``prepare_for_inference(compile=True)``, packed-path calls
+        that bring one encoder frame (4 feature frames, given the cached ones) of one stream run
+        the compiled step (:mod:`asr.model.token_step`).
         """
         x, caches = self.subsampling.stream(self.cmvn(features), state.subsampling)
         if x.shape[1] == 0:
@@ -180,7 +187,11 @@ class CTCModel(nn.Module):
             if fast and packs is None:
                 raise RuntimeError("the packed inference path does not apply here (autograd on, impl "
                                    "given, active dropout, or weights that are not float nn.Linear)")
-            if packs is not None:
+            if packs is not None and self.compiled_step and x.shape[:2] == (1, 1) and x.dtype == torch.float32 \
+                    and x.device.type == "cpu":
+                logits, blocks = self._compiled_token_step(packs)(x[:, 0], state.blocks)
+                logits = logits.unsqueeze(1)
+            elif packs is not None:
                 logits, blocks = self._packed_blocks_and_head(x, state.blocks, packs)
             else:
                 logits, blocks = self._blocks_and_head(x, state.blocks, impl)
@@ -211,7 +222,12 @@ class CTCModel(nn.Module):
         """Whether the packed inference path runs with int8 weights (:meth:`prepare_for_inference`)."""
         return getattr(self, "_int8", False)
 
-    def prepare_for_inference(self, int8: bool = False) -> bool:
+    @property
+    def compiled_step(self) -> bool:
+        """Whether one-frame calls of one stream take the compiled step (:meth:`prepare_for_inference`)."""
+        return getattr(self, "_compile", False)
+
+    def prepare_for_inference(self, int8: bool = False, compile: bool = False) -> bool:
         """Build the packed weights of the inference step now (``step`` also builds them lazily on
         first use). Returns whether the packed path applies to this model (it does not to
         quantized or half-precision linear layers; those run the general path).
@@ -235,12 +251,25 @@ class CTCModel(nn.Module):
         It is rebuilt automatically when any parameter is modified in place (optimizer steps,
         ``load_state_dict``, ``copy_``: their version counters change), replaced
         (``load_state_dict(assign=True)``) or moved/cast (``.to()``). After replacing submodules
-        by hand, call :meth:`drop_inference_cache`."""
-        int8 = bool(int8)
-        if int8:
+        by hand, call :meth:`drop_inference_cache`.
+
+        ``compile=True`` (CPU, float32 models; float32 or int8 packs; it stays on until
+        ``prepare_for_inference(compile=False)``): ``step`` calls that bring exactly one new encoder
+        frame of one stream (40 ms of audio, what a live recognizer sends) run the blocks, the final
+        LayerNorm and the head as one function compiled by ``torch.compile``'s inductor backend
+        (:mod:`asr.model.token_step`): ~2x faster per frame on one CPU thread, same results to float
+        rounding (int8: to int8 rounding, as streaming vs one pass). Other calls keep the packed
+        path. It compiles here, now: ~10-30 s and a working C++ compiler (inductor caches it on disk,
+        so later processes take a few seconds); compile with the thread count you will run with
+        (``torch.set_num_threads``), the generated code keeps it. Memory: one more copy of the block
+        weights (float32 packs; int8: one byte per weight)."""
+        int8, compile = bool(int8), bool(compile)
+        if int8 or compile:
             w = self.ln_out.weight
             if w.device.type != "cpu" or w.dtype != torch.float32:
-                raise ValueError(f"int8 inference needs a float32 model on the CPU (this one: {w.dtype} on {w.device})")
+                what = "int8 inference" if int8 else "the compiled step"
+                raise ValueError(f"{what} needs a float32 model on the CPU (this one: {w.dtype} on {w.device})")
+        if int8:
             try:  # a private PyTorch op: fail here, in one line, rather than mid-stream
                 torch._int_mm(torch.ones(1, 8, dtype=torch.int8), torch.ones(8, 8, dtype=torch.int8))
             except (AttributeError, RuntimeError, NotImplementedError) as err:
@@ -249,7 +278,20 @@ class CTCModel(nn.Module):
         if int8 != self.int8_inference:
             self._int8 = int8
             self._packed = None
-        return self._packed_blocks() is not None
+        self._compile = compile
+        if not compile and getattr(self, "_token_step", None) is not None:
+            self._token_step.release()  # its weight copy (the compiled code stays for a later compile=True)
+        packs = self._packed_blocks()
+        if compile and packs is not None:
+            self._compiled_token_step(packs)  # compile now, not on the first frame of a stream
+        return packs is not None
+
+    def _compiled_token_step(self, packs: list[PackedBlock]) -> CompiledTokenStep:
+        """The compiled one-token step on these packs (created, or its weights rebuilt, as needed)."""
+        if getattr(self, "_token_step", None) is None:
+            self._token_step = CompiledTokenStep()
+        self._token_step.update(packs, self.ln_out, self.head)
+        return self._token_step
 
     def drop_inference_cache(self) -> None:
         """Forget the packed weights (rebuilt on the next fast ``step``)."""
@@ -266,6 +308,7 @@ class CTCModel(nn.Module):
     def __getstate__(self):  # copies (deepcopy, pickle) rebuild their own pack
         state = dict(super().__getstate__())
         state["_packed"] = None
+        state["_token_step"] = None  # compiled code is per process; rebuilt on the next compiled step
         return state
 
     def _packed_blocks(self) -> Optional[list[PackedBlock]]:

@@ -1,0 +1,353 @@
+"""The one-token streaming step as one compiled C++ function (``torch.compile``, inductor on the CPU).
+
+Opt-in: :meth:`asr.model.CTCModel.prepare_for_inference` with ``compile=True``. It then serves
+``CTCModel.step`` calls that bring exactly one new encoder frame (40 ms) of one stream, the call a
+live recognizer makes 25 times a second; every other call keeps the packed path.
+
+Why: at one token the packed path (:func:`asr.model.rwkv7.packed_step`) is bound by two things
+that no rearrangement of PyTorch calls removes (profiled on a 2-core x86 box, one thread, the
+8-layer d=320 model): its ~65 matrix-vector products go through MKL's small-matrix gemv at
+~10 GB/s, while the same machine reads memory at ~45 GB/s; and ~1,250 ATen calls per token cost
+another ~1.5 ms. Here every block of the stack, the final LayerNorm and the CTC head are one
+traced graph, and each product is written as a multiply and a row sum over weights in [out, in]
+layout (a row dot product, contiguous in memory), so inductor generates its own mat-vec loops and
+fuses the element-wise work around them into the same C++ function: ~2x faster per frame.
+
+The arithmetic is that of ``packed_step`` (same operations, same order of the element-wise math),
+built from the same packs (:class:`asr.model.rwkv7.PackedBlock`), so the two agree to float
+rounding (float32: summation order in the products only). With int8 packs the weights are the
+packs' own int8 values and per-channel scales, activations are quantized per row as there, and the
+int8 products are summed as integer-valued float32 (exact while partial sums stay below 2**24: always
+for rows of up to 1040 inputs; for longer rows, such as the FFN value's 4C, only if most products
+were at full scale with one sign, and then off by one float rounding; int32 sums would be exact
+but inductor's int32 loops are ~2.4x slower). So it equals the int8 packed path up to where float
+rounding moves a value across an int8 rounding step (as streaming vs one pass does,
+tests/test_step_int8.py).
+
+Costs: compiling takes ~10-30 s (a C compiler must be installed; inductor caches the result on
+disk, later processes take a few seconds), and the weights are copied once more into one flat
+buffer in the order the step reads them (float32: ~+100 % of the block weights; int8: one byte
+per weight), because a single run streams from memory faster than separate matrices and passing
+one buffer keeps the compiled function's input checks (dynamo guards) cheap.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from asr.model.rwkv7 import NEG_EXP_HALF, BlockState, Int8Matrix, PackedBlock
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """Where one tensor lives in a flat buffer: a contiguous block at ``offset`` of ``shape``, or
+    with ``cols``, columns [cols[0], cols[1]) of that block (a [rows, cols] matrix)."""
+
+    offset: int
+    shape: tuple[int, ...]
+    cols: Optional[tuple[int, int]] = None
+
+    def get(self, buf: Tensor) -> Tensor:
+        n = 1
+        for s in self.shape:
+            n *= s
+        t = buf[self.offset : self.offset + n].view(self.shape)
+        return t if self.cols is None else t[:, self.cols[0] : self.cols[1]]
+
+    def columns(self, start: int, end: int) -> "_Slot":
+        """Columns [start, end) of this [rows, cols] slot (a strided view)."""
+        return _Slot(self.offset, self.shape, (start, end))
+
+    def rows(self, start: int, end: int) -> "_Slot":
+        """Rows [start, end) of this [rows, cols] slot (contiguous)."""
+        cols = self.shape[1]
+        return _Slot(self.offset + start * cols, (end - start, cols))
+
+    def part(self, start: int, end: int) -> "_Slot":
+        """Elements [start, end) of this 1-D slot."""
+        return _Slot(self.offset + start, (end - start,))
+
+
+class _Arena:
+    """Collects tensors into one flat buffer, in the order they are added (the step's read order)."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+        self.parts: list[Tensor] = []
+        self.size = 0
+
+    def add(self, t: Tensor) -> _Slot:
+        slot = _Slot(self.size, tuple(t.shape))
+        self.parts.append(t.detach().reshape(-1))
+        self.size += t.numel()
+        return slot
+
+    def build(self) -> Tensor:
+        if not self.parts:
+            return torch.empty(0, dtype=self.dtype)
+        buf = torch.empty(self.size, dtype=self.dtype, device=self.parts[0].device)
+        pos = 0
+        for p in self.parts:
+            buf[pos : pos + p.numel()].copy_(p)
+            pos += p.numel()
+        return buf
+
+
+@dataclass(frozen=True)
+class _Mat:
+    """A weight in [out, in] layout: float32 (``w`` in the float buffer) or int8 (``w`` in the int8
+    buffer and its per-output scale ``scale`` in the float buffer)."""
+
+    w: _Slot
+    scale: Optional[_Slot] = None
+
+
+@dataclass(frozen=True)
+class _BlockLayout:
+    """One block's slots (all Python ints: constants of the traced graph)."""
+
+    C: int
+    H: int
+    N: int
+    int8: bool
+    ln0: Optional[tuple[_Slot, _Slot, float]]
+    ln1: tuple[_Slot, _Slot, float]
+    ln2: tuple[_Slot, _Slot, float]
+    mu: _Slot  # [6, C]: x_r, x_k, x_v, x_w, x_a, x_g
+    rkv: tuple[_Mat, _Mat, _Mat]
+    downs: tuple[_Mat, ...]  # LoRA down-projections, (v,) w, a, g: [rank, C] each
+    ups: tuple[_Mat, ...]  # LoRA up-projections, same order: [C, rank] each
+    bias: _Slot  # [n - 1, C]: (v0,) w0, a0
+    k_k: _Slot
+    k_a: _Slot
+    one_minus_k_a: _Slot
+    r_k: _Slot  # [H, N]
+    ln_x: tuple[_Slot, _Slot, float]
+    w_o: _Mat
+    cmix_mu: _Slot
+    ffn_key: _Mat
+    ffn_value: _Mat
+
+
+@dataclass(frozen=True)
+class _Layout:
+    blocks: tuple[_BlockLayout, ...]
+    ln_out: tuple[_Slot, _Slot, float]
+    head_w: _Slot  # [V, C]
+    head_b: _Slot
+    f32_size: int  # elements of the two buffers
+    i8_size: int
+
+
+def _layout_and_buffers(
+    packs: list[PackedBlock], ln_out: torch.nn.LayerNorm, head: torch.nn.Linear
+) -> tuple[_Layout, Tensor, Tensor]:
+    """The packs' weights copied into a float32 buffer (and an int8 one for int8 packs), [out, in]."""
+    f32, i8 = _Arena(torch.float32), _Arena(torch.int8)
+
+    def mat(w: "Tensor | Int8Matrix") -> _Mat:  # w as used by packed_step: x @ w, w [in, out]
+        if isinstance(w, Int8Matrix):
+            return _Mat(i8.add(w.q_t.t()), f32.add(w.scale))
+        return _Mat(f32.add(w.t()))
+
+    def split(m: "Tensor | Int8Matrix", edges: list[int], outputs: bool) -> tuple[_Mat, ...]:
+        """A concatenated LoRA matrix, added once, as one slot per LoRA: its rows of [out, in]
+        (``outputs``: the down-projections [D, C]) or its columns (the up-projections [C, D])."""
+        whole = mat(m)
+        out = []
+        for lo, hi in zip(edges[:-1], edges[1:]):
+            if outputs:  # own rows, and the scales of those outputs
+                scale = None if whole.scale is None else whole.scale.part(lo, hi)
+                out.append(_Mat(whole.w.rows(lo, hi), scale))
+            else:  # own input columns; every output (and its scale) is shared
+                out.append(_Mat(whole.w.columns(lo, hi), whole.scale))
+        return tuple(out)
+
+    def ln(t: tuple[Tensor, Tensor, float]) -> tuple[_Slot, _Slot, float]:
+        return f32.add(t[0]), f32.add(t[1]), float(t[2])
+
+    blocks = []
+    for p in packs:
+        C, H, N = p.channels, p.n_heads, p.head_size
+        mask = p.lora_mask.view(p.lora_mask.shape[0], -1)  # [n, D] block diagonal 0/1
+        edges = [0]
+        for row in mask:
+            edges.append(edges[-1] + int(row.sum().item()))
+        ln0 = ln(p.ln0) if p.ln0 is not None else None
+        l1 = ln(p.ln1)
+        mu = f32.add(p.mu.view(6, C))
+        rkv = tuple(mat(w) for w in (p.w_rkv if p.int8 else p.w_rkv.unbind(0)))
+        downs = split(p.w_down, edges, outputs=True)
+        ups = split(p.w_up, edges, outputs=False)
+        blocks.append(_BlockLayout(
+            C=C, H=H, N=N, int8=p.int8, ln0=ln0, ln1=l1, ln2=ln(p.ln2), mu=mu, rkv=rkv, downs=downs, ups=ups,
+            bias=f32.add(p.bias.view(-1, C)), k_k=f32.add(p.k_k), k_a=f32.add(p.k_a),
+            one_minus_k_a=f32.add(p.one_minus_k_a), r_k=f32.add(p.r_k), ln_x=ln(p.ln_x), w_o=mat(p.w_o),
+            cmix_mu=f32.add(p.cmix_mu), ffn_key=mat(p.w_ffn_key), ffn_value=mat(p.w_ffn_value),
+        ))
+    ln_o, head_w, head_b = ln((ln_out.weight, ln_out.bias, ln_out.eps)), f32.add(head.weight), f32.add(head.bias)
+    layout = _Layout(tuple(blocks), ln_o, head_w, head_b, f32.size, i8.size)
+    return layout, f32.build(), i8.build()
+
+
+def _quant(x: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`asr.model.rwkv7._quant_rows` on rows x [..., K], the int8 values kept as float32."""
+    amax = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-30)
+    return torch.mul(x, 127.0 / amax).round(), amax
+
+
+def _mv(m: _Mat, x: Tensor, f32: Tensor, i8: Tensor, q: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
+    """x [K] @ W for a weight in [out, in] layout, as a multiply and a row sum (inductor writes the
+    loop). int8 weights: x quantized (or given quantized, ``q``), the sum of integer products
+    (in float32, see the module docstring), then scaled per row and per column as
+    :func:`asr.model.rwkv7._mm8`."""
+    if m.scale is None:
+        return (m.w.get(f32) * x).sum(-1)
+    qx, amax = q if q is not None else _quant(x)
+    return ((m.w.get(i8).to(torch.float32) * qx).sum(-1) * amax) * m.scale.get(f32)
+
+
+def _block_token(
+    L: _BlockLayout, f32: Tensor, i8: Tensor, x: Tensor, tmix_prev: Tensor, S: Tensor, cmix_prev: Tensor,
+    v_first: Optional[Tensor],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`asr.model.rwkv7.packed_step` for one token of one stream: x, prevs [C], S [H, N, N].
+    Returns (x, new tmix_prev, new S, new cmix_prev, v_first)."""
+    C, H, N = L.C, L.H, L.N
+    g_ = lambda s: s.get(f32)  # noqa: E731
+    if L.ln0 is not None:
+        x = F.layer_norm(x, (C,), g_(L.ln0[0]), g_(L.ln0[1]), L.ln0[2])
+    # ---- time mix
+    u = F.layer_norm(x, (C,), g_(L.ln1[0]), g_(L.ln1[1]), L.ln1[2])
+    mixes = torch.addcmul(u, tmix_prev - u, g_(L.mu))  # [6, C]: x_r, x_k, x_v, x_w, x_a, x_g
+    qm = _quant(mixes) if L.int8 else None
+    row = lambda i: None if qm is None else (qm[0][i], qm[1][i])  # noqa: E731
+    r, k, v = (_mv(L.rkv[i], mixes[i], f32, i8, row(i)) for i in range(3))
+    n = len(L.downs)
+    lo = 6 - n  # mixes rows of the LoRAs: (x_v,) x_w, x_a, x_g
+    h = [_mv(L.downs[i], mixes[lo + i], f32, i8, row(lo + i)) for i in range(n)]
+    h[n - 3] = torch.tanh(h[n - 3])
+    h[n - 1] = torch.sigmoid(h[n - 1])
+    up = [_mv(L.ups[i], h[i], f32, i8) for i in range(n)]  # rows: (v,) w, a, g
+    bias = g_(L.bias)
+    gates = [torch.sigmoid(up[i] + bias[i]) for i in range(n - 1)]
+    g = up[n - 1]
+    if n == 4:
+        assert v_first is not None, "layers after the first need layer 0's v"
+        v = torch.lerp(v, v_first, gates[0])
+    else:
+        v_first = v
+    w_sig, a = gates[n - 3], gates[n - 2]
+    kk = F.normalize((k * g_(L.k_k)).view(H, N), dim=-1, p=2.0, eps=1e-12)
+    k = k * torch.addcmul(g_(L.one_minus_k_a), a, g_(L.k_a))
+    b = kk * a.view(H, N)
+    # wkv, one token: S' = S diag(exp(w)) - (S kk)(kk a)^T + v k^T; y = S' r
+    decay = torch.exp(w_sig * NEG_EXP_HALF).view(H, 1, N)
+    s_kk = (S * kk.view(H, 1, N)).sum(dim=-1, keepdim=True)
+    S = S * decay - s_kk * b.view(H, 1, N) + v.view(H, N, 1) * k.view(H, 1, N)
+    y = (S * r.view(H, 1, N)).sum(dim=-1).view(1, C)
+    y = F.group_norm(y, H, g_(L.ln_x[0]), g_(L.ln_x[1]), L.ln_x[2]).view(C)
+    bonus = ((r * k).view(H, N) * g_(L.r_k)).sum(dim=-1, keepdim=True) * v.view(H, N)
+    x = x + _mv(L.w_o, (y + bonus.view(C)) * g, f32, i8)
+    # ---- channel mix
+    u2 = F.layer_norm(x, (C,), g_(L.ln2[0]), g_(L.ln2[1]), L.ln2[2])
+    hidden = torch.relu(_mv(L.ffn_key, torch.addcmul(u2, cmix_prev - u2, g_(L.cmix_mu)), f32, i8)).square()
+    x = x + _mv(L.ffn_value, hidden, f32, i8)
+    return x, u, S, u2, v_first
+
+
+def _make_step(layout: _Layout) -> Callable[..., tuple[Tensor, ...]]:
+    """The whole stack for one token, the layout baked in: (x [C], f32, i8, *states) ->
+    (logits [V], *new states), states flat as (tmix_prev [C], S [H, N, N], cmix_prev [C]) per block."""
+
+    def step(x: Tensor, f32: Tensor, i8: Tensor, *states: Tensor) -> tuple[Tensor, ...]:
+        v_first = None
+        new: list[Tensor] = []
+        for i, L in enumerate(layout.blocks):
+            x, tp, S, cp, v_first = _block_token(L, f32, i8, x, states[3 * i], states[3 * i + 1],
+                                                 states[3 * i + 2], v_first)
+            new += [tp, S, cp]
+        w, b, eps = layout.ln_out
+        x = F.layer_norm(x, (x.shape[0],), w.get(f32), b.get(f32), eps)
+        return ((layout.head_w.get(f32) * x).sum(-1) + layout.head_b.get(f32), *new)
+
+    return step
+
+
+#: Compiled steps by layout, shared by all models of the same sizes (they hold no weights).
+_COMPILED: dict[_Layout, Callable[..., tuple[Tensor, ...]]] = {}
+
+
+def _compiled_step(layout: _Layout) -> Callable[..., tuple[Tensor, ...]]:
+    """The step of ``layout`` traced to an FX graph of ATen ops (``make_fx``: the layout's Python
+    ints become constants of the graph) and compiled by inductor, without dynamo.
+
+    ``torch.compile`` on the same function works as well, but dynamo re-checks every layout int
+    and input tensor it reads on every call (its guards: ~0.2-0.5 ms a token, measured); here the
+    caller guarantees the input shapes instead (:meth:`CompiledTokenStep.__call__`). The example
+    inputs are fake tensors with a shape environment: that lets inductor's FX graph cache (on disk)
+    serve later processes (~1.5 s instead of ~15 s for the 8-layer model)."""
+    fn = _COMPILED.get(layout)
+    if fn is not None:
+        return fn
+    from torch._inductor import compile as inductor_compile
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    L0 = layout.blocks[0]
+    C, H, N = L0.C, L0.H, L0.N
+    shapes = [(C,), (layout.f32_size,), (layout.i8_size,)] + [s for _ in layout.blocks for s in ((C,), (H, N, N), (C,))]
+    dtypes = [torch.float32, torch.float32, torch.int8] + [torch.float32] * (3 * len(layout.blocks))
+    fake_mode = FakeTensorMode(shape_env=ShapeEnv())
+    with torch.no_grad():
+        example = [fake_mode.from_tensor(torch.empty(s, dtype=d), static_shapes=True)  # untouched memory
+                   for s, d in zip(shapes, dtypes)]
+        gm = make_fx(_make_step(layout))(*example)
+        fn = inductor_compile(gm, example)
+    _COMPILED[layout] = fn
+    return fn
+
+
+class CompiledTokenStep:
+    """The compiled one-token step of a model's packs (:meth:`CTCModel.prepare_for_inference`).
+
+    Call :meth:`update` with the current packs before each use (cheap when they are the same
+    objects); the buffers are rebuilt when the packs were. Compiled functions are kept per layout
+    (model sizes, float32 or int8 packs) for the whole process, so each compiles once.
+    """
+
+    def __init__(self) -> None:
+        self._packs: Optional[list[PackedBlock]] = None
+        self._layout: Optional[_Layout] = None
+        self._fn: Optional[Callable[..., tuple[Tensor, ...]]] = None
+        self._f32 = self._i8 = torch.empty(0)
+
+    def release(self) -> None:
+        """Drop the weight buffers (the compiled code stays, for a later :meth:`update`)."""
+        self._packs, self._layout, self._fn = None, None, None
+        self._f32 = self._i8 = torch.empty(0)
+
+    def update(self, packs: list[PackedBlock], ln_out: torch.nn.LayerNorm, head: torch.nn.Linear) -> None:
+        if packs is self._packs:
+            return
+        with torch.no_grad():
+            layout, self._f32, self._i8 = _layout_and_buffers(packs, ln_out, head)
+        self._layout, self._fn, self._packs = layout, _compiled_step(layout), packs
+
+    def __call__(self, x: Tensor, states: list[BlockState]) -> tuple[Tensor, list[BlockState]]:
+        """x [1, C] (one token of one stream) and its block states -> logits [1, V], new states."""
+        assert self._fn is not None and self._layout is not None, "update() first"
+        C = x.shape[-1]
+        flat = []
+        for s, L in zip(states, self._layout.blocks):  # the compiled code takes contiguous inputs
+            flat += [s.tmix_prev.reshape(C).contiguous(), s.wkv.reshape(L.H, L.N, L.N).contiguous(),
+                     s.cmix_prev.reshape(C).contiguous()]
+        logits, *new = self._fn(x.reshape(C).contiguous(), self._f32, self._i8, *flat)
+        blocks = [BlockState(new[i].view(1, C), new[i + 1].unsqueeze(0), new[i + 2].view(1, C))
+                  for i in range(0, len(new), 3)]
+        return logits.view(1, -1), blocks

@@ -1,0 +1,178 @@
+"""The compiled one-frame step (``prepare_for_inference(compile=True)``, asr/model/token_step.py)
+equals the packed and general paths.
+
+The step's arithmetic (layout, weight slices, int8 handling) is tested uncompiled, always: the
+traced function run eagerly against ``packed_step``. The compiled step is tested too wherever a C++
+compiler is installed (CI has one): compiling takes inductor ~15-20 s per layout for these small
+models on a cold cache (~45 s for the float32 and int8 layouts here on 2 cores; a few seconds from
+inductor's disk cache). ``ASR_TEST_COMPILE=0`` skips those tests; where inductor cannot build
+(no compiler, no Python headers) they skip with the reason, unless ASR_TEST_COMPILE_STRICT is set.
+"""
+import copy
+import os
+import random
+import shutil
+
+import pytest
+import torch
+
+from asr.model import token_step
+from test_step_fast import random_model, rel_err, run
+
+needs_compile = pytest.mark.skipif(
+    os.environ.get("ASR_TEST_COMPILE") == "0" or not (shutil.which("c++") or shutil.which("g++")),
+    reason="compiles C++ with torch.compile's inductor: needs a C++ compiler (ASR_TEST_COMPILE=0 skips)")
+
+#: sizes shared by the tests, so each compiles one float32 and one int8 layout per process
+SIZES = dict(d_model=128, n_layers=3, head_size=64)
+
+
+def compiled_model(seed: int, int8: bool = False):
+    model = random_model(seed, **SIZES)
+    try:
+        assert model.prepare_for_inference(int8=int8, compile=True)
+    except Exception as err:  # no C++ compiler, unsupported platform...
+        if "ASR_TEST_COMPILE_STRICT" in os.environ:
+            raise
+        pytest.skip(f"torch.compile's inductor is not usable here: {str(err).splitlines()[0][:200]}")
+    return model
+
+
+class CountCalls:
+    """Counts the calls that took the compiled step."""
+
+    def __init__(self, monkeypatch):
+        self.n = 0
+        original = token_step.CompiledTokenStep.__call__
+
+        def counted(obj, *args):
+            self.n += 1
+            return original(obj, *args)
+
+        monkeypatch.setattr(token_step.CompiledTokenStep, "__call__", counted)
+
+
+def one_frame_cuts(total: int, rng: random.Random) -> list[int]:
+    """Mostly 4 feature frames (one encoder frame: the compiled step), some other sizes between
+    (the packed path, same state), so the two paths hand the state back and forth."""
+    out, pos = [], 0
+    while pos < total:
+        size = min(total - pos, rng.choice([4, 4, 4, 4, 4, 4, 1, 2, 3, 5, 8, 13]))
+        out.append(size)
+        pos += size
+    return out
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_token_step_uncompiled_equals_packed_step(int8):
+    """The function that gets compiled, run eagerly token by token: the packed path's results."""
+    model = random_model(5, **SIZES)
+    model.prepare_for_inference(int8=int8)
+    packs = model._packed_blocks()
+    with torch.no_grad():
+        layout, f32, i8 = token_step._layout_and_buffers(packs, model.ln_out, model.head)
+    step = token_step._make_step(layout)
+    torch.manual_seed(0)
+    xs = torch.randn(12, 128)
+    state = model.init_state(1).blocks
+    with torch.inference_mode():
+        for i in range(len(xs)):
+            flat = [t.reshape(t.shape[1:]) for s in state for t in (s.tmix_prev, s.wkv, s.cmix_prev)]
+            got, *new = step(xs[i], f32, i8, *flat)
+            want, state = model._packed_blocks_and_head(xs[i].view(1, 1, -1), state, packs)
+            assert rel_err(got, want.view(-1)) < 1e-5
+            want_new = [t.reshape(t.shape[1:]) for s in state for t in (s.tmix_prev, s.wkv, s.cmix_prev)]
+            assert len(new) == len(want_new) == 3 * len(packs)
+            for a, b in zip(new, want_new):
+                assert a.shape == b.shape and rel_err(a, b) < 1e-5
+
+
+@needs_compile
+@pytest.mark.parametrize("seed", range(2))
+def test_compiled_step_equals_packed_and_general_paths(seed, monkeypatch):
+    model = compiled_model(seed)
+    calls = CountCalls(monkeypatch)
+    feats = torch.randn(1, 200, 80) * 3 - 8
+    sizes = one_frame_cuts(200, random.Random(seed))
+    got = run(model, feats, sizes, fast=True)
+    assert calls.n >= 20  # the compiled step did run
+    want_general = run(model, feats, sizes, fast=False)
+    model.prepare_for_inference(compile=False)
+    want_packed = run(model, feats, sizes, fast=True)
+    assert calls.n >= 20 and got.shape == want_packed.shape
+    assert rel_err(got, want_packed) < 1e-5
+    assert rel_err(got, want_general) < 1e-5
+    # and a single token from a warm state, against the packed path: float rounding only
+    model.prepare_for_inference(compile=True)
+    state = model.init_state(1)
+    with torch.inference_mode():
+        _, state = model.step(feats[:, :100], state)
+        a, sa = model.step(feats[:, 100:104], state)
+        model.prepare_for_inference(compile=False)
+        b, sb = model.step(feats[:, 100:104], state)
+    assert rel_err(a, b) < 1e-6
+    for x, y in zip(sa.blocks, sb.blocks):
+        assert rel_err(x.wkv, y.wkv) < 1e-6 and rel_err(x.tmix_prev, y.tmix_prev) < 1e-6
+        assert rel_err(x.cmix_prev, y.cmix_prev) < 1e-6
+        assert x.wkv.shape == y.wkv.shape and x.tmix_prev.shape == y.tmix_prev.shape
+
+
+@needs_compile
+def test_compiled_step_only_for_one_frame_of_one_stream(monkeypatch):
+    model = compiled_model(2)
+    calls = CountCalls(monkeypatch)
+    feats = torch.randn(2, 48, 80) * 3 - 8
+    run(model, feats, [4] * 12, fast=True)  # two streams: packed path
+    assert calls.n == 0
+    run(model, feats[:1], [8] * 6, fast=True)  # two frames per call: packed path
+    assert calls.n == 0
+    run(model, feats[:1], [4] * 12, fast=True)
+    assert calls.n == 12
+    with pytest.raises(ValueError, match="float32"):
+        copy.deepcopy(model).double().prepare_for_inference(compile=True)
+
+
+@needs_compile
+def test_compiled_step_follows_weight_changes_and_copies(monkeypatch):
+    model = compiled_model(3)
+    calls = CountCalls(monkeypatch)
+    feats = torch.randn(1, 40, 80) * 3 - 8
+    sizes = [4] * 10
+    before = run(model, feats, sizes, fast=True)
+    with torch.no_grad():
+        model.blocks[1].ffn.value.weight.mul_(2)
+        model.blocks[0].att.w1.add_(0.5)
+        model.head.bias.add_(1.0)
+    after = run(model, feats, sizes, fast=True)
+    assert calls.n == 20
+    assert rel_err(after, before) > 1e-3
+    assert rel_err(after, run(model, feats, sizes, fast=False)) < 1e-5
+    other = copy.deepcopy(model)  # a copy rebuilds its own buffers (the compiled code is shared)
+    assert other.compiled_step
+    assert rel_err(run(other, feats, sizes, fast=True), after) < 1e-6
+    assert calls.n == 30
+
+
+@needs_compile
+def test_compiled_int8_step_equals_packed_int8_to_quantization_noise(monkeypatch):
+    """int8: the same int8 weights, per-row activation scales and exact integer sums; only float
+    rounding in the element-wise math differs, which can move a value across an int8 rounding
+    step (as streaming vs one pass does, test_step_int8.py): one token from the same state agrees
+    to float rounding, a stream to the quantization noise."""
+    model = compiled_model(4, int8=True)
+    calls = CountCalls(monkeypatch)
+    feats = torch.randn(1, 160, 80) * 3 - 8
+    sizes = [4] * 40
+    got = run(model, feats, sizes, fast=True)
+    assert calls.n == 40
+    model.prepare_for_inference(int8=True, compile=False)
+    want = run(model, feats, sizes, fast=True)
+    assert rel_err(got, want) < 0.03
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
+    with torch.inference_mode():
+        _, state = model.step(feats[:, :80], model.init_state(1))
+        b, _ = model.step(feats[:, 80:84], state)
+        model.prepare_for_inference(int8=True, compile=True)
+        a, _ = model.step(feats[:, 80:84], state)
+    assert calls.n == 41
+    assert rel_err(a, b) < 1e-5
