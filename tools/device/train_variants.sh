@@ -8,7 +8,9 @@
 #
 # Like train_bundled.sh, training may span several calls in a row: start the next call immediately
 # after one returns (the machine stays warm for 30 s and keeps the git-ignored run folders); each
-# run resumes from the checkpoint that SIGINT made it save. The cosine schedule of every run is fitted
+# run resumes from the checkpoint that SIGINT made it save, or else from its newest periodic one
+# (every 1,000 steps: in session 4 one of four runs logged no save after the SIGINT, which only its
+# DataLoader workers had logged receiving, and started the next call from scratch). The cosine schedule of every run is fitted
 # to TOTAL_MINUTES of training, measured in the first call (trainer.fit_max_steps).
 #
 # Env: VARIANTS      file of "<name> <asr-train overrides ...>" lines, '#' comments
@@ -45,7 +47,7 @@ for i in "${!LINES[@]}"; do
   CUDA_VISIBLE_DEVICES=$i timeout -s INT -k 60 "$LEFT" python -m asr.cli.train recipe=bundled model=bundled \
     trainer.tensorboard=false trainer.progress_bar=false data.num_workers=$WORKERS \
     trainer.max_steps=1000000 trainer.fit_max_steps=true trainer.max_minutes="$TOTAL_MINUTES" \
-    trainer.val_every=1000000 trainer.log_every=100 hydra.run.dir="$dir" $EXTRA $overrides >> "$dir/stdout.log" 2>&1 &
+    trainer.val_every=1000000 trainer.save_every=1000 trainer.log_every=100 hydra.run.dir="$dir" $EXTRA $overrides >> "$dir/stdout.log" 2>&1 &
 done
 set +f
 wait
