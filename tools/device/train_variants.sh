@@ -10,8 +10,9 @@
 # after one returns (the machine stays warm for 30 s and keeps the git-ignored run folders); each
 # run resumes from the checkpoint that SIGINT made it save, or else from its newest periodic one
 # (every 1,000 steps: in session 4 one of four runs logged no save after the SIGINT, which only its
-# DataLoader workers had logged receiving, and started the next call from scratch). The cosine schedule of every run is fitted
-# to TOTAL_MINUTES of training, measured in the first call (trainer.fit_max_steps).
+# DataLoader workers had logged receiving, and started the next call from scratch). The cosine
+# schedule of every run is fitted to TOTAL_MINUTES of training, measured in the first call
+# (trainer.fit_max_steps).
 #
 # Env: VARIANTS      file of "<name> <asr-train overrides ...>" lines, '#' comments
 #                    (default tools/device/bundled_variants.txt), at most one per GPU
@@ -72,6 +73,8 @@ if [ "$FINAL" = 1 ]; then
   # Every scoring has a deadline that leaves 30 s to return the files.
   DEADLINE=$(( CALL_BUDGET - ($(date +%s) - T0) - 30 ))
   echo "scoring dev with a ${DEADLINE}s deadline"
+  rm -f "$ROOT"/*/scores.txt  # only this call's scores choose
+  (( DEADLINE >= 20 )) || LINES=()  # no time left to score: the safety copy stays
   for i in "${!LINES[@]}"; do
     read -r name _ <<< "${LINES[$i]}"
     (
@@ -82,8 +85,8 @@ if [ "$FINAL" = 1 ]; then
     ) &
   done
   wait
-  cat $ROOT/*/scores.txt | tee "$OUT/scores.txt"
-  best=$(grep -h " utterances" $ROOT/*/scores.txt | sed -E 's/^(\S+) .*WER ([0-9.]+)%.*/\2 \1/' | sort -n | head -"$RETURN" | cut -d' ' -f2)
+  cat "$ROOT"/*/scores.txt 2>/dev/null | tee "$OUT/scores.txt"
+  best=$(grep -h " utterances" "$ROOT"/*/scores.txt 2>/dev/null | sed -E 's/^(\S+) .*WER ([0-9.]+)%.*/\2 \1/' | sort -n | head -"$RETURN" | cut -d' ' -f2)
   if [ -n "$best" ]; then
     rm -f "$OUT/$safety.pt.part-"*
     for name in $best; do split -b 15M "/tmp/$name.pt" "$OUT/$name.pt.part-"; done
