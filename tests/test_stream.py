@@ -233,6 +233,35 @@ def test_stack_split_states_roundtrip_and_batched_step(overfit):
             stack_states(model, [states[1], odd])
 
 
+def test_stacking_the_rows_of_a_batch_again_reuses_it(overfit):
+    """split_state then stack_states of all rows in order gives back the batch itself (no copy);
+    any other selection or order is stacked by copying, row by row as given."""
+    model, _ = overfit
+    torch.manual_seed(1)
+    with torch.inference_mode():
+        _, batch = model.step(torch.randn(3, 8, 80) * 3 + 5, model.init_state(3))
+        rows = split_state(batch, [8] * 3, [2] * 3)
+        again = stack_states(model, rows)
+        assert again.blocks[0].wkv.data_ptr() == batch.blocks[0].wkv.data_ptr()
+        assert again.subsampling[1].data_ptr() == batch.subsampling[1].data_ptr()
+        assert (again.frames_in, again.frames_out) == (0, 0)
+        swapped = stack_states(model, [rows[2], rows[0], rows[1]])
+        assert swapped.blocks[0].wkv.data_ptr() != batch.blocks[0].wkv.data_ptr()
+        for blk, ref in zip(swapped.blocks, batch.blocks):
+            torch.testing.assert_close(blk.wkv, ref.wkv[[2, 0, 1]], rtol=0, atol=0)
+            torch.testing.assert_close(blk.cmix_prev, ref.cmix_prev[[2, 0, 1]], rtol=0, atol=0)
+        torch.testing.assert_close(swapped.subsampling[0], batch.subsampling[0][[2, 0, 1]], rtol=0, atol=0)
+        two = stack_states(model, rows[:2])  # a subset of the rows: a copy of those rows
+        assert two.blocks[0].wkv.shape[0] == 2
+        torch.testing.assert_close(two.blocks[3 % len(two.blocks)].wkv, batch.blocks[3 % len(two.blocks)].wkv[:2],
+                                   rtol=0, atol=0)
+        # a stream stepped on its own since then is no longer a row of the batch
+        _, moved = model.step(torch.randn(1, 4, 80) * 3 + 5, rows[1])
+        mixed = stack_states(model, [rows[0], moved, rows[2]])
+        torch.testing.assert_close(mixed.blocks[0].wkv[1:2], moved.blocks[0].wkv, rtol=0, atol=0)
+        torch.testing.assert_close(mixed.blocks[0].wkv[0:1], batch.blocks[0].wkv[0:1], rtol=0, atol=0)
+
+
 def test_step_batch_equals_separate_streams(overfit, waves):
     """Streams of different lengths, fed blocks of different sizes, one of them started alone with
     odd piece sizes: stepped as one batch they give what each gives alone."""

@@ -79,6 +79,9 @@ class EncoderState:
     blocks: list[BlockState] = field(default_factory=list)
     frames_in: int = 0  # feature frames consumed so far
     frames_out: int = 0  # encoder frames emitted so far
+    #: set by :func:`asr.stream.state.split_state`: (the batched state, this stream's row), so that
+    #: stacking the same streams again in the same order reuses the batch instead of copying
+    stacked_from: Optional[tuple["EncoderState", int]] = field(default=None, repr=False, compare=False)
 
     def size_bytes(self) -> int:
         tensors = [t for t in self.subsampling if t is not None]

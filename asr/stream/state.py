@@ -13,6 +13,13 @@ batched streams in multiples of 4 feature frames (one encoder frame) to keep the
 
 ``frames_in``/``frames_out`` are per stream and do not survive stacking: :func:`stack_states` sets
 them to 0 and :func:`split_state` takes the per-stream values to restore.
+
+Stacking copies every state (~0.7 MB per stream for the bundled model; ~14 ms per call for 104
+streams on two threads, measured). A server that steps the same streams call after call need not
+pay it: :func:`split_state` returns views into the batched state and records where each came from
+(``EncoderState.stacked_from``), and :func:`stack_states` given exactly those views, all rows in
+order, hands back the batched tensors themselves. States are values here: ``step`` returns new ones
+and nothing assigns to a state's fields, so a view still is what its row holds.
 """
 from __future__ import annotations
 
@@ -63,6 +70,9 @@ def stack_states(model: CTCModel, states: Sequence[EncoderState]) -> EncoderStat
         if not is_stackable(s):
             raise ValueError(f"a state at feature frame {s.frames_in} (not a multiple of "
                              f"{FEATURES_PER_FRAME}) cannot be stacked with others")
+    reused = _whole_batch(states)
+    if reused is not None:
+        return EncoderState(subsampling=reused.subsampling, blocks=reused.blocks)
     caches = [_caches(model, s) for s in states]
     blocks = []
     for i in range(len(states[0].blocks)):
@@ -78,12 +88,27 @@ def stack_states(model: CTCModel, states: Sequence[EncoderState]) -> EncoderStat
     )
 
 
+def _whole_batch(states: Sequence[EncoderState]) -> Optional[EncoderState]:
+    """The batched state these per-stream states were split from, if they are all its rows in order."""
+    origin = states[0].stacked_from
+    if origin is None or len(states) < 2:
+        return None
+    parent = origin[0]
+    if parent.blocks[0].tmix_prev.shape[0] != len(states):
+        return None
+    for row, s in enumerate(states):
+        if s.stacked_from is None or s.stacked_from[0] is not parent or s.stacked_from[1] != row:
+            return None
+    return parent
+
+
 def split_state(
     state: EncoderState,
     frames_in: Optional[Sequence[int]] = None,
     frames_out: Optional[Sequence[int]] = None,
 ) -> list[EncoderState]:
-    """Per-stream states (batch size 1 each) of a batched state; views, no copies.
+    """Per-stream states (batch size 1 each) of a batched state; views, no copies (each records its
+    origin, so :func:`stack_states` of all of them in order is free).
 
     ``frames_in``/``frames_out``: the per-stream counters to put back (default 0).
     """
@@ -100,5 +125,6 @@ def split_state(
             blocks=[BlockState(s.tmix_prev[b : b + 1], s.wkv[b : b + 1], s.cmix_prev[b : b + 1]) for s in state.blocks],
             frames_in=fin[b],
             frames_out=fout[b],
+            stacked_from=(state, b),
         ))
     return out
