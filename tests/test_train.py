@@ -145,7 +145,8 @@ def test_asr_train_loss_falls_and_writes_its_outputs(trained: Path) -> None:
     assert not torch.equal(ckpt["model"]["cmvn.istd"], torch.ones(80))  # CMVN statistics were computed
 
 
-def test_load_for_inference_eval_and_averaging(trained: Path, work: dict, capsys: pytest.CaptureFixture) -> None:
+def test_load_for_inference_eval_and_averaging(trained: Path, work: dict, capsys: pytest.CaptureFixture,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
     from asr.cli.evaluate import main as eval_main
 
     model, tok = load_for_inference(trained)
@@ -158,6 +159,20 @@ def test_load_for_inference_eval_and_averaging(trained: Path, work: dict, capsys
     rows = [json.loads(line) for line in report.read_text().splitlines()]
     assert len(rows) == 8 and {"id", "ref", "hyp", "word_errors", "words"} <= set(rows[0])
     assert eval_main([str(work["root"] / "nope"), str(work["dev"])]) == 2
+    # --int8 scores the int8 model (what asr-transcribe --int8 runs): near the float32 transcripts
+    report8 = work["root"] / "report_int8.jsonl"
+    from asr.model import CTCModel
+    prepared = []
+    original = CTCModel.prepare_for_inference
+    monkeypatch.setattr(CTCModel, "prepare_for_inference",
+                        lambda self, **kw: prepared.append(kw) or original(self, **kw))
+    assert eval_main([str(trained), str(work["dev"]), "--num-workers", "0", "--worst", "0",
+                      "--report", str(report8), "--device", "cpu", "--int8"]) == 0
+    rows8 = [json.loads(line) for line in report8.read_text().splitlines()]
+    assert prepared == [{"int8": True}]
+    assert [r["id"] for r in rows8] == [r["id"] for r in rows]
+    assert sum(a["hyp"] == b["hyp"] for a, b in zip(rows, rows8)) >= 6
+    assert eval_main([str(trained), str(work["dev"]), "--int8", "--device", "cuda"]) == 2
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
     try:

@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--num-workers", type=int, default=2, help="DataLoader workers computing features")
     ap.add_argument("--worst", type=int, default=10, help="how many worst utterances to print (0: none)")
     ap.add_argument("--report", type=Path, default=None, help="write per-utterance results (JSON Lines) here")
+    ap.add_argument("--int8", action="store_true",
+                    help="int8 block weights (CPU only), as asr-transcribe/asr-live --int8: score the model you deploy")
     return ap
 
 
@@ -45,10 +47,15 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(args.device)
+    if args.int8 and device.type != "cpu":
+        print(f"asr-eval: error: --int8 runs on the CPU only (device {device})", file=sys.stderr)
+        return 2
     try:
         model, tokenizer = load_for_inference(args.checkpoint, device=device)
         entries = read_manifests(args.manifests)
-    except (CheckpointError, ManifestError, OSError) as e:
+        if args.int8:
+            model.prepare_for_inference(int8=True)
+    except (CheckpointError, ManifestError, OSError, ValueError, RuntimeError) as e:
         print(f"asr-eval: error: {e}", file=sys.stderr)
         return 2
     if not entries:
