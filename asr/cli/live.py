@@ -183,13 +183,13 @@ def _file_blocks(path: str) -> Iterator[np.ndarray]:
 
 
 def _load_model(path: Optional[str], int8: bool = False) -> tuple[Any, Any]:
+    from asr.api import BUNDLED_MODEL
     from asr.train.checkpoint import load_for_inference
 
     if path is None:
-        bundled = Path(__file__).resolve().parents[1] / "pretrained" / "model.pt"
-        if not bundled.is_file():
-            raise FileNotFoundError(f"no bundled model ({bundled} is not installed); pass --model PATH")
-        path = str(bundled)
+        if not BUNDLED_MODEL.is_file():
+            raise FileNotFoundError(f"no bundled model ({BUNDLED_MODEL} is not installed); pass --model PATH")
+        path = str(BUNDLED_MODEL)
     model, tokenizer = load_for_inference(path)
     if int8:
         model.prepare_for_inference(int8=True)
