@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
 # Here (not on the device): pack what synthesising speech on the GPU machine needs into the
-# git-ignored .gpu/synth/ (~25 MiB), so that machine (no internet, no Debian packages, 16 cores per
+# git-ignored .gpu/synth/ (~32 MB), so that machine (no internet, no Debian packages, 16 cores per
 # GPU) can make tens of hours of recipes/synthetic speech itself instead of us carrying audio.
 #
 #   engines.tar.xz  espeak-ng and flite programs with every shared library they load except glibc's
 #                   (copied from this machine: Debian 12, glibc 2.36, older than the device's, so
 #                   they run there), English-only espeak-ng data, and wrappers in bin/ that point the
 #                   programs at those libraries without touching anyone else's LD_LIBRARY_PATH
-#   texts.tar.xz    the KJV as printed by `bible` and WordNet's data.* files (prepare.py's sources)
-#   real_manifest.jsonl  ../shared/data/real's manifest: prepare.py's default exclusion list, which
-#                   also decides its sentence split, so dev/test sentences match .data/bundle's
+#   texts.tar.xz    the KJV as printed by `bible` and WordNet's data.* files (prepare.py's sources),
+#                   those cut to the glosses that hold a quoted example: texts.wordnet_examples()
+#                   reads the same examples from them (checked below) at a fifth of the size
+#   real_manifest.jsonl.xz  ../shared/data/real's manifest: prepare.py's default exclusion list,
+#                   which also decides its sentence split, so dev/test sentences match .data/bundle's
 #   bundle_small/   .data/bundle without its synthetic training audio: real train (repeated
-#                   REAL_REPEATS times, ids suffixed), dev, test, misc, the tokenizer
+#                   REAL_REPEATS times, ids suffixed), dev, test, misc, the tokenizer. Only dev's
+#                   audio comes along: the device scores dev alone; test and misc are scored here
+#                   from .data/bundle. Manifests are xz'd (synth_train.sh unpacks them there).
+# Why so lean: the tree that travels (tracked files included, the 23.5 MB bundled model among
+# them) may not pass 64 MiB.
 #   wheels/         pyroomacoustics, num2words, docopt (prepare.py's Python needs; scipy is there)
 #
 # Needs: apt-get install espeak-ng flite bible-kjv bible-kjv-text wordnet-base xz-utils, and .data/bundle
@@ -51,16 +57,29 @@ tar cJf "$OUT/engines.tar.xz" -C "$E" .
 # --- texts -------------------------------------------------------------------------------------
 T=$tmp/texts; mkdir -p "$T/wordnet"
 bible -l100000 gen1:1-rev22:21 > "$T/kjv.txt"
-cp /usr/share/wordnet/data.noun /usr/share/wordnet/data.verb /usr/share/wordnet/data.adj /usr/share/wordnet/data.adv "$T/wordnet/"
+python - /usr/share/wordnet "$T/wordnet" <<'EOF'
+import sys
+from pathlib import Path
+sys.path.insert(0, "recipes/synthetic")
+from texts import wordnet_examples
+src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+for pos in ("noun", "verb", "adj", "adv"):  # keep "x|gloss" of the lines wordnet_examples() reads
+    with open(src / f"data.{pos}", encoding="latin-1") as fi, open(dst / f"data.{pos}", "w", encoding="latin-1") as fo:
+        for line in fi:
+            if not line.startswith("  ") and "|" in line and '"' in line.split("|", 1)[1]:
+                fo.write("x|" + line.split("|", 1)[1])
+assert wordnet_examples(src) == wordnet_examples(dst), "the cut WordNet files give other examples"
+EOF
 tar cJf "$OUT/texts.tar.xz" -C "$T" .
-cp "$SHARED_REAL/manifest.jsonl" "$OUT/real_manifest.jsonl"
+xz -9c "$SHARED_REAL/manifest.jsonl" > "$OUT/real_manifest.jsonl.xz"
 
 # --- evaluation sets and real training speech --------------------------------------------------
 B=.data/bundle; S=$OUT/bundle_small
 mkdir -p "$S/audio"
 cp -r "$B/bpe256" "$B"/{dev,dev_real,dev_synth,test,misc}.jsonl "$S/"
 for d in "$B"/audio/*; do [ "$(basename "$d")" = synth ] || cp -r "$d" "$S/audio/"; done
-mkdir -p "$S/audio/synth" && cp -r "$B/audio/synth/dev" "$B/audio/synth/test" "$S/audio/synth/"
+rm -rf "$S/audio/real/misc"  # scored here, never on the device
+mkdir -p "$S/audio/synth" && cp -r "$B/audio/synth/dev" "$S/audio/synth/"
 python - "$B/train.jsonl" "$S/train_real.jsonl" "$REAL_REPEATS" <<'EOF'
 import json, sys
 src, dst, repeats = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -71,6 +90,7 @@ with open(dst, "w") as f:
             f.write(json.dumps(dict(e, id=e["id"] if r == 0 else f"{e['id']}-rep{r}")) + "\n")
 print(f"{len(real)} real training utterances x {repeats} -> {dst}")
 EOF
+xz -9 "$S"/*.jsonl
 python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
   --platform any -d "$OUT/wheels" pyroomacoustics==0.10.1 num2words==0.5.14
 python -m pip wheel -q --no-deps docopt==0.6.2 -w "$OUT/wheels"

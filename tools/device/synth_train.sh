@@ -19,6 +19,9 @@ HOURS=${HOURS:-100}; CALL_BUDGET=${CALL_BUDGET:-560}
 PACK=.gpu/synth; CORPUS=exp/synth
 source tools/device/setup.sh
 python -m pip install --no-deps --no-index -q $PACK/wheels/*.whl 2>&1 | grep -v WARN
+for f in $PACK/*.jsonl.xz $PACK/bundle_small/*.jsonl.xz; do  # pack_synth.sh xz's the manifests
+  [ -f "${f%.xz}" ] || xz -dk "$f" || exit 1
+done
 if [ ! -f $CORPUS/train.jsonl ]; then
   mkdir -p /tmp/engines /tmp/texts
   tar xJf $PACK/engines.tar.xz -C /tmp/engines && tar xJf $PACK/texts.tar.xz -C /tmp/texts || exit 1
