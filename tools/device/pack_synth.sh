@@ -14,8 +14,9 @@
 #                   which also decides its sentence split, so dev/test sentences match .data/bundle's
 #   bundle_small/   .data/bundle without its synthetic training audio: real train (repeated
 #                   REAL_REPEATS times, ids suffixed), dev, test, misc, the tokenizer. Only dev's
-#                   audio comes along: the device scores dev alone; test and misc are scored here
-#                   from .data/bundle. Manifests are xz'd (synth_train.sh unpacks them there).
+#                   audio comes along (its synthetic half in ../synth_dev/): the device scores dev
+#                   alone; test and misc are scored here from .data/bundle. Manifests are xz'd and
+#                   the audio is one tar (synth_train.sh unpacks both there).
 # Why so lean: the tree that travels (tracked files included, the 23.5 MB bundled model among
 # them) may not pass 64 MiB.
 #   wheels/         pyroomacoustics, num2words, docopt (prepare.py's Python needs; scipy is there)
@@ -91,6 +92,11 @@ with open(dst, "w") as f:
 print(f"{len(real)} real training utterances x {repeats} -> {dst}")
 EOF
 xz -9 "$S"/*.jsonl
+# 4,000 small files as one (no block slack); the synthetic dev audio apart, in .gpu/synth_dev, which
+# only the final call needs (it scores dev) and carries instead of the engines and texts.
+mkdir -p "$OUT/../synth_dev" && rm -f "$OUT/../synth_dev/audio_synth_dev.tgz"
+tar czf "$OUT/../synth_dev/audio_synth_dev.tgz" -C "$S" audio/synth && rm -rf "$S/audio/synth"
+tar czf "$S/audio.tgz" -C "$S" audio && rm -rf "$S/audio"
 python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
   --platform any -d "$OUT/wheels" pyroomacoustics==0.10.1 num2words==0.5.14
 python -m pip wheel -q --no-deps docopt==0.6.2 -w "$OUT/wheels"

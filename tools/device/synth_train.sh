@@ -8,8 +8,11 @@
 # Same seed and the same exclusion list as .data/bundle, so its dev and test sentences, voices and
 # degradations come out identical (and never in training); scoring uses the carried copies.
 #
-# Carry [".gpu"]: .gpu/wheels (setup.sh) and .gpu/synth (tools/device/pack_synth.sh, run here first).
-# The corpus is made once per warm machine (exp/synth); later calls only train, resuming.
+# Carry [".gpu/wheels", ".gpu/synth"]: the wheels (setup.sh) and the pack (tools/device/pack_synth.sh,
+# run here first). The corpus is made once per warm machine (exp/synth); later calls only train,
+# resuming. The final call (FINAL=1) scores dev, whose synthetic audio would push the tree past
+# 64 MiB beside the engines: carry [".gpu/wheels", ".gpu/synth/bundle_small", ".gpu/synth/wheels",
+# ".gpu/synth_dev"] for it (the corpus is already made; the engines are not needed).
 #
 # Env: HOURS (default 100), and train_variants.sh's: TOTAL_MINUTES, CALL_BUDGET, FINAL, RETURN,
 #      VARIANTS (default tools/device/bundled_variants_synth.txt), EXTRA (appended to the manifests).
@@ -19,9 +22,15 @@ HOURS=${HOURS:-100}; CALL_BUDGET=${CALL_BUDGET:-560}
 PACK=.gpu/synth; CORPUS=exp/synth
 source tools/device/setup.sh
 python -m pip install --no-deps --no-index -q $PACK/wheels/*.whl 2>&1 | grep -v WARN
-for f in $PACK/*.jsonl.xz $PACK/bundle_small/*.jsonl.xz; do  # pack_synth.sh xz's the manifests
+shopt -s nullglob  # the final call carries no real_manifest.jsonl.xz
+for f in $PACK/*.jsonl.xz $PACK/bundle_small/*.jsonl.xz; do  # pack_synth.sh xz's the manifests...
   [ -f "${f%.xz}" ] || xz -dk "$f" || exit 1
 done
+shopt -u nullglob
+[ -d $PACK/bundle_small/audio/real ] || tar xzf $PACK/bundle_small/audio.tgz -C $PACK/bundle_small || exit 1  # ...and tars the audio
+if [ -f .gpu/synth_dev/audio_synth_dev.tgz ] && [ ! -d $PACK/bundle_small/audio/synth ]; then  # only the final call scores dev
+  tar xzf .gpu/synth_dev/audio_synth_dev.tgz -C $PACK/bundle_small || exit 1
+fi
 if [ ! -f $CORPUS/train.jsonl ]; then
   mkdir -p /tmp/engines /tmp/texts
   tar xJf $PACK/engines.tar.xz -C /tmp/engines && tar xJf $PACK/texts.tar.xz -C /tmp/texts || exit 1
