@@ -65,7 +65,8 @@ def one_frame_cuts(total: int, rng: random.Random) -> list[int]:
 
 @pytest.mark.parametrize("int8", [False, True])
 def test_token_step_uncompiled_equals_packed_step(int8):
-    """The function that gets compiled, run eagerly token by token: the packed path's results."""
+    """The function that gets compiled, run eagerly on calls of 1 to 4 frames: the packed path's
+    results (the same frames per call: int8 activation scales are per frame either way)."""
     model = random_model(5, **SIZES)
     model.prepare_for_inference(int8=int8)
     packs = model._packed_blocks()
@@ -73,14 +74,14 @@ def test_token_step_uncompiled_equals_packed_step(int8):
         layout, f32, i8 = token_step._layout_and_buffers(packs, model.ln_out, model.head)
     step = token_step._make_step(layout)
     torch.manual_seed(0)
-    xs = torch.randn(12, 128)
+    xs = torch.randn(20, 128)
     state = model.init_state(1).blocks
     with torch.inference_mode():
-        for i in range(len(xs)):
+        for chunk in xs.split([1, 4, 2, 1, 3, 4, 1, 4]):
             flat = [t.reshape(t.shape[1:]) for s in state for t in (s.tmix_prev, s.wkv, s.cmix_prev)]
-            got, *new = step(xs[i], f32, i8, *flat)
-            want, state = model._packed_blocks_and_head(xs[i].view(1, 1, -1), state, packs)
-            assert rel_err(got, want.view(-1)) < 1e-5
+            got, *new = step(chunk, f32, i8, *flat)
+            want, state = model._packed_blocks_and_head(chunk.unsqueeze(0), state, packs)
+            assert got.shape == want.shape[1:] and rel_err(got, want[0]) < 1e-5
             want_new = [t.reshape(t.shape[1:]) for s in state for t in (s.tmix_prev, s.wkv, s.cmix_prev)]
             assert len(new) == len(want_new) == 3 * len(packs)
             for a, b in zip(new, want_new):
@@ -176,3 +177,39 @@ def test_compiled_int8_step_equals_packed_int8_to_quantization_noise(monkeypatch
         a, _ = model.step(feats[:, 80:84], state)
     assert calls.n == 41
     assert rel_err(a, b) < 1e-5
+
+
+@needs_compile
+@pytest.mark.parametrize("int8", [False, True])
+def test_compiled_multi_frame_step_equals_packed_path(int8, monkeypatch):
+    """``compile_frames=(1, 4)``: calls of one or four encoder frames (40 or 160 ms) run compiled
+    steps, any other size the packed path, handing the state back and forth; a stream cut at
+    random equals the packed path cut the same way (float32: to float rounding; int8: to the
+    quantization noise, as above) and the general path (float32)."""
+    model = random_model(6, **SIZES)
+    try:
+        assert model.prepare_for_inference(int8=int8, compile=True, compile_frames=(1, 4))
+    except Exception as err:
+        if "ASR_TEST_COMPILE_STRICT" in os.environ:
+            raise
+        pytest.skip(f"torch.compile's inductor is not usable here: {str(err).splitlines()[0][:200]}")
+    calls = CountCalls(monkeypatch)
+    feats = torch.randn(1, 400, 80) * 3 - 8
+    rng = random.Random(int8)
+    sizes, pos = [], 0
+    while pos < 400:  # mostly 16 or 4 feature frames (4 or 1 encoder frames), some others
+        sizes.append(min(400 - pos, rng.choice([16, 16, 16, 4, 4, 7, 9, 20, 32])))
+        pos += sizes[-1]
+    got = run(model, feats, sizes, fast=True)
+    assert calls.n >= 15
+    model.prepare_for_inference(int8=int8, compile=False)
+    want = run(model, feats, sizes, fast=True)
+    assert got.shape == want.shape
+    if int8:
+        assert rel_err(got, want) < 0.03
+        assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
+    else:
+        assert rel_err(got, want) < 1e-5
+        assert rel_err(got, run(model, feats, sizes, fast=False)) < 1e-5
+    with pytest.raises(ValueError, match="compile_frames"):
+        model.prepare_for_inference(compile=True, compile_frames=(0,))

@@ -13,9 +13,10 @@ Tables (markdown), all on ``--threads`` intra-op threads (default 1, as ``asr-li
    autograd) and the general path (``fast=False``, ``Block.forward``), the "before" of issue 7;
    the two are timed in alternating rounds so machine-load drift hits both alike.
    The packed path is also timed with int8 block weights (``prepare_for_inference(int8=True)``),
-   and, unless ``--skip compile``, with the one-frame step compiled by ``torch.compile``'s inductor
-   (``prepare_for_inference(compile=True)``, float32 and int8; its compile time is printed), all in
-   the same alternating rounds; the recognizer is also timed with the compiled step.
+   and, unless ``--skip compile``, with the step compiled by ``torch.compile``'s inductor for one
+   and for four encoder frames per call (``prepare_for_inference(compile=True,
+   compile_frames=(1, 4))``, float32 and int8; the compile time is printed), all in the same
+   alternating rounds; the recognizer is also timed with the compiled step.
    The floor the issue sets: one fp32 matrix-vector product over as many weights as the model has
    (reading every weight once per frame), measured in the same run, and the int8 floor: one int8
    mat-vec over as many weights with the kernel the int8 path uses (``torch._int_mm``); and the
@@ -120,7 +121,7 @@ def single_stream(model: CTCModel, tok: Tokenizer, frames: int, compile: bool = 
         out["compile_s"] = {}
         for key in ("compiled", "compiled_int8"):  # compile once each (kept across the rounds)
             t = time.perf_counter()
-            model.prepare_for_inference(int8=modes[key][1], compile=True)
+            model.prepare_for_inference(int8=modes[key][1], compile=True, compile_frames=(1, 4))
             out["compile_s"][key] = time.perf_counter() - t
     for key in modes:
         out[f"step_{key}"], out[f"step4_{key}"] = [], []
@@ -128,7 +129,7 @@ def single_stream(model: CTCModel, tok: Tokenizer, frames: int, compile: bool = 
     with torch.inference_mode():
         for rnd in range(4):  # alternate the paths so load drift on a shared machine hits all alike
             for key, (fast, int8, comp) in modes.items():
-                model.prepare_for_inference(int8=int8, compile=comp)
+                model.prepare_for_inference(int8=int8, compile=comp, compile_frames=(1, 4))
                 state = model.init_state(1)
                 _, state = model.step(feats, state, fast=fast)
 
@@ -141,9 +142,8 @@ def single_stream(model: CTCModel, tok: Tokenizer, frames: int, compile: bool = 
                     _, state = model.step(feats4, state, fast=fast)
 
                 out[f"step_{key}"] += timeit(one, max(5, frames // 4))
-                if not comp:  # 4 frames per call take the packed path anyway
-                    out[f"step4_{key}"] += [t / 4 for t in timeit(four, max(5, frames // 16))]
-                elif not int8:  # the whole recognizer, frame by frame, on the compiled step
+                out[f"step4_{key}"] += [t / 4 for t in timeit(four, max(5, frames // 16))]
+                if comp and not int8:  # the whole recognizer, frame by frame, on the compiled step
                     for _ in range(max(5, frames // 4)):
                         if pos + hop > len(audio):
                             pos = SR
@@ -318,6 +318,9 @@ def main(argv=None) -> int:
             ("model.step, 160 ms (4 frames) per call, per 40 ms, general path", single["step4_False"]),
             ("model.step, 160 ms (4 frames) per call, per 40 ms, packed path", single["step4_True"]),
             ("model.step, 160 ms (4 frames) per call, per 40 ms, packed int8", single["step4_int8"])]
+    if "compile_s" in single:
+        rows += [("model.step, 160 ms (4 frames) per call, per 40 ms, compiled", single["step4_compiled"]),
+                 ("model.step, 160 ms (4 frames) per call, per 40 ms, compiled int8", single["step4_compiled_int8"])]
     if q is not None:
         rows.append(("model.step, torch.ao int8 dynamic (nn.Linear; general path)", q))
     rows.append((f"floor: fp32 matvec over {n_params / 1e6:.1f} M weights", floor))
@@ -331,7 +334,10 @@ def main(argv=None) -> int:
         pk = statistics.median(single["step_True"])
         print(f"\ncompiled one-frame step: {pk / statistics.median(single['step_compiled']):.2f}x the packed path "
               f"(int8: {statistics.median(single['step_int8']) / statistics.median(single['step_compiled_int8']):.2f}x "
-              f"the packed int8 path); compile time {single['compile_s']['compiled']:.1f} s (float32), "
+              f"the packed int8 path); at 160 ms per call "
+              f"{statistics.median(single['step4_True']) / statistics.median(single['step4_compiled']):.2f}x "
+              f"(int8: {statistics.median(single['step4_int8']) / statistics.median(single['step4_compiled_int8']):.2f}x); "
+              f"compile time (1 and 4 frames) {single['compile_s']['compiled']:.1f} s (float32), "
               f"{single['compile_s']['compiled_int8']:.1f} s (int8), in this process (inductor's disk cache "
               f"makes later processes faster)")
     if emf is not None:
@@ -347,6 +353,9 @@ def main(argv=None) -> int:
             print(f"- {name}: general path {med / gen:.2f}x, packed path {med / pk:.2f}x, packed int8 "
                   f"{med / i8:.2f}x (packed is {gen / pk:.2f}x faster than general, int8 {pk / i8:.2f}x "
                   f"faster than packed fp32)")
+            if "compile_s" in single:
+                c32, c8 = statistics.median(single[f"{key}_compiled"]), statistics.median(single[f"{key}_compiled_int8"])
+                print(f"  compiled: {med / c32:.2f}x, compiled int8 {med / c8:.2f}x")
         if q is not None:
             print(f"- torch.ao int8, frame by frame: {med / statistics.median(q):.2f}x")
     print(f"\nmodel.init_state(1): {1e6 * statistics.median(single['init_state']):.0f} us")

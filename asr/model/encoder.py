@@ -16,8 +16,9 @@ Inference fast path: without autograd, ``step`` runs the blocks through
 built lazily and rebuilt when a parameter changes). Same arithmetic, ~5x fewer PyTorch calls;
 ``step(..., fast=False)`` is the general path it is tested against. ``prepare_for_inference(int8=True)``
 gives the packed path int8 weights (per output channel) and per-frame dynamic activation scales;
-``prepare_for_inference(compile=True)`` serves one-frame calls of one stream with the whole step
-compiled into one C++ function (:mod:`asr.model.token_step`, ~2x faster per frame, opt-in).
+``prepare_for_inference(compile=True)`` serves calls of one stream that bring one encoder frame (or
+as many as ``compile_frames`` lists) with the whole step compiled into one C++ function
+(:mod:`asr.model.token_step`, ~2x faster per frame, opt-in).
 """
 from __future__ import annotations
 
@@ -106,7 +107,7 @@ class CTCModel(nn.Module):
         self.head = nn.Linear(config.d_model, config.vocab_size)
         self._packed: Optional[tuple[list[Tensor], list[int], Optional[list[PackedBlock]]]] = None
         self._int8 = False  # prepare_for_inference(int8=True): the packed path with int8 weights
-        self._compile = False  # prepare_for_inference(compile=True): one-token calls compiled
+        self._compile: tuple[int, ...] = ()  # prepare_for_inference(compile=True): frames per call compiled
         self._token_step: Optional[CompiledTokenStep] = None
         # load_state_dict(assign=True) swaps Parameter objects: drop the pack (in-place loads are
         # caught by the parameters' version counters, see _packed_blocks)
@@ -174,8 +175,9 @@ class CTCModel(nn.Module):
         Both give the same outputs to float rounding, except with int8 inference on
         (:meth:`prepare_for_inference`): then the packed path has int8 weights and ``fast=False``
         is the float reference. With ``prepare_for_inference(compile=True)``, packed-path calls
-        that bring one encoder frame (4 feature frames, given the cached ones) of one stream run
-        the compiled step (:mod:`asr.model.token_step`).
+        of one stream that complete one encoder frame (4 feature frames, given the cached ones),
+        or a number of frames in ``compile_frames``, run the compiled step
+        (:mod:`asr.model.token_step`).
         """
         x, caches = self.subsampling.stream(self.cmvn(features), state.subsampling)
         if x.shape[1] == 0:
@@ -190,10 +192,10 @@ class CTCModel(nn.Module):
             if fast and packs is None:
                 raise RuntimeError("the packed inference path does not apply here (autograd on, impl "
                                    "given, active dropout, or weights that are not float nn.Linear)")
-            if packs is not None and self.compiled_step and x.shape[:2] == (1, 1) and x.dtype == torch.float32 \
-                    and x.device.type == "cpu":
-                logits, blocks = self._compiled_token_step(packs)(x[:, 0], state.blocks)
-                logits = logits.unsqueeze(1)
+            if packs is not None and x.shape[0] == 1 and x.shape[1] in self._compile \
+                    and x.dtype == torch.float32 and x.device.type == "cpu":
+                logits, blocks = self._compiled_token_step(packs)(x[0], state.blocks)
+                logits = logits.unsqueeze(0)
             elif packs is not None:
                 logits, blocks = self._packed_blocks_and_head(x, state.blocks, packs)
             else:
@@ -227,10 +229,12 @@ class CTCModel(nn.Module):
 
     @property
     def compiled_step(self) -> bool:
-        """Whether one-frame calls of one stream take the compiled step (:meth:`prepare_for_inference`)."""
-        return getattr(self, "_compile", False)
+        """Whether calls of one stream take a compiled step (:meth:`prepare_for_inference`)."""
+        return bool(getattr(self, "_compile", ()))
 
-    def prepare_for_inference(self, int8: bool = False, compile: bool = False) -> bool:
+    def prepare_for_inference(
+        self, int8: bool = False, compile: bool = False, compile_frames: tuple[int, ...] = (1,)
+    ) -> bool:
         """Build the packed weights of the inference step now (``step`` also builds them lazily on
         first use). Returns whether the packed path applies to this model (it does not to
         quantized or half-precision linear layers; those run the general path).
@@ -265,8 +269,16 @@ class CTCModel(nn.Module):
         path. It compiles here, now: ~10-30 s and a working C++ compiler (inductor caches it on disk,
         so later processes take a few seconds); compile with the thread count you will run with
         (``torch.set_num_threads``), the generated code keeps it. Memory: one more copy of the block
-        weights (float32 packs; int8: one byte per weight)."""
+        weights (float32 packs; int8: one byte per weight).
+
+        ``compile_frames``: the encoder frames per call that get a compiled step, each its own
+        function and compile (default: one frame, 40 ms). A call of T frames reads every weight
+        once for all of them, so larger calls cost less per 40 ms of audio: ``(1, 4)`` also serves
+        160 ms per call, the segment of a 160 ms-latency stream."""
         int8, compile = bool(int8), bool(compile)
+        frames = tuple(sorted({int(t) for t in compile_frames})) if compile else ()
+        if compile and (not frames or frames[0] < 1):
+            raise ValueError(f"compile_frames must be frame counts >= 1, got {compile_frames!r}")
         if int8 or compile:
             w = self.ln_out.weight
             if w.device.type != "cpu" or w.dtype != torch.float32:
@@ -281,9 +293,10 @@ class CTCModel(nn.Module):
         if int8 != self.int8_inference:
             self._int8 = int8
             self._packed = None
-        self._compile = compile
-        if not compile and getattr(self, "_token_step", None) is not None:
+        if frames != self._compile and getattr(self, "_token_step", None) is not None:
             self._token_step.release()  # its weight copy (the compiled code stays for a later compile=True)
+            self._token_step = None
+        self._compile = frames
         packs = self._packed_blocks()
         if compile and packs is not None:
             self._compiled_token_step(packs)  # compile now, not on the first frame of a stream
@@ -292,7 +305,7 @@ class CTCModel(nn.Module):
     def _compiled_token_step(self, packs: list[PackedBlock]) -> CompiledTokenStep:
         """The compiled one-token step on these packs (created, or its weights rebuilt, as needed)."""
         if getattr(self, "_token_step", None) is None:
-            self._token_step = CompiledTokenStep()
+            self._token_step = CompiledTokenStep(self._compile)
         self._token_step.update(packs, self.ln_out, self.head)
         return self._token_step
 

@@ -200,30 +200,46 @@ def _quant(x: Tensor) -> tuple[Tensor, Tensor]:
     return torch.mul(x, 127.0 / amax).round(), amax
 
 
+def _rows_dot(w: Tensor, x: Tensor) -> Tensor:
+    """x [T, K] @ w.T for w [out, K], as a multiply and a row sum that inductor writes as one loop.
+    The sum is laid out [out, T] (then transposed): the loop over outputs is the outer one, so
+    each weight row is read from memory once and used for all T frames from the cache."""
+    if x.shape[0] == 1:
+        return (w * x[0]).sum(-1).unsqueeze(0)
+    return (w.unsqueeze(1) * x.unsqueeze(0)).sum(-1).t()
+
+
 def _mv(m: _Mat, x: Tensor, f32: Tensor, i8: Tensor, q: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
-    """x [K] @ W for a weight in [out, in] layout, as a multiply and a row sum (inductor writes the
-    loop). int8 weights: x quantized (or given quantized, ``q``), the sum of integer products
-    (in float32, see the module docstring), then scaled per row and per column as
-    :func:`asr.model.rwkv7._mm8`."""
+    """x [T, K] @ W for a weight in [out, in] layout (:func:`_rows_dot`). int8 weights: x quantized
+    per row (or given quantized, ``q``), the sum of integer products (in float32, see the module
+    docstring), then scaled per row and per column as :func:`asr.model.rwkv7._mm8`."""
     if m.scale is None:
-        return (m.w.get(f32) * x).sum(-1)
+        return _rows_dot(m.w.get(f32), x)
     qx, amax = q if q is not None else _quant(x)
-    return ((m.w.get(i8).to(torch.float32) * qx).sum(-1) * amax) * m.scale.get(f32)
+    return (_rows_dot(m.w.get(i8).to(torch.float32), qx) * amax) * m.scale.get(f32)
 
 
-def _block_token(
+def _shift(u: Tensor, prev: Tensor) -> Tensor:
+    """Token shift of one stream's frames u [T, C] after ``prev`` [C]: u_{t-1} - u_t."""
+    if u.shape[0] == 1:
+        return prev - u
+    return torch.cat([prev.unsqueeze(0), u[:-1]]) - u
+
+
+def _block_frames(
     L: _BlockLayout, f32: Tensor, i8: Tensor, x: Tensor, tmix_prev: Tensor, S: Tensor, cmix_prev: Tensor,
     v_first: Optional[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """:func:`asr.model.rwkv7.packed_step` for one token of one stream: x, prevs [C], S [H, N, N].
-    Returns (x, new tmix_prev, new S, new cmix_prev, v_first)."""
+    """:func:`asr.model.rwkv7.packed_step` for T frames of one stream: x [T, C], prevs [C],
+    S [H, N, N]. Returns (x, new tmix_prev, new S, new cmix_prev, v_first)."""
     C, H, N = L.C, L.H, L.N
+    T = x.shape[0]
     g_ = lambda s: s.get(f32)  # noqa: E731
     if L.ln0 is not None:
         x = F.layer_norm(x, (C,), g_(L.ln0[0]), g_(L.ln0[1]), L.ln0[2])
     # ---- time mix
     u = F.layer_norm(x, (C,), g_(L.ln1[0]), g_(L.ln1[1]), L.ln1[2])
-    mixes = torch.addcmul(u, tmix_prev - u, g_(L.mu))  # [6, C]: x_r, x_k, x_v, x_w, x_a, x_g
+    mixes = torch.addcmul(u, _shift(u, tmix_prev), g_(L.mu).unsqueeze(1))  # [6, T, C]: x_r, x_k, x_v, x_w, x_a, x_g
     qm = _quant(mixes) if L.int8 else None
     row = lambda i: None if qm is None else (qm[0][i], qm[1][i])  # noqa: E731
     r, k, v = (_mv(L.rkv[i], mixes[i], f32, i8, row(i)) for i in range(3))
@@ -242,56 +258,62 @@ def _block_token(
     else:
         v_first = v
     w_sig, a = gates[n - 3], gates[n - 2]
-    kk = F.normalize((k * g_(L.k_k)).view(H, N), dim=-1, p=2.0, eps=1e-12)
+    kk = F.normalize((k * g_(L.k_k)).view(T, H, N), dim=-1, p=2.0, eps=1e-12)
     k = k * torch.addcmul(g_(L.one_minus_k_a), a, g_(L.k_a))
-    b = kk * a.view(H, N)
-    # wkv, one token: S' = S diag(exp(w)) - (S kk)(kk a)^T + v k^T; y = S' r
-    decay = torch.exp(w_sig * NEG_EXP_HALF).view(H, 1, N)
-    s_kk = (S * kk.view(H, 1, N)).sum(dim=-1, keepdim=True)
-    S = S * decay - s_kk * b.view(H, 1, N) + v.view(H, N, 1) * k.view(H, 1, N)
-    y = (S * r.view(H, 1, N)).sum(dim=-1).view(1, C)
-    y = F.group_norm(y, H, g_(L.ln_x[0]), g_(L.ln_x[1]), L.ln_x[2]).view(C)
-    bonus = ((r * k).view(H, N) * g_(L.r_k)).sum(dim=-1, keepdim=True) * v.view(H, N)
-    x = x + _mv(L.w_o, (y + bonus.view(C)) * g, f32, i8)
+    b = kk * a.view(T, H, N)
+    # wkv, token by token: S' = S diag(exp(w)) - (S kk)(kk a)^T + v k^T; y = S' r
+    decay = torch.exp(w_sig * NEG_EXP_HALF).view(T, H, 1, N)
+    ys = []
+    for t in range(T):
+        s_kk = (S * kk[t].view(H, 1, N)).sum(dim=-1, keepdim=True)
+        S = S * decay[t] - s_kk * b[t].view(H, 1, N) + v[t].view(H, N, 1) * k[t].view(H, 1, N)
+        ys.append((S * r[t].view(H, 1, N)).sum(dim=-1).view(1, C))
+    y = ys[0] if T == 1 else torch.cat(ys)
+    y = F.group_norm(y, H, g_(L.ln_x[0]), g_(L.ln_x[1]), L.ln_x[2])
+    bonus = ((r * k).view(T, H, N) * g_(L.r_k)).sum(dim=-1, keepdim=True) * v.view(T, H, N)
+    x = x + _mv(L.w_o, (y + bonus.view(T, C)) * g, f32, i8)
     # ---- channel mix
     u2 = F.layer_norm(x, (C,), g_(L.ln2[0]), g_(L.ln2[1]), L.ln2[2])
-    hidden = torch.relu(_mv(L.ffn_key, torch.addcmul(u2, cmix_prev - u2, g_(L.cmix_mu)), f32, i8)).square()
+    hidden = torch.relu(_mv(L.ffn_key, torch.addcmul(u2, _shift(u2, cmix_prev), g_(L.cmix_mu)), f32, i8)).square()
     x = x + _mv(L.ffn_value, hidden, f32, i8)
-    return x, u, S, u2, v_first
+    return x, u[-1], S, u2[-1], v_first
 
 
 def _make_step(layout: _Layout) -> Callable[..., tuple[Tensor, ...]]:
-    """The whole stack for one token, the layout baked in: (x [C], f32, i8, *states) ->
-    (logits [V], *new states), states flat as (tmix_prev [C], S [H, N, N], cmix_prev [C]) per block."""
+    """The whole stack for T frames of one stream, the layout baked in: (x [T, C], f32, i8, *states)
+    -> (logits [T, V], *new states), states flat as (tmix_prev [C], S [H, N, N], cmix_prev [C]) per
+    block."""
 
     def step(x: Tensor, f32: Tensor, i8: Tensor, *states: Tensor) -> tuple[Tensor, ...]:
         v_first = None
         new: list[Tensor] = []
         for i, L in enumerate(layout.blocks):
-            x, tp, S, cp, v_first = _block_token(L, f32, i8, x, states[3 * i], states[3 * i + 1],
-                                                 states[3 * i + 2], v_first)
+            x, tp, S, cp, v_first = _block_frames(L, f32, i8, x, states[3 * i], states[3 * i + 1],
+                                                  states[3 * i + 2], v_first)
             new += [tp, S, cp]
         w, b, eps = layout.ln_out
-        x = F.layer_norm(x, (x.shape[0],), w.get(f32), b.get(f32), eps)
-        return ((layout.head_w.get(f32) * x).sum(-1) + layout.head_b.get(f32), *new)
+        x = F.layer_norm(x, (x.shape[-1],), w.get(f32), b.get(f32), eps)
+        return (_rows_dot(layout.head_w.get(f32), x) + layout.head_b.get(f32), *new)
 
     return step
 
 
-#: Compiled steps by layout, shared by all models of the same sizes (they hold no weights).
-_COMPILED: dict[_Layout, Callable[..., tuple[Tensor, ...]]] = {}
+#: Compiled steps by (layout, frames per call), shared by all models of the same sizes (they hold
+#: no weights).
+_COMPILED: dict[tuple[_Layout, int], Callable[..., tuple[Tensor, ...]]] = {}
 
 
-def _compiled_step(layout: _Layout) -> Callable[..., tuple[Tensor, ...]]:
-    """The step of ``layout`` traced to an FX graph of ATen ops (``make_fx``: the layout's Python
-    ints become constants of the graph) and compiled by inductor, without dynamo.
+def _compiled_step(layout: _Layout, frames: int) -> Callable[..., tuple[Tensor, ...]]:
+    """The step of ``layout`` for ``frames`` frames per call, traced to an FX graph of ATen ops
+    (``make_fx``: the layout's Python ints and the frame count become constants of the graph; the
+    wkv recurrence is unrolled over the frames) and compiled by inductor, without dynamo.
 
     ``torch.compile`` on the same function works as well, but dynamo re-checks every layout int
     and input tensor it reads on every call (its guards: ~0.2-0.5 ms a token, measured); here the
     caller guarantees the input shapes instead (:meth:`CompiledTokenStep.__call__`). The example
     inputs are fake tensors with a shape environment: that lets inductor's FX graph cache (on disk)
     serve later processes (~1.5 s instead of ~15 s for the 8-layer model)."""
-    fn = _COMPILED.get(layout)
+    fn = _COMPILED.get((layout, frames))
     if fn is not None:
         return fn
     from torch._inductor import compile as inductor_compile
@@ -301,7 +323,7 @@ def _compiled_step(layout: _Layout) -> Callable[..., tuple[Tensor, ...]]:
 
     L0 = layout.blocks[0]
     C, H, N = L0.C, L0.H, L0.N
-    shapes = [(C,), (layout.f32_size,), (layout.i8_size,)] + [s for _ in layout.blocks for s in ((C,), (H, N, N), (C,))]
+    shapes = [(frames, C), (layout.f32_size,), (layout.i8_size,)] + [s for _ in layout.blocks for s in ((C,), (H, N, N), (C,))]
     dtypes = [torch.float32, torch.float32, torch.int8] + [torch.float32] * (3 * len(layout.blocks))
     fake_mode = FakeTensorMode(shape_env=ShapeEnv())
     with torch.no_grad():
@@ -309,27 +331,30 @@ def _compiled_step(layout: _Layout) -> Callable[..., tuple[Tensor, ...]]:
                    for s, d in zip(shapes, dtypes)]
         gm = make_fx(_make_step(layout))(*example)
         fn = inductor_compile(gm, example)
-    _COMPILED[layout] = fn
+    _COMPILED[(layout, frames)] = fn
     return fn
 
 
 class CompiledTokenStep:
-    """The compiled one-token step of a model's packs (:meth:`CTCModel.prepare_for_inference`).
+    """The compiled steps of a model's packs (:meth:`CTCModel.prepare_for_inference`), one per
+    number of encoder frames per call in ``frames``.
 
     Call :meth:`update` with the current packs before each use (cheap when they are the same
     objects); the buffers are rebuilt when the packs were. Compiled functions are kept per layout
-    (model sizes, float32 or int8 packs) for the whole process, so each compiles once.
+    (model sizes, float32 or int8 packs) and frame count for the whole process, so each compiles
+    once.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, frames: tuple[int, ...] = (1,)) -> None:
+        self.frames = tuple(sorted(set(frames)))
         self._packs: Optional[list[PackedBlock]] = None
         self._layout: Optional[_Layout] = None
-        self._fn: Optional[Callable[..., tuple[Tensor, ...]]] = None
+        self._fns: dict[int, Callable[..., tuple[Tensor, ...]]] = {}
         self._f32 = self._i8 = torch.empty(0)
 
     def release(self) -> None:
         """Drop the weight buffers (the compiled code stays, for a later :meth:`update`)."""
-        self._packs, self._layout, self._fn = None, None, None
+        self._packs, self._layout, self._fns = None, None, {}
         self._f32 = self._i8 = torch.empty(0)
 
     def update(self, packs: list[PackedBlock], ln_out: torch.nn.LayerNorm, head: torch.nn.Linear) -> None:
@@ -337,17 +362,19 @@ class CompiledTokenStep:
             return
         with torch.no_grad():
             layout, self._f32, self._i8 = _layout_and_buffers(packs, ln_out, head)
-        self._layout, self._fn, self._packs = layout, _compiled_step(layout), packs
+        self._layout, self._packs = layout, packs
+        self._fns = {t: _compiled_step(layout, t) for t in self.frames}
 
     def __call__(self, x: Tensor, states: list[BlockState]) -> tuple[Tensor, list[BlockState]]:
-        """x [1, C] (one token of one stream) and its block states -> logits [1, V], new states."""
-        assert self._fn is not None and self._layout is not None, "update() first"
-        C = x.shape[-1]
+        """x [T, C] (T frames of one stream, T in ``frames``) and its block states -> logits [T, V],
+        new states."""
+        assert self._layout is not None, "update() first"
+        T, C = x.shape
         flat = []
         for s, L in zip(states, self._layout.blocks):  # the compiled code takes contiguous inputs
             flat += [s.tmix_prev.reshape(C).contiguous(), s.wkv.reshape(L.H, L.N, L.N).contiguous(),
                      s.cmix_prev.reshape(C).contiguous()]
-        logits, *new = self._fn(x.reshape(C).contiguous(), self._f32, self._i8, *flat)
+        logits, *new = self._fns[T](x.contiguous(), self._f32, self._i8, *flat)
         blocks = [BlockState(new[i].view(1, C), new[i + 1].unsqueeze(0), new[i + 2].view(1, C))
                   for i in range(0, len(new), 3)]
-        return logits.view(1, -1), blocks
+        return logits, blocks
