@@ -92,6 +92,34 @@ def test_live_input_fast_gives_the_offline_transcript(overfit_checkpoint, tmp_pa
     assert r.returncode == 0 and txt.read_text().splitlines() == ["go forward ten meters"]
 
 
+@pytest.mark.skipif(os.environ.get("ASR_TEST_COMPILE") == "0" or not (shutil.which("c++") or shutil.which("g++")),
+                    reason="--compile builds C++ with torch.compile's inductor (ASR_TEST_COMPILE=0 skips)")
+def test_live_compile_gives_the_offline_transcript(overfit_checkpoint, tmp_path, monkeypatch, capsys):
+    """--compile: 160 ms blocks through the compiled 4-frame step (float32: the packed path's
+    results to float rounding), so the words and times are the offline ones. In-process, to count
+    the calls that took the compiled step."""
+    from asr.cli import live
+    from asr.model import token_step
+
+    calls = []
+    original = token_step.CompiledTokenStep.__call__
+    monkeypatch.setattr(token_step.CompiledTokenStep, "__call__",
+                        lambda obj, x, states: calls.append(x.shape[0]) or original(obj, x, states))
+    wav = DATA / "audio/pocketsphinx_goforward.flac"
+    out = tmp_path / "finals.jsonl"
+    threads = torch.get_num_threads()
+    try:
+        rc = live.main(["--model", str(overfit_checkpoint), "--input", str(wav), "--fast", "--compile",
+                        "--output", str(out)])
+    finally:
+        torch.set_num_threads(threads)  # asr-live runs on one thread
+    assert rc == 0, capsys.readouterr().err
+    audio = load_audio(wav)
+    assert len(calls) >= len(audio) / 16000 / 0.16 - 3 and set(calls) == {4}  # ~every block, 4 frames each
+    words = [(w["word"], w["start"], w["end"]) for s in read_jsonl(out) for w in s["words"]]
+    assert words == offline_words(overfit_checkpoint, audio)
+
+
 @pytest.mark.parametrize("args", [["--device", "no-such-device-xyz"], ["--device", "987"]])
 def test_missing_device_is_a_one_line_error(overfit_checkpoint, args, tmp_path):
     # No PulseAudio server reachable: whatever PortAudio finds, this device is not among them.

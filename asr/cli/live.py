@@ -1,7 +1,7 @@
 """``asr-live``: transcribe the microphone (or a file played at real-time pace) as you speak.
 
     asr-live [--model PATH] [--device N|NAME] [--samplerate R] [--output FILE] [--format txt|jsonl]
-             [--stats] [--save-audio WAV] [--input FILE [--fast]] [--int8] [--list-devices]
+             [--stats] [--save-audio WAV] [--input FILE [--fast]] [--int8] [--compile] [--list-devices]
 
 What it shows: on a terminal, the partial hypothesis of the current segment on one line that is
 rewritten in place (``\\r``), and each final segment on its own line once an endpoint (a pause)
@@ -25,6 +25,12 @@ fast as possible with ``--fast``): for demos, and to test the pipeline without a
 the delay between a word's end in the audio and its first appearance on screen, and overflow
 counts.
 
+``--compile`` records in 160 ms blocks instead of 100 ms and runs the model's step for them
+compiled into one C++ function (``CTCModel.prepare_for_inference(compile=True,
+compile_frames=(4,))``): with ``--int8``, ~3x less compute per 40 ms than the packed int8 step
+(tools/bench_stream.py). It needs a C++ compiler; the first start compiles for up to a minute
+(inductor caches the result on disk, so later starts take seconds). Words appear up to 60 ms later.
+
 One intra-op thread: per-frame operations are tiny, and with 2 OpenMP threads on a busy 2-core
 machine they stall waiting for each other (measured: slower than 1 thread).
 """
@@ -46,6 +52,11 @@ import numpy as np
 from asr.stop import StopSignals
 
 BLOCK_SECONDS = 0.1
+#: --compile: 4 encoder frames per block, the call the compiled step serves (Emformer's segment too)
+COMPILED_BLOCK_SECONDS = 0.16
+#: encoder frames per call that --compile compiles a step for (160 ms blocks bring 4 once the
+#: frontend is primed; the first block, and odd block sizes after resampling, take the packed path)
+COMPILED_FRAMES = (4,)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beam-size", type=int, default=1, help="1: greedy decoding (default); >1: CTC prefix beam search")
     p.add_argument("--int8", action="store_true",
                    help="int8 block weights (CPU): 1.1-1.8x faster steps, outputs within ~1%% of float32")
+    p.add_argument("--compile", action="store_true",
+                   help="160 ms blocks through a step compiled with torch.compile (needs a C++ compiler; "
+                        "the first start takes up to a minute): with --int8 ~3x faster per 40 ms")
     return p
 
 
@@ -175,14 +189,14 @@ class Stats:
         return "\n".join("stats: " + l for l in lines)
 
 
-def _file_blocks(path: str) -> Iterator[np.ndarray]:
+def _file_blocks(path: str, block_seconds: float = BLOCK_SECONDS) -> Iterator[np.ndarray]:
     from asr.audio import iter_audio_blocks
 
-    for block in iter_audio_blocks(path, block_seconds=BLOCK_SECONDS):
+    for block in iter_audio_blocks(path, block_seconds=block_seconds):
         yield block.numpy()
 
 
-def _load_model(path: Optional[str], int8: bool = False) -> tuple[Any, Any]:
+def _load_model(path: Optional[str], int8: bool = False, compile: bool = False) -> tuple[Any, Any]:
     from asr.api import BUNDLED_MODEL
     from asr.train.checkpoint import load_for_inference
 
@@ -191,8 +205,12 @@ def _load_model(path: Optional[str], int8: bool = False) -> tuple[Any, Any]:
             raise FileNotFoundError(f"no bundled model ({BUNDLED_MODEL} is not installed); pass --model PATH")
         path = str(BUNDLED_MODEL)
     model, tokenizer = load_for_inference(path)
-    if int8:
-        model.prepare_for_inference(int8=True)
+    if int8 or compile:
+        try:
+            model.prepare_for_inference(int8=int8, compile=compile, compile_frames=COMPILED_FRAMES)
+        except Exception as err:  # no C++ compiler, a model the compiled step does not take...
+            what = "--compile" if compile else "--int8"
+            raise RuntimeError(f"{what} failed: {' '.join(str(err).split())[:200]}") from None
     return model, tokenizer
 
 
@@ -223,16 +241,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     from asr.audio import AudioError
     from asr.stream import Recognizer
 
+    block_seconds = COMPILED_BLOCK_SECONDS if args.compile else BLOCK_SECONDS
     mic: Optional[Microphone] = None
     if not args.input:
         try:  # resolve the device before the (slower) model load, so a bad device fails fast
-            mic = Microphone(args.device, samplerate=args.samplerate, block_seconds=BLOCK_SECONDS)
+            mic = Microphone(args.device, samplerate=args.samplerate, block_seconds=block_seconds)
         except MicrophoneError as err:
             return _error(str(err))
     elif not Path(args.input).is_file():
         return _error(f"{args.input}: file not found")
     try:
-        model, tokenizer = _load_model(args.model, args.int8)
+        if args.compile:
+            print("asr-live: compiling the model step (up to a minute the first time)", file=sys.stderr, flush=True)
+        model, tokenizer = _load_model(args.model, args.int8, args.compile)
     except Exception as err:  # CheckpointError, FileNotFoundError: one line
         return _error(" ".join(str(err).split()))
     rec = Recognizer(model, tokenizer, beam_size=args.beam_size, keep_segments=False)
@@ -302,7 +323,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 print(f"asr-live: playing {args.input}" + (" (fast)" if args.fast else " in real time"),
                       file=sys.stderr, flush=True)
                 start = time.monotonic()
-                for block in _file_blocks(args.input):
+                for block in _file_blocks(args.input, block_seconds):
                     if stop.requested:
                         break
                     if not args.fast:  # deliver each block when its last sample would have been recorded
