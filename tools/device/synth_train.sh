@@ -53,6 +53,9 @@ train = texts(f"{sys.argv[1]}/train.jsonl")
 print(f"dev/test sentences match the carried sets; {len(train & texts(sys.argv[2] + '/test.jsonl'))} test sentences in train")
 EOF
   echo "corpus made in $(( $(date +%s) - T0 )) s; $(du -sh $CORPUS | cut -f1) on disk"
+  # What one DataLoader worker delivers on this machine's cores (session 5's H100s waited 7-41 % of
+  # each step for data): ~10 s, once per machine; a failure here does not stop the training.
+  timeout 60 python tools/bench_loader.py --manifest $CORPUS/train.jsonl --limit 300 > "$OUT/bench_loader.txt" 2>&1 || true
 fi
 S=$PACK/bundle_small
 export VARIANTS=${VARIANTS:-tools/device/bundled_variants_synth.txt} EVAL_DIR=$S ROOT=${ROOT:-exp/variants_synth}
