@@ -17,9 +17,9 @@
 #                   audio comes along (its synthetic half in ../synth_dev/): the device scores dev
 #                   alone; test and misc are scored here from .data/bundle. Manifests are xz'd and
 #                   the audio is one tar (synth_train.sh unpacks both there).
+#   wheels/         pyroomacoustics, num2words, docopt (prepare.py's Python needs; scipy is there)
 # Why so lean: the tree that travels (tracked files included, the 23.5 MB bundled model among
 # them) may not pass 64 MiB.
-#   wheels/         pyroomacoustics, num2words, docopt (prepare.py's Python needs; scipy is there)
 #
 # Needs: apt-get install espeak-ng flite bible-kjv bible-kjv-text wordnet-base xz-utils, and .data/bundle
 # (recipes/bundled/README.md). Env: REAL_REPEATS (default 8).
