@@ -124,7 +124,8 @@ def compute_fbank_batch(waves: Sequence[torch.Tensor]) -> list[torch.Tensor]:
             pieces.append(w.new_zeros(span - used))
         pos += span
     if not pieces:
-        return [torch.zeros(0, NUM_MEL_BINS, dtype=torch.float32) for _ in waves]
+        device = waves[0].device if waves else None
+        return [torch.zeros(0, NUM_MEL_BINS, dtype=torch.float32, device=device) for _ in waves]
     feats = compute_fbank(torch.cat(pieces))
     return [feats[f : f + t] for f, t in zip(first_frame, counts)]
 

@@ -432,3 +432,30 @@ def test_resume_from_a_checkpoint_of_the_unfused_optimizer(trained: Path, work: 
     _train(_args(work, run, f"trainer.max_steps={ckpt['step'] + 2}", "trainer.val_every=100000"), work["root"])
     assert f"at step {ckpt['step']}" in (run / "train.log").read_text()
     assert json.loads((run / "summary.json").read_text())["step"] == ckpt["step"] + 2
+
+
+def test_features_on_device_trains_the_same_run(work: dict, tmp_path: Path) -> None:
+    """data.features_on_device=true (fbank + SpecAugment in the trainer) trains exactly the run the
+    workers' features give: same losses, same weights to float rounding."""
+    from hydra import compose, initialize_config_dir
+
+    import asr.cli.train  # noqa: F401  (resolvers)
+    from asr.train.trainer import Trainer
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    weights = {}
+    for flag in ("false", "true"):
+        run = tmp_path / flag
+        overrides = _args(work, run, "trainer.max_steps=6", "trainer.log_every=1", "data.dev_manifests=[]",
+                          "data.augment.speed.enabled=true", f"data.features_on_device={flag}")
+        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+            cfg = compose("config", overrides=[a for a in overrides if not a.startswith("hydra.")])
+        Trainer(cfg, run).fit()
+        model, _ = load_for_inference(run / "checkpoints")
+        weights[flag] = model.state_dict()
+        losses = [m["train/loss"] for m in _metrics(run) if "train/loss" in m]
+        weights[flag + "_losses"] = losses
+    assert len(weights["true_losses"]) == 6
+    assert weights["true_losses"] == pytest.approx(weights["false_losses"], rel=1e-4)
+    for name, w in weights["false"].items():
+        torch.testing.assert_close(weights["true"][name], w, rtol=1e-4, atol=1e-5, msg=name)

@@ -10,7 +10,7 @@ thread, as DataLoader workers run) and where its time goes: decoding, speed pert
 SpecAugment, in the order ``ManifestDataset.__getitem__`` runs them, with the bundled recipe's
 augmentation (speed 0.9/1.0/1.1; SpecAugment as ``--spec light`` or the recipe default ``full``).
 The end-to-end row is ``ManifestDataset`` itself on the same utterances, so the stage rows can be
-checked against it. ``--flac`` re-encodes the utterances to FLAC in a temporary folder first (the
+checked against it; the last row is what a worker does with ``data.features_on_device=true``. ``--flac`` re-encodes the utterances to FLAC in a temporary folder first (the
 device corpus is FLAC; the carried one is Opus).
 """
 from __future__ import annotations
@@ -96,6 +96,13 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(len(data)):
             data[(i, i)]  # a seed: training mode (augmented)
         whole = time.perf_counter() - t
+        waves_only = ManifestDataset(entries, augment=AugmentConfig(spec_augment=SPEC[args.spec],
+                                                                    speed=SpeedConfig(enabled=True)),
+                                     features_on_device=True)
+        t = time.perf_counter()
+        for i in range(len(waves_only)):
+            waves_only[(i, i)]
+        waves_time = time.perf_counter() - t
     print(f"# bench_loader: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, 1 thread, "
           f"load average {os.getloadavg()[0]:.2f}, {time.strftime('%Y-%m-%d %H:%M')}")
     print(f"# {len(entries)} utterances, {audio:.0f} s of audio ({audio / len(entries):.2f} s each), "
@@ -107,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {1000 * sec / len(entries):.2f} | {100 * sec / total:.0f} % | {audio / sec:,.0f} |")
     print(f"| all stages | {1000 * total / len(entries):.2f} | 100 % | {audio / total:,.0f} |")
     print(f"| `ManifestDataset[i]` end to end | {1000 * whole / len(entries):.2f} | | {audio / whole:,.0f} |")
+    print(f"| the same with `data.features_on_device=true` (decode + speed; fbank and SpecAugment on the GPU) | "
+          f"{1000 * waves_time / len(entries):.2f} | | {audio / waves_time:,.0f} |")
     return 0
 
 

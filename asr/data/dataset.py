@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -42,6 +42,10 @@ class ManifestDataset(Dataset):
         dither: kaldi fbank dither in int16 units (training regularisation; 0 for evaluation).
         filter_ctc: drop utterances CTC cannot align (below); False for evaluation sets, whose
             WER must cover every utterance.
+        features_on_device: training items (those asked for with a seed) carry the augmented
+            waveform and the seed instead of features; the trainer computes fbank and SpecAugment
+            for the whole batch on its device (:mod:`asr.data.device_features`, same features).
+            Needs ``dither == 0``.
 
     Utterances with more tokens than encoder output frames (at the fastest speed factor) are
     dropped: CTC cannot align them, they would only contribute an infinite (zeroed) loss.
@@ -56,12 +60,17 @@ class ManifestDataset(Dataset):
         augment: AugmentConfig | None = None,
         dither: float = 0.0,
         filter_ctc: bool = True,
+        features_on_device: bool = False,
     ) -> None:
         from asr.features import compute_fbank  # imported here: frontend module owned by another helper
 
         self._fbank: Callable[..., torch.Tensor] = compute_fbank
         self.tokenizer = tokenizer
         self.dither = float(dither)
+        if features_on_device and self.dither != 0.0:
+            raise ValueError("data.features_on_device needs data.dither=0: a dither would draw from the random "
+                             "generator before SpecAugment does, so the device could not redraw the same masks")
+        self.features_on_device = bool(features_on_device)
         # No config means clean features (evaluation); SpecAugment is on by default only in configs.
         aug = augment or AugmentConfig(spec_augment=SpecAugmentConfig(enabled=False))
         self.augment = aug
@@ -115,15 +124,14 @@ class ManifestDataset(Dataset):
             wave = load_audio(entry["audio"])
             if self.wave_augment is not None and seed is not None:
                 wave = self.wave_augment(wave, rng)
-            feats = self._fbank(wave, dither=self.dither if seed is not None else 0.0)
-            if self.spec_augment is not None and seed is not None:
-                feats = self.spec_augment(feats)
-        item = {
-            "id": entry["id"],
-            "features": feats.float(),
-            "text": entry["text"],
-            "duration": entry["duration"],
-        }
+            if self.features_on_device and seed is not None:
+                item: dict = {"wave": wave, "seed": seed}
+            else:
+                feats = self._fbank(wave, dither=self.dither if seed is not None else 0.0)
+                if self.spec_augment is not None and seed is not None:
+                    feats = self.spec_augment(feats)
+                item = {"features": feats.float()}
+        item.update(id=entry["id"], text=entry["text"], duration=entry["duration"])
         if self.tokenizer is not None:
             item["tokens"] = torch.tensor(self.tokenizer.encode(entry["text"]), dtype=torch.long)
         return item
@@ -131,50 +139,73 @@ class ManifestDataset(Dataset):
 
 @dataclass
 class Batch:
-    """A padded batch. ``targets`` are padded with 0 (the blank id, never a real target)."""
+    """A padded batch. ``targets`` are padded with 0 (the blank id, never a real target).
+
+    With ``data.features_on_device`` a training batch holds the waveforms instead of the features
+    (``features`` is None; ``feature_lengths`` are already the fbank frame counts) until
+    :meth:`with_device_features` computes them where the batch is."""
 
     ids: list[str]
     texts: list[str]
-    features: torch.Tensor  # [B, T, 80] raw log-mel, zero padded at the end
+    features: torch.Tensor | None  # [B, T, 80] raw log-mel, zero padded at the end
     feature_lengths: torch.Tensor  # [B] long
     targets: torch.Tensor | None  # [B, U] long
     target_lengths: torch.Tensor | None  # [B] long
     durations: list[float]
+    waves: torch.Tensor | None = None  # [B, N] float32, zero padded: features_on_device only
+    wave_lengths: list[int] | None = None
+    seeds: list[int] | None = None  # the sampler's per-utterance seeds (SpecAugment's masks)
+
+    def _map(self, fn) -> "Batch":
+        opt = lambda t: None if t is None else fn(t)  # noqa: E731
+        return replace(self, features=opt(self.features), feature_lengths=fn(self.feature_lengths),
+                       targets=opt(self.targets), target_lengths=opt(self.target_lengths), waves=opt(self.waves))
 
     def to(self, device: torch.device | str) -> "Batch":
         nb = torch.device(device).type == "cuda"
-        return Batch(
-            self.ids,
-            self.texts,
-            self.features.to(device, non_blocking=nb),
-            self.feature_lengths.to(device, non_blocking=nb),
-            None if self.targets is None else self.targets.to(device, non_blocking=nb),
-            None if self.target_lengths is None else self.target_lengths.to(device, non_blocking=nb),
-            self.durations,
-        )
+        return self._map(lambda t: t.to(device, non_blocking=nb))
 
     def pin_memory(self) -> "Batch":
         """Called by DataLoader(pin_memory=True) so host-to-GPU copies can be asynchronous."""
-        return Batch(
-            self.ids, self.texts, self.features.pin_memory(), self.feature_lengths.pin_memory(),
-            None if self.targets is None else self.targets.pin_memory(),
-            None if self.target_lengths is None else self.target_lengths.pin_memory(),
-            self.durations,
-        )
+        return self._map(lambda t: t.pin_memory())
+
+    def with_device_features(self, spec_augment: SpecAugmentConfig | None) -> "Batch":
+        """The batch with its features computed from its waveforms, on the waveforms' device."""
+        if self.features is not None:
+            return self
+        from asr.data.device_features import batch_features
+
+        assert self.waves is not None and self.wave_lengths is not None and self.seeds is not None
+        feats, lengths = batch_features(self.waves, self.wave_lengths, spec_augment, self.seeds)
+        if lengths.tolist() != self.feature_lengths.tolist():  # both on the CPU: no device sync
+            raise RuntimeError(f"fbank frame counts {lengths.tolist()} differ from the batch's {self.feature_lengths.tolist()}")
+        return replace(self, features=feats, waves=None)
 
     def __len__(self) -> int:
         return len(self.ids)
 
 
 def collate(items: list[dict]) -> Batch:
-    """Pad features and targets of dataset items into a :class:`Batch`."""
+    """Pad features (or, with ``features_on_device``, waveforms) and targets of dataset items into
+    a :class:`Batch`."""
     if not items:
         raise ValueError("empty batch")
-    n_mels = items[0]["features"].shape[-1]
-    lengths = torch.tensor([it["features"].shape[0] for it in items], dtype=torch.long)
-    feats = torch.zeros(len(items), int(lengths.max()), n_mels)
-    for i, it in enumerate(items):
-        feats[i, : it["features"].shape[0]] = it["features"]
+    waves = wave_lengths = seeds = feats = None
+    if "wave" in items[0]:
+        from asr.features import num_frames
+
+        wave_lengths = [it["wave"].numel() for it in items]
+        waves = torch.zeros(len(items), max(wave_lengths))
+        for i, it in enumerate(items):
+            waves[i, : wave_lengths[i]] = it["wave"]
+        lengths = torch.tensor([num_frames(n) for n in wave_lengths], dtype=torch.long)
+        seeds = [int(it["seed"]) for it in items]
+    else:
+        n_mels = items[0]["features"].shape[-1]
+        lengths = torch.tensor([it["features"].shape[0] for it in items], dtype=torch.long)
+        feats = torch.zeros(len(items), int(lengths.max()), n_mels)
+        for i, it in enumerate(items):
+            feats[i, : it["features"].shape[0]] = it["features"]
     targets = target_lengths = None
     if "tokens" in items[0]:
         target_lengths = torch.tensor([it["tokens"].numel() for it in items], dtype=torch.long)
@@ -189,4 +220,7 @@ def collate(items: list[dict]) -> Batch:
         targets=targets,
         target_lengths=target_lengths,
         durations=[it["duration"] for it in items],
+        waves=waves,
+        wave_lengths=wave_lengths,
+        seeds=seeds,
     )

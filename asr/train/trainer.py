@@ -413,7 +413,9 @@ class Trainer:
 
         augment = AugmentConfig.from_dict(OmegaConf.to_container(dc.augment, resolve=True))  # type: ignore[arg-type]
         train_ds = ManifestDataset(train_entries, self.tokenizer, float(dc.min_duration), float(dc.max_duration),
-                                   augment=augment, dither=float(dc.get("dither", 0.0)))
+                                   augment=augment, dither=float(dc.get("dither", 0.0)),
+                                   features_on_device=bool(dc.get("features_on_device", False)))
+        self.spec_augment = augment.spec_augment
         self.train_sampler = BucketingBatchSampler(
             train_ds.durations, float(dc.max_batch_seconds), int(dc.num_buckets), int(dc.get("max_batch_size", 0) or 0),
             shuffle=True, seed=self.seed, rank=env.rank, world_size=env.world_size, shard_mode="drop",
@@ -665,7 +667,7 @@ class Trainer:
                 # CTC copies its lengths to the CPU anyway: hand it the batch's CPU ones (no GPU read).
                 out_lens = self.model.output_lengths(batch.feature_lengths)
                 target_lens = batch.target_lengths
-                batch = batch.to(self.device)
+                batch = batch.to(self.device).with_device_features(self.spec_augment)  # data.features_on_device
                 last = i == len(micro) - 1
                 sync = contextlib.nullcontext() if (last or env.world_size == 1) else ddp_model.no_sync()
                 with sync:
