@@ -34,6 +34,7 @@ one buffer keeps the compiled function's input checks (dynamo guards) cheap.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -333,11 +334,19 @@ def _compiled_step(layout: _Layout, frames: int) -> Callable[..., tuple[Tensor, 
     shapes = [(frames, C), (layout.f32_size,), (layout.i8_size,)] + [s for _ in layout.blocks for s in ((C,), (H, N, N), (C,))]
     dtypes = [torch.float32, torch.float32, torch.int8] + [torch.float32] * (3 * len(layout.blocks))
     fake_mode = FakeTensorMode(shape_env=ShapeEnv())
-    with torch.no_grad():
-        example = [fake_mode.from_tensor(torch.empty(s, dtype=d), static_shapes=True)  # untouched memory
-                   for s, d in zip(shapes, dtypes)]
-        gm = make_fx(_make_step(layout))(*example)
-        fn = inductor_compile(gm, example)
+    # Inductor's C++ build imports torch.utils.cpp_extension, which warns "No CUDA runtime is found"
+    # on every CPU-only machine: noise for someone starting asr-live, so quiet for the compile.
+    cpp_log = logging.getLogger("torch.utils.cpp_extension")
+    level = cpp_log.level
+    cpp_log.setLevel(logging.ERROR)
+    try:
+        with torch.no_grad():
+            example = [fake_mode.from_tensor(torch.empty(s, dtype=d), static_shapes=True)  # untouched memory
+                       for s, d in zip(shapes, dtypes)]
+            gm = make_fx(_make_step(layout))(*example)
+            fn = inductor_compile(gm, example)
+    finally:
+        cpp_log.setLevel(level)
     _COMPILED[(layout, frames)] = fn
     return fn
 
