@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -270,6 +271,26 @@ def test_stream_returns_the_recognizer(model):
     recognizer = pytest.importorskip("asr.stream.recognizer")
     r = model.stream()
     assert isinstance(r, recognizer.Recognizer)
+
+
+@pytest.mark.skipif(os.environ.get("ASR_TEST_COMPILE") == "0" or not (shutil.which("c++") or shutil.which("g++")),
+                    reason="compiles C++ with torch.compile's inductor (ASR_TEST_COMPILE=0 skips)")
+def test_load_model_compile_streams_160ms_chunks_through_the_compiled_step(overfit_checkpoint, model, monkeypatch):
+    from asr.model import token_step
+
+    calls = []
+    original = token_step.CompiledTokenStep.__call__
+    monkeypatch.setattr(token_step.CompiledTokenStep, "__call__",
+                        lambda obj, x, states: calls.append(x.shape[0]) or original(obj, x, states))
+    compiled = load_model(overfit_checkpoint, compile=True)
+    audio = load_audio(GOFORWARD)
+    stream = compiled.stream()
+    for start in range(0, len(audio), 2560):  # 160 ms chunks: 4 encoder frames each
+        stream.accept_waveform(audio[start : start + 2560])
+    assert stream.finalize().text == model.transcribe(GOFORWARD).text == "go forward ten meters"
+    assert len(calls) >= len(audio) // 2560 - 2 and 4 in calls
+    with pytest.raises(ValueError, match="CPU only"):
+        load_model(overfit_checkpoint, device="meta", compile=True)
 
 
 # ------------------------------------------------------------------------------------------- CLI
