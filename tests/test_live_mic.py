@@ -120,6 +120,27 @@ def test_live_compile_gives_the_offline_transcript(overfit_checkpoint, tmp_path,
     assert words == offline_words(overfit_checkpoint, audio)
 
 
+def test_live_compile_failure_is_a_one_line_error(overfit_checkpoint, monkeypatch, capsys):
+    """No C++ compiler (or any other compile failure): one line on stderr, exit 1, no traceback."""
+    from asr.cli import live
+    from asr.model import CTCModel
+
+    def no_compiler(self, *args, **kwargs):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found in\ntorch._inductor.config.cpp.cxx")
+
+    monkeypatch.setattr(CTCModel, "prepare_for_inference", no_compiler)
+    threads = torch.get_num_threads()
+    try:
+        rc = live.main(["--model", str(overfit_checkpoint), "--input", str(DATA / "audio/pocketsphinx_goforward.flac"),
+                        "--fast", "--compile"])
+    finally:
+        torch.set_num_threads(threads)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1
+    assert err[-1].startswith("asr-live: error: --compile failed: InvalidCxxCompiler: No working C++ compiler")
+    assert not any("Traceback" in line for line in err)
+
+
 @pytest.mark.parametrize("args", [["--device", "no-such-device-xyz"], ["--device", "987"]])
 def test_missing_device_is_a_one_line_error(overfit_checkpoint, args, tmp_path):
     # No PulseAudio server reachable: whatever PortAudio finds, this device is not among them.
