@@ -27,7 +27,7 @@ counts.
 
 ``--compile`` records in 160 ms blocks instead of 100 ms and runs the model's step for them
 compiled into one C++ function (``CTCModel.prepare_for_inference(compile=True,
-compile_frames=(4,))``): with ``--int8``, ~3x less compute per 40 ms than the packed int8 step
+compile_frames=(4,))``): with ``--int8``, ~2.5x less compute per 40 ms than without ``--compile``
 (tools/bench_stream.py). It needs a C++ compiler; the first start compiles for up to a minute
 (inductor caches the result on disk, so later starts take seconds). Words appear up to 60 ms later.
 
@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int8 block weights (CPU): 1.1-1.8x faster steps, outputs within ~1%% of float32")
     p.add_argument("--compile", action="store_true",
                    help="160 ms blocks through a step compiled with torch.compile (needs a C++ compiler; "
-                        "the first start takes up to a minute): with --int8 ~3x faster per 40 ms")
+                        "the first start takes up to a minute): with --int8 ~2.5x less CPU per 40 ms")
     return p
 
 
