@@ -230,6 +230,9 @@ def test_opus_level_and_write_read_roundtrip(tmp_path: Path) -> None:
     y = _tone_bursts(16000)
     augment_audio.write_audio(tmp_path / "a.ogg", y, "opus", 12)
     augment_audio.write_audio(tmp_path / "a.flac", y, "flac")
+    augment_audio.write_audio(tmp_path / "a.wav", y, "wav")
+    flac, wav = sf.read(tmp_path / "a.flac", dtype="int16")[0], sf.read(tmp_path / "a.wav", dtype="int16")[0]
+    assert sf.info(tmp_path / "a.wav").subtype == "PCM_16" and np.array_equal(flac, wav)  # the same samples
     info = sf.info(tmp_path / "a.ogg")
     assert (info.format, info.subtype, info.samplerate, info.frames) == ("OGG", "OPUS", 16000, len(y))
     assert (tmp_path / "a.ogg").stat().st_size < 0.25 * (tmp_path / "a.flac").stat().st_size

@@ -2,7 +2,7 @@
 """How fast one DataLoader worker prepares training utterances, stage by stage (CPU).
 
     python tools/bench_loader.py --manifest .data/synthetic/train.jsonl
-    python tools/bench_loader.py --manifest .data/synthetic/train.jsonl --flac --limit 300
+    python tools/bench_loader.py --manifest .data/synthetic/train.jsonl --format flac --limit 300
 
 Why: on the 4x H100 device runs of session 5 each GPU spent 7 to 41 % of its time waiting for data
 with 14 workers per GPU. This measures what one worker delivers (audio-seconds per second, one
@@ -10,8 +10,9 @@ thread, as DataLoader workers run) and where its time goes: decoding, speed pert
 SpecAugment, in the order ``ManifestDataset.__getitem__`` runs them, with the bundled recipe's
 augmentation (speed 0.9/1.0/1.1; SpecAugment as ``--spec light`` or the recipe default ``full``).
 The end-to-end row is ``ManifestDataset`` itself on the same utterances, so the stage rows can be
-checked against it; the last row is what a worker does with ``data.features_on_device=true``. ``--flac`` re-encodes the utterances to FLAC in a temporary folder first (the
-device corpus is FLAC; the carried one is Opus).
+checked against it; the last row is what a worker does with ``data.features_on_device=true``.
+``--format flac|wav`` re-encodes the utterances to 16-bit FLAC or WAV in a temporary folder first
+(``recipes/synthetic/prepare.py --format``; the carried corpus is Opus).
 """
 from __future__ import annotations
 
@@ -37,13 +38,13 @@ from asr.features import compute_fbank  # noqa: E402
 SPEC = {"light": SpecAugmentConfig(freq_width=15, time_masks=2, time_width=25), "full": SpecAugmentConfig()}
 
 
-def as_flac(entries: list[dict], folder: Path) -> list[dict]:
+def reencode(entries: list[dict], folder: Path, fmt: str) -> list[dict]:
     import soundfile as sf
 
     out = []
     for e in entries:
-        path = folder / f"{Path(e['audio']).stem}.flac"
-        sf.write(path, load_audio(e["audio"]).numpy(), 16000, format="FLAC")
+        path = folder / f"{Path(e['audio']).stem}.{fmt}"
+        sf.write(path, load_audio(e["audio"]).numpy(), 16000, format=fmt.upper(), subtype="PCM_16")
         out.append(dict(e, audio=str(path)))
     return out
 
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--manifest", required=True, nargs="+", help="training manifest(s)")
     ap.add_argument("--limit", type=int, default=300, help="utterances (the first N)")
-    ap.add_argument("--flac", action="store_true", help="re-encode to FLAC first (the device corpus format)")
+    ap.add_argument("--format", choices=("flac", "wav"), help="re-encode to 16-bit FLAC or WAV first")
     ap.add_argument("--spec", choices=sorted(SPEC), default="light", help="SpecAugment strength")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # as in a DataLoader worker
@@ -85,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     factors = tuple(SpeedConfig().factors)
     with tempfile.TemporaryDirectory() as tmp:
-        if args.flac:
-            entries = as_flac(entries, Path(tmp))
+        if args.format:
+            entries = reencode(entries, Path(tmp), args.format)
         audio = sum(e["duration"] for e in entries)
         for _ in range(2):  # the first pass warms the page cache and torchaudio's kernels
             times = stage_times(entries, SPEC[args.spec], factors)
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# bench_loader: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, 1 thread, "
           f"load average {os.getloadavg()[0]:.2f}, {time.strftime('%Y-%m-%d %H:%M')}")
     print(f"# {len(entries)} utterances, {audio:.0f} s of audio ({audio / len(entries):.2f} s each), "
-          f"{'FLAC' if args.flac else 'as in the manifest'}, SpecAugment {args.spec}\n")
+          f"{args.format.upper() if args.format else 'as in the manifest'}, SpecAugment {args.spec}\n")
     total = sum(times.values())
     print("| stage | ms per utterance | share | audio-s/s if it were alone |")
     print("|---|---:|---:|---:|")

@@ -3,7 +3,7 @@
 sound recorded, with a test set of unseen voices and unseen sentences.
 
     python recipes/synthetic/prepare.py [--out .data/synthetic] [--hours 6.0] [--dev-hours 0.25]
-        [--test-hours 0.4] [--seed 0] [--jobs 2] [--format opus|flac] [--kbps 12]
+        [--test-hours 0.4] [--seed 0] [--jobs 2] [--format opus|flac|wav] [--kbps 12]
 
 Writes ``<out>/{train,dev,test}.jsonl`` (paths relative to them) and ``<out>/audio/<split>/*.ogg``
 (or ``.flac``), plus ``<out>/info.json`` (voices, sentence counts, hours, arguments).
@@ -202,7 +202,7 @@ def synth_one(job: dict) -> dict:
     duration = len(y) / augment_audio.SAMPLE_RATE
     if duration > MAX_SECONDS:
         return {"id": job["id"], "error": f"too long ({duration:.1f} s)"}
-    ext = "ogg" if _FORMAT == "opus" else "flac"
+    ext = {"opus": "ogg"}.get(_FORMAT, _FORMAT)
     rel = Path("audio") / job["split"] / f"{job['id']}.{ext}"
     augment_audio.write_audio(_OUT / rel, y, _FORMAT, _KBPS)
     params = {k: job[k] for k in ("voice", "variant", "rate", "pitch", "word_gap", "stretch", "f0") if k in job}
@@ -247,8 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--test-hours", type=float, default=0.4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (default %(default)s)")
-    ap.add_argument("--format", choices=("opus", "flac"), default="opus",
-                    help="audio format: OGG/Opus (compact, default) or FLAC (lossless)")
+    ap.add_argument("--format", choices=("opus", "flac", "wav"), default="opus",
+                    help="audio format: OGG/Opus (compact, default), FLAC (lossless) or WAV (lossless, "
+                         "fastest to decode in training, largest)")
     ap.add_argument("--kbps", type=float, default=12.0, help="Opus bit rate (default %(default)s)")
     ap.add_argument("--rirs", type=int, default=64,
                     help="simulated rooms for train/dev; test gets a quarter as many, separate (0: no reverberation)")
