@@ -294,17 +294,31 @@ def prepare_waveform(
     target_rate: int = SAMPLE_RATE,
     name: str = "waveform",
     channel_dim: int = -1,
+    integer_source: bool = False,
 ) -> torch.Tensor:
     """In-memory counterpart of :func:`load_audio`: mono, checked, resampled float32 ``[N]``
-    (sample types and channel layout as :func:`float_mono`)."""
+    (sample types and channel layout as :func:`float_mono`).
+
+    ``integer_source``: the samples were decoded from integer PCM, so they cannot be NaN or Inf
+    and only emptiness is checked (the finite check costs a training worker ~20 % of its decode
+    time, ``tools/bench_loader.py``)."""
     wave = float_mono(samples, name, channel_dim)
-    check_waveform(wave, name)
+    if integer_source:
+        if wave.numel() == 0:
+            raise AudioError(f"{name}: contains no audio samples")
+    else:
+        check_waveform(wave, name)
     try:
-        wave = resample(wave, sample_rate, target_rate)
+        out = resample(wave, sample_rate, target_rate)
     except ValueError as err:
         raise AudioError(f"{name}: {err}") from err
-    check_waveform(wave, name)
-    return wave.contiguous()
+    if out is not wave:  # resampled (or cast): check what came out
+        check_waveform(out, name)
+    return out.contiguous()
+
+
+#: libsndfile subtypes whose samples are integers: decoded to float they are always finite.
+_INTEGER_SUBTYPES = frozenset({"PCM_S8", "PCM_U8", "PCM_16", "PCM_24", "PCM_32", "ULAW", "ALAW"})
 
 
 def load_audio(path_or_file: AudioSource, target_rate: int = SAMPLE_RATE) -> torch.Tensor:
@@ -321,7 +335,8 @@ def load_audio(path_or_file: AudioSource, target_rate: int = SAMPLE_RATE) -> tor
         except (sf.SoundFileError, RuntimeError, OSError, ValueError) as err:
             raise AudioError(f"{name}: cannot decode audio ({_soundfile_reason(err)})") from err
         _warn_if_truncated(f, name)
-    return prepare_waveform(torch.from_numpy(data), rate, target_rate, name=name)
+        integer = f.subtype in _INTEGER_SUBTYPES
+    return prepare_waveform(torch.from_numpy(data), rate, target_rate, name=name, integer_source=integer)
 
 
 def iter_audio_blocks(

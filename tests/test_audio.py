@@ -187,6 +187,16 @@ def test_flac_truncated_is_audio_error(tmp_path):
     assert_one_line_error(err, str(path))
 
 
+@pytest.mark.parametrize("subtype", ["PCM_16", "FLOAT"])
+def test_header_only_file_has_no_samples(tmp_path, subtype):
+    """Integer PCM skips the finite check (it cannot hold NaN) but not the emptiness check."""
+    path = tmp_path / f"none_{subtype}.wav"
+    sf.write(path, np.zeros(0, dtype=np.float32), 16000, subtype=subtype)
+    with pytest.raises(AudioError) as err:
+        load_audio(path)
+    assert_one_line_error(err, str(path), "no audio samples")
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_non_finite_float_wav(tmp_path, bad):
     x = tone([(300, 0.3)], 16000, 1.0)
