@@ -176,9 +176,12 @@ class Batch:
         from asr.data.device_features import batch_features
 
         assert self.waves is not None and self.wave_lengths is not None and self.seeds is not None
+        from asr.features import num_frames
+
         feats, lengths = batch_features(self.waves, self.wave_lengths, spec_augment, self.seeds)
-        if lengths.tolist() != self.feature_lengths.tolist():  # both on the CPU: no device sync
-            raise RuntimeError(f"fbank frame counts {lengths.tolist()} differ from the batch's {self.feature_lengths.tolist()}")
+        expected = [num_frames(n) for n in self.wave_lengths]  # what collate put in feature_lengths,
+        if lengths.tolist() != expected:  # from Python ints: no read of the device copy (no sync)
+            raise RuntimeError(f"fbank frame counts {lengths.tolist()} differ from the expected {expected}")
         return replace(self, features=feats, waves=None)
 
     def __len__(self) -> int:
