@@ -242,6 +242,32 @@ def test_spec_augment_masks_with_the_mean_and_can_be_disabled() -> None:
     assert int(masked_frames.sum()) <= 2
 
 
+@pytest.mark.parametrize("cfg", [SpecAugmentConfig(), SpecAugmentConfig(freq_width=15, time_masks=2, time_width=25),
+                                 SpecAugmentConfig(freq_width=120, freq_masks=3), SpecAugmentConfig(freq_width=0)])
+@pytest.mark.parametrize("frames", [7, 60, 400])
+def test_spec_augment_equals_torchaudios_masking(cfg, frames) -> None:
+    """SpecAugment draws its masks itself (so the trainer can redraw them, asr.data.device_features)
+    but is torchaudio's FrequencyMasking then TimeMasking, the same draws from the same generator:
+    the same output. freq_width 120 > 80 bins covers a start clamped to 0."""
+    import torchaudio.transforms as AT
+
+    for seed in range(20):
+        feats = torch.randn(frames, 80) * 3 + 5
+        x = feats.t().unsqueeze(0)  # torchaudio's [..., freq, time]
+        fill = float(feats.mean())
+        torch.manual_seed(seed)
+        if cfg.freq_width > 0:
+            for _ in range(cfg.freq_masks):
+                x = AT.FrequencyMasking(cfg.freq_width)(x, mask_value=fill)
+        width = min(cfg.time_width, int(cfg.time_width_ratio * frames))
+        if width > 0:
+            for _ in range(cfg.time_masks):
+                x = AT.TimeMasking(width)(x, mask_value=fill)
+        want = x.squeeze(0).t()
+        torch.manual_seed(seed)
+        assert torch.equal(SpecAugment(cfg)(feats), want), seed
+
+
 def test_speed_perturbation_changes_duration() -> None:
     wave = torch.randn(16000)
     assert abs(speed_perturb(wave, 1.1).numel() - 16000 / 1.1) <= 2

@@ -13,7 +13,6 @@ from typing import Sequence
 
 import torch
 import torchaudio.functional as AF
-import torchaudio.transforms as AT
 
 
 @dataclass
@@ -67,31 +66,52 @@ class AugmentConfig:
         )
 
 
+def _draw_mask(mask_param: int, size: int, generator: torch.Generator | None) -> tuple[int, int]:
+    """One mask [start, end) on an axis of ``size``, drawn as torchaudio's ``mask_along_axis`` draws
+    it (``p=1``: two ``torch.rand(1)``), start clamped to 0 as its ``arange`` comparison does."""
+    value = torch.rand(1, generator=generator) * mask_param
+    min_value = torch.rand(1, generator=generator) * (size - value)
+    start = int(min_value.long())
+    return max(0, start), start + int(value.long())
+
+
 class SpecAugment:
     """Frequency and time masks on one utterance's features ``[T, F]``.
 
     The features here are raw log-mel (CMVN lives inside the model), where 0 is not "silence" but a
     fairly loud value; masks are therefore filled with the utterance's mean, which CMVN maps near 0.
+    The masks are torchaudio's ``FrequencyMasking`` / ``TimeMasking`` (tests/test_data.py checks the
+    equality), drawn by :meth:`masks` so that the trainer can redraw them for features it computes
+    itself (``data.features_on_device``, :mod:`asr.data.device_features`).
     """
 
     def __init__(self, cfg: SpecAugmentConfig) -> None:
         self.cfg = cfg
-        self.freq_mask = AT.FrequencyMasking(cfg.freq_width) if cfg.freq_width > 0 else None
+
+    def masks(self, num_frames: int, num_bins: int,
+              generator: torch.Generator | None = None) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """The frequency and time masks ([start, end) each) for an utterance of ``num_frames``
+        frames, drawn from ``generator`` (default: torch's global one): frequency masks first."""
+        cfg = self.cfg
+        if not cfg.enabled or num_frames == 0:
+            return [], []
+        freq = [_draw_mask(cfg.freq_width, num_bins, generator) for _ in range(cfg.freq_masks)] \
+            if cfg.freq_width > 0 else []
+        width = min(cfg.time_width, int(cfg.time_width_ratio * num_frames))
+        time = [_draw_mask(width, num_frames, generator) for _ in range(cfg.time_masks)] if width > 0 else []
+        return freq, time
 
     def __call__(self, feats: torch.Tensor) -> torch.Tensor:
         if not self.cfg.enabled or feats.shape[0] == 0:
             return feats
-        x = feats.t().unsqueeze(0)  # torchaudio masks expect [..., freq, time]
+        freq, time = self.masks(feats.shape[0], feats.shape[1])
         fill = float(feats.mean())
-        if self.freq_mask is not None:
-            for _ in range(self.cfg.freq_masks):
-                x = self.freq_mask(x, mask_value=fill)
-        width = min(self.cfg.time_width, int(self.cfg.time_width_ratio * feats.shape[0]))
-        if width > 0:
-            time_mask = AT.TimeMasking(width)
-            for _ in range(self.cfg.time_masks):
-                x = time_mask(x, mask_value=fill)
-        return x.squeeze(0).t().contiguous()
+        out = feats.clone()
+        for lo, hi in freq:
+            out[:, lo:hi] = fill
+        for lo, hi in time:
+            out[lo:hi, :] = fill
+        return out
 
 
 def speed_perturb(wave: torch.Tensor, factor: float, sample_rate: int = 16000) -> torch.Tensor:

@@ -6,11 +6,11 @@ this option the workers only decode and speed-perturb; the trainer computes the 
 of the whole batch in one ``kaldi.fbank`` call (:func:`asr.features.compute_fbank_batch`) on the
 GPU, then applies SpecAugment to the padded batch with a few tensor operations.
 
-Same features as the workers would make: the same fbank frames, and the same SpecAugment masks,
-drawn in the same order from a generator seeded with the utterance's sampler seed, as
-:class:`asr.data.augment.SpecAugment` draws them (torchaudio's ``mask_along_axis``) after the
-worker seeds torch's global generator with it. That needs ``data.dither == 0`` (the default): a
-dither would draw from the generator before SpecAugment does.
+Same features as the workers would make: the same fbank frames, and the same SpecAugment masks
+(:meth:`asr.data.augment.SpecAugment.masks`), drawn from a generator seeded with the utterance's
+sampler seed, as the worker draws them after seeding torch's global generator with it. That
+needs ``data.dither == 0`` (the default): a dither would draw from the generator before
+SpecAugment does.
 """
 from __future__ import annotations
 
@@ -20,29 +20,8 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
-from asr.data.augment import SpecAugmentConfig
+from asr.data.augment import SpecAugment, SpecAugmentConfig
 from asr.features import compute_fbank_batch
-
-
-def _draw(mask_param: int, size: int, g: torch.Generator) -> tuple[int, int]:
-    """One mask as torchaudio's ``mask_along_axis`` draws it (p = 1): [start, end)."""
-    value = torch.rand(1, generator=g) * mask_param
-    min_value = torch.rand(1, generator=g) * (size - value)
-    start = int(min_value.long())
-    return start, start + int(value.long())
-
-
-def spec_augment_masks(cfg: SpecAugmentConfig, num_frames: int, num_bins: int,
-                       seed: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """The frequency and time masks ([start, end) each) that :class:`asr.data.augment.SpecAugment`
-    applies to an utterance of ``num_frames`` frames after ``torch.manual_seed(seed)``."""
-    if not cfg.enabled or num_frames == 0:
-        return [], []
-    g = torch.Generator().manual_seed(seed)
-    freq = [_draw(cfg.freq_width, num_bins, g) for _ in range(cfg.freq_masks)] if cfg.freq_width >= 1 else []
-    width = min(cfg.time_width, int(cfg.time_width_ratio * num_frames))
-    time = [_draw(width, num_frames, g) for _ in range(cfg.time_masks)] if width >= 1 else []
-    return freq, time
 
 
 def batch_features(
@@ -57,16 +36,19 @@ def batch_features(
     B, T, F = feats.shape
     if spec is None or not spec.enabled or T == 0:
         return feats, lengths
+    augment = SpecAugment(spec)
     freq_masked = torch.zeros(B, F, dtype=torch.bool)  # drawn on the CPU, two small copies
     time_masked = torch.zeros(B, T, dtype=torch.bool)
     for i, (n, seed) in enumerate(zip(lengths.tolist(), seeds)):
-        freq, time = spec_augment_masks(spec, n, F, int(seed))
+        # the worker seeds torch's global generator with the seed before SpecAugment draws
+        freq, time = augment.masks(n, F, torch.Generator().manual_seed(int(seed)))
         for lo, hi in freq:
             freq_masked[i, lo:hi] = True
         for lo, hi in time:
             time_masked[i, lo:hi] = True
     dev = feats.device
-    valid = torch.arange(T, device=dev)[None, :] < lengths.to(dev)[:, None]  # [B, T]
+    lens = lengths.to(dev)
+    valid = torch.arange(T, device=dev)[None, :] < lens[:, None]  # [B, T]
     masked = (freq_masked.to(dev)[:, None, :] & valid[:, :, None]) | time_masked.to(dev)[:, :, None]
-    fill = (feats * valid[:, :, None]).sum(dim=(1, 2)) / (lengths.to(dev).clamp(min=1) * F)
+    fill = (feats * valid[:, :, None]).sum(dim=(1, 2)) / (lens.clamp(min=1) * F)
     return torch.where(masked, fill[:, None, None], feats), lengths
