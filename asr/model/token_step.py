@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from asr.model.rwkv7 import NEG_EXP_HALF, BlockState, Int8Matrix, PackedBlock
+from asr.model.rwkv7 import _shift as _packed_shift
 
 
 @dataclass(frozen=True)
@@ -228,10 +229,9 @@ def _mv(m: _Mat, x: Tensor, f32: Tensor, i8: Tensor, q: Optional[tuple[Tensor, T
 
 
 def _shift(u: Tensor, prev: Tensor) -> Tensor:
-    """Token shift of one stream's frames u [T, C] after ``prev`` [C]: u_{t-1} - u_t."""
-    if u.shape[0] == 1:
-        return prev - u
-    return torch.cat([prev.unsqueeze(0), u[:-1]]) - u
+    """Token shift of one stream's frames u [T, C] after ``prev`` [C]: u_{t-1} - u_t (the packed
+    path's :func:`asr.model.rwkv7._shift` with one stream)."""
+    return _packed_shift(u, prev.unsqueeze(0), 1, u.shape[0])[0]
 
 
 def _block_frames(
