@@ -381,32 +381,69 @@ def test_fit_max_steps_ends_the_lr_schedule_at_the_deadline(work: dict, tmp_path
     assert ckpt["max_steps"] == 119 and ckpt["max_steps_fitted"]
 
 
-def test_compile_blocks_keeps_parameter_names() -> None:
-    """trainer.compile compiles blocks in place: checkpoints keep their keys (no ``_orig_mod.``)."""
+@pytest.mark.parametrize("scope", ["model", "blocks"])
+def test_compile_keeps_parameter_names(scope: str) -> None:
+    """trainer.compile compiles in place: checkpoints keep their keys (no ``_orig_mod.``)."""
     from asr.model import CTCModel, ModelConfig
-    from asr.train.trainer import compile_blocks
+    from asr.train.trainer import compile_model
 
     model = CTCModel(ModelConfig(vocab_size=16, d_model=32, n_layers=2, head_size=16, subsample_channels=8))
     names = list(model.state_dict())
-    compile_blocks(model)
+    compile_model(model, scope)
     assert list(model.state_dict()) == names
-    assert all(isinstance(b, torch.nn.Module) and b._compiled_call_impl is not None for b in model.blocks)
+    compiled = [model] if scope == "model" else list(model.blocks)
+    assert all(m._compiled_call_impl is not None for m in compiled)
 
 
-def test_compile_blocks_trains_under_ddp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """trainer.compile under DDP (world_size > 1): dynamo's DDPOptimizer splits each compiled block
-    graph at gradient-bucket boundaries. A Python int that a traced piece hands across the wkv7
-    graph break (``B, T, C = u.shape``) made AOTAutograd fail there ("'int' object has no attribute
-    'meta'"). One process on gloo with tiny buckets reproduces the split at this toy size."""
+def test_compiled_model_trains_like_the_eager_one() -> None:
+    """trainer.compile=true traces the whole model as one graph (fullgraph: the wkv kernel is the
+    ``asr::wkv7`` op, not a graph break) and two training steps on two different lengths (one
+    dynamic graph) give the eager model's losses and gradients. ``aot_eager`` runs the traced
+    graphs without code generation, so this checks the tracing, not inductor's kernels."""
+    import copy
+
+    from asr.model import CTCModel, ModelConfig, ctc_loss
+    from asr.train.trainer import compile_model
+
+    torch.manual_seed(0)
+    eager = CTCModel(ModelConfig(vocab_size=16, n_mels=16, d_model=32, n_layers=2, head_size=16, subsample_channels=8))
+    for p in eager.parameters():  # the init zeroes several matrices; make every path carry signal
+        p.data.add_(torch.randn_like(p) * 0.05)
+    compiled = copy.deepcopy(eager)
+    compile_model(compiled, "model", backend="aot_eager")
+    try:
+        for frames in (96, 71):
+            feats, lengths = torch.randn(2, frames, 16), torch.tensor([frames, frames - 9])
+            targets, target_lengths = torch.randint(1, 16, (2, 4)), torch.tensor([4, 3])
+            losses = []
+            for model in (eager, compiled):
+                model.zero_grad()
+                logits, out_lengths = model(feats, lengths, impl="chunked")
+                loss = ctc_loss(logits, out_lengths, targets, target_lengths)
+                loss.backward()
+                losses.append(loss.detach())
+            torch.testing.assert_close(losses[1], losses[0])
+            for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+                torch.testing.assert_close(b.grad, a.grad, msg=name)
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("scope", ["model", "blocks"])
+def test_compile_trains_under_ddp(scope: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """trainer.compile under DDP (world_size > 1), with gradient buckets small enough that DDP's
+    hooks fire inside the compiled backward. Before wkv7 became an op, each block graph broke
+    around it and a Python int handed across the break made AOTAutograd fail ("'int' object has no
+    attribute 'meta'"). One process on gloo reproduces the setting at this toy size."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from asr.model import CTCModel, ModelConfig
-    from asr.train.trainer import compile_blocks
+    from asr.train.trainer import compile_model
 
     torch.manual_seed(0)
     model = CTCModel(ModelConfig(vocab_size=16, n_mels=16, d_model=64, n_layers=1, head_size=32, subsample_channels=8))
-    compile_blocks(model)
+    compile_model(model, scope, backend="aot_eager")
     monkeypatch.setattr(dist, "_DEFAULT_FIRST_BUCKET_BYTES", 16 * 1024)  # DDP's first bucket; 1 MiB by default
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:

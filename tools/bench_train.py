@@ -1,13 +1,19 @@
 """One full training step (features in, CTC loss, backward, AdamW) for our RWKV-7 encoder against
 torchaudio's Conformer and Emformer with the same conv front end and CTC head (GPU).
 
-    python tools/bench_train.py [--iters 10] [--compile]
+    python tools/bench_train.py [--iters 10] [--compile] [--cudagraphs]
 
 All models: 80-dim features -> causal x4 conv subsampling (ours) -> encoder -> linear CTC head of
 256 classes; bf16 autocast, fp32 master weights, fused AdamW. Sizes are matched by parameter count
 (~12M): ours d=256 x 12 blocks; Conformer d=256, ffn 1024, kernel 31, 8 layers; Emformer d=256,
 ffn 1024, 12 layers, segments of 4 frames + 1 right context. Reported: audio-seconds per second
 (batch x seconds / step time, median of CUDA-event-timed steps after warm-up) and peak memory.
+
+``--compile`` adds our model compiled as ``trainer.compile=true`` trains it (the whole model as one
+dynamic-shape graph, the wkv kernel an opaque op inside) and, for a fair anchor, the Conformer
+compiled the same way. ``--cudagraphs`` adds our model compiled for this one shape with CUDA graphs
+(``mode="reduce-overhead"``): what a trainer that pads batches to a few fixed shapes could reach.
+Compilation happens in the warm-up steps, outside the timing.
 """
 from __future__ import annotations
 
@@ -101,7 +107,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--compile", action="store_true",
-                        help="also time our model with compiled blocks, as trainer.compile=true trains it")
+                        help="also time our model and the Conformer compiled, as trainer.compile=true trains")
+    parser.add_argument("--cudagraphs", action="store_true",
+                        help="also time our model compiled for the one shape with CUDA graphs")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench_train: needs a CUDA GPU", file=sys.stderr)
@@ -113,15 +121,28 @@ def main() -> int:
         "rwkv7 (ours, fla)": lambda: CTCModel(ModelConfig(vocab_size=VOCAB)),
     }
     if args.compile:
-        from asr.train.trainer import compile_blocks
+        from asr.train.trainer import compile_model
+
+        def conformer_compiled() -> nn.Module:
+            model = AnchorCTC("conformer")
+            model.compile(dynamic=True)  # torchaudio's padding masks may break the graph: no fullgraph
+            return model
 
         def compiled() -> CTCModel:
             model = CTCModel(ModelConfig(vocab_size=VOCAB))
-            compile_blocks(model)  # compiles on the first (warm-up) steps, outside the timing
+            compile_model(model, "model")  # compiles in the warm-up steps, outside the timing
             return model
 
+        builders["conformer (compiled)"] = conformer_compiled
         builders["rwkv7 (ours, compiled)"] = compiled
-    print(f"{'model':24s} {'params':>8s} {'utt':>5s} {'batch':>6s} {'audio-s/s':>10s} {'peak GiB':>9s} {'vs conformer':>13s}")
+    if args.cudagraphs:
+        def graphed() -> CTCModel:
+            model = CTCModel(ModelConfig(vocab_size=VOCAB))
+            model.compile(mode="reduce-overhead", dynamic=False, fullgraph=True)
+            return model
+
+        builders["rwkv7 (ours, cudagraphs)"] = graphed
+    print(f"{'model':26s} {'params':>8s} {'utt':>5s} {'batch':>6s} {'audio-s/s':>10s} {'peak GiB':>9s} {'vs conformer':>13s}")
     results: dict = {}
     for utt, batch in ((10.0, 64), (30.0, 21)):
         for name, build in builders.items():
@@ -131,12 +152,12 @@ def main() -> int:
             try:
                 speed, peak = bench(model, batch, utt, args.iters)
             except Exception as e:  # a failing anchor should not hide the others
-                print(f"{name:24s} failed: {type(e).__name__}: {e}")
+                print(f"{name:26s} failed: {type(e).__name__}: {e}")
                 continue
             results[(name, utt)] = (speed, peak)
             base = results.get(("conformer", utt))
             ratio = f"{speed / base[0]:.2f}x / {peak / base[1]:.2f}x mem" if base else ""
-            print(f"{name:24s} {n:7.2f}M {utt:5.0f} {batch:6d} {speed:10.0f} {peak:9.2f} {ratio:>13s}")
+            print(f"{name:26s} {n:7.2f}M {utt:5.0f} {batch:6d} {speed:10.0f} {peak:9.2f} {ratio:>13s}")
             del model
             torch.cuda.empty_cache()
     return 0

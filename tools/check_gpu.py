@@ -74,6 +74,46 @@ def check_random(rows: list) -> None:
     ((y * weight).sum() + s.sum()).backward()
     for name, a, b in zip("rwkvab", leaves_fla, leaves_ref):
         rows.append((f"grad d{name}, fla vs our chunked", rel(a.grad.float(), b.grad), 5e-2))
+    # The asr::wkv7 op (what torch.compile sees): its backward recomputes fla's forward and runs
+    # fla's backward, so its gradients should equal fla's own to bf16 rounding.
+    leaves_op = [t.bfloat16().clone().requires_grad_(True) for t in inputs]
+    state_leaf = state.clone().requires_grad_(True)
+    y, s = torch.ops.asr.wkv7(*leaves_op, state_leaf, "fla")
+    ((y.float() * weight).sum() + s.sum()).backward()
+    for name, a, b in zip("rwkvab", leaves_op, leaves_fla):
+        rows.append((f"grad d{name}, asr::wkv7 op (fla) vs fla", rel(a.grad.float(), b.grad.float()), 1e-2))
+
+
+def check_compiled(rows: list) -> None:
+    """trainer.compile=true: the whole model compiled (inductor, the fla op inside) against eager,
+    one bf16-autocast training step's loss and gradients."""
+    import copy
+
+    from asr.model import CTCModel, ModelConfig, ctc_loss
+    from asr.train.trainer import compile_model
+
+    torch.manual_seed(0)
+    eager = CTCModel(ModelConfig(vocab_size=64, d_model=256, n_layers=4, subsample_channels=64)).cuda()
+    with torch.no_grad():
+        for p in eager.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    compiled = copy.deepcopy(eager)
+    compile_model(compiled, "model")
+    feats = torch.randn(3, 801, 80, device="cuda")
+    lengths = torch.tensor([801, 640, 333], device="cuda")
+    targets = torch.randint(1, 64, (3, 20), device="cuda")
+    target_lengths = torch.tensor([20, 15, 9], device="cuda")
+    losses = []
+    for model in (eager, compiled):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits, out_lengths = model(feats, lengths)
+        loss = ctc_loss(logits, out_lengths, targets, target_lengths)
+        loss.backward()
+        losses.append(loss.detach())
+    rows.append(("compiled model (trainer.compile) loss vs eager, bf16", rel(losses[1], losses[0]), 1e-2))
+    grads_e = torch.cat([p.grad.flatten() for p in eager.parameters()])
+    grads_c = torch.cat([p.grad.flatten() for p in compiled.parameters()])
+    rows.append(("compiled model gradients vs eager, bf16", rel(grads_c, grads_e), 5e-2))
 
 
 def check_model(rows: list) -> None:
@@ -153,6 +193,9 @@ def main() -> int:
     print(f"(first fla calls incl. Triton autotuning: {time.time() - t0:.1f} s)")
     check_random(rows)
     check_model(rows)
+    t0 = time.time()
+    check_compiled(rows)
+    print(f"(whole-model compile incl. inductor: {time.time() - t0:.1f} s)")
     print(f"{'check':58s} {'rel err':>10s} {'bound':>8s}")
     failed = False
     for name, err, bound in rows:

@@ -34,7 +34,7 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--trace", default=None, help="write a Chrome trace here")
     parser.add_argument("--compile", action="store_true",
-                        help="also time the step with trainer.compile's compiled blocks (same batch)")
+                        help="also time the step with the model compiled as trainer.compile=true does (same batch)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("profile_train_step: needs a CUDA GPU", file=sys.stderr)
@@ -57,12 +57,12 @@ def main() -> int:
     torch.cuda.synchronize()
     step_ms = start.elapsed_time(end) / args.steps
 
-    if args.compile:  # same model and batch, blocks compiled as trainer.compile does
-        from asr.train.trainer import compile_blocks
+    if args.compile:  # same model and batch, compiled as trainer.compile=true does
+        from asr.train.trainer import compile_model
 
-        print(f"eager step {step_ms:.1f} ms; compiling the blocks ...", flush=True)
+        print(f"eager step {step_ms:.1f} ms; compiling the model ...", flush=True)
 
-        compile_blocks(model)
+        compile_model(model, "model")
         t0 = time.perf_counter()
         for _ in range(3):  # compilation (forward and backward graphs) happens here
             step()

@@ -188,7 +188,104 @@ def wkv7_fla(
     return y.to(out_dtype), final.transpose(-1, -2)
 
 
-@torch.compiler.disable  # traced graphs stop here: fla's Triton kernels and our loops run eagerly
+_FORMS = {"recurrent": wkv7_recurrent, "chunked": wkv7_chunked, "fla": wkv7_fla}
+
+
+def _state_dtype(r: Tensor, impl: str) -> torch.dtype:
+    return torch.float64 if r.dtype == torch.float64 and impl != "fla" else torch.float32
+
+
+def _run_form(r, w, k, v, a, b, state, impl):  # noqa: ANN001, ANN202 (the op's schema types them)
+    """One form with autocast off (each form picks its own compute dtype), outputs fresh and
+    contiguous: an op's outputs may not alias its inputs, and compiled code trusts the strides
+    the fake below reports."""
+    with torch.autocast(r.device.type, enabled=False):
+        y, s = _FORMS[impl](r, w, k, v, a, b, state)
+    y, s = y.contiguous(), s.contiguous()
+    if state is not None and s.data_ptr() == state.data_ptr():  # T = 0 hands the state back
+        s = s.clone()
+    return y, s
+
+
+# The wkv recurrence as one opaque operator for torch.compile. Why: traced graphs cannot look into
+# fla's Triton autograd Function (fla marks it compiler.disable), so every block used to break into
+# two graphs around it, with Python between them. As a custom op the whole block (or model) is one
+# graph: inductor fuses the element-wise work on both sides and nothing in between runs in Python.
+# The backward recomputes the form's forward with autograd and differentiates it: an op cannot hand
+# fla's saved context to its backward, and fla's own backward recomputes most of its forward anyway.
+@torch.library.custom_op("asr::wkv7", mutates_args=())
+def _wkv7_op(
+    r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Optional[Tensor], impl: str
+) -> tuple[Tensor, Tensor]:
+    return _run_form(r, w, k, v, a, b, state, impl)
+
+
+@_wkv7_op.register_fake
+def _wkv7_fake(r, w, k, v, a, b, state, impl):  # noqa: ANN001, ANN202
+    batch, _, heads, size = r.shape
+    return torch.empty_like(r, memory_format=torch.contiguous_format), r.new_empty(
+        batch, heads, size, size, dtype=_state_dtype(r, impl)
+    )
+
+
+def _autograd_inside_op() -> "torch._C._ForceDispatchKeyGuard":
+    """Autograd back on inside an op's kernel. An op's kernel runs below the autograd dispatch key
+    (its exclude set holds the autograd keys), so without this the recompute records no graph."""
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in _AUTOGRAD_KEYS:
+        exclude = exclude.remove(key)
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
+
+
+_AUTOGRAD_KEYS = tuple(
+    getattr(torch._C.DispatchKey, name)
+    for name in ("AutogradOther", "AutogradNestedTensor", "AutogradCPU", "AutogradCUDA", "ADInplaceOrView")
+    if hasattr(torch._C.DispatchKey, name)
+)
+
+
+@torch.library.custom_op("asr::wkv7_backward", mutates_args=())
+def _wkv7_backward_op(
+    r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Optional[Tensor],
+    grad_y: Tensor, grad_state: Tensor, impl: str,
+) -> list[Tensor]:
+    inputs = [t.detach().requires_grad_() for t in (r, w, k, v, a, b)]
+    if state is not None:
+        inputs.append(state.detach().requires_grad_())
+    with _autograd_inside_op(), torch.enable_grad():
+        y, s = _run_form(*inputs[:6], inputs[6] if state is not None else None, impl)
+        grads = torch.autograd.grad((y, s), inputs, (grad_y, grad_state.to(s.dtype)), allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g.contiguous() for x, g in zip(inputs, grads)]
+
+
+@_wkv7_backward_op.register_fake
+def _wkv7_backward_fake(r, w, k, v, a, b, state, grad_y, grad_state, impl):  # noqa: ANN001, ANN202
+    inputs = (r, w, k, v, a, b) + (() if state is None else (state,))
+    return [torch.empty_like(x, memory_format=torch.contiguous_format) for x in inputs]
+
+
+def _wkv7_setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+    r, w, k, v, a, b, state, impl = inputs
+    ctx.impl = impl
+    ctx.has_state = state is not None
+    ctx.save_for_backward(r, w, k, v, a, b, *(() if state is None else (state,)))
+
+
+def _wkv7_backward(ctx, grad_y, grad_state):  # noqa: ANN001, ANN202
+    saved = ctx.saved_tensors
+    r, state = saved[0], (saved[6] if ctx.has_state else None)
+    if grad_y is None:
+        grad_y = torch.zeros_like(r)
+    if grad_state is None:
+        batch, _, heads, size = r.shape
+        grad_state = r.new_zeros(batch, heads, size, size, dtype=_state_dtype(r, ctx.impl))
+    grads = torch.ops.asr.wkv7_backward(*saved[:6], state, grad_y, grad_state, ctx.impl)
+    return (*grads[:6], grads[6] if ctx.has_state else None, None)
+
+
+_wkv7_op.register_autograd(_wkv7_backward, setup_context=_wkv7_setup_context)
+
+
 def wkv7(
     r: Tensor,
     w: Tensor,
@@ -202,7 +299,8 @@ def wkv7(
     """Dispatch to a wkv form.
 
     ``impl``: ``"auto"`` (fla on CUDA when installed, the loop for a few tokens, else chunked),
-    ``"recurrent"``, ``"chunked"`` or ``"fla"``.
+    ``"recurrent"``, ``"chunked"`` or ``"fla"``. Eager calls run the form directly (fla keeps its
+    own autograd); under ``torch.compile`` the form runs as the opaque ``asr::wkv7`` op above.
     """
     if impl == "auto":
         if r.is_cuda and fla_available() and r.shape[1] > 1:
@@ -211,10 +309,8 @@ def wkv7(
             impl = "recurrent"
         else:
             impl = "chunked"
-    if impl == "recurrent":
-        return wkv7_recurrent(r, w, k, v, a, b, state)
-    if impl == "chunked":
-        return wkv7_chunked(r, w, k, v, a, b, state)
-    if impl == "fla":
-        return wkv7_fla(r, w, k, v, a, b, state)
-    raise ValueError(f"unknown wkv7 implementation {impl!r}")
+    if impl not in _FORMS:
+        raise ValueError(f"unknown wkv7 implementation {impl!r}")
+    if torch.compiler.is_compiling():
+        return torch.ops.asr.wkv7(r, w, k, v, a, b, state, impl)
+    return _FORMS[impl](r, w, k, v, a, b, state)

@@ -30,7 +30,7 @@ import signal
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -121,17 +121,24 @@ def _gather_objects(obj: Any) -> list:
     return [obj]
 
 
-def compile_blocks(model: torch.nn.Module) -> None:
-    """torch.compile each RWKV block in place (trainer.compile), for fewer and fused GPU kernels.
+def compile_model(model: torch.nn.Module, scope: Union[bool, str] = "model", backend: str = "inductor") -> None:
+    """torch.compile the encoder in place (trainer.compile), for fewer and fused GPU kernels.
 
     Why: at the bundled size an eager training step launches ~4,000 small kernels and the GPU waits
-    on Python (tools/profile_train_step.py). Blocks are compiled one by one with ``Module.compile``,
-    so parameter names and checkpoints stay the same, blocks share one compiled graph (layer 0 gets
-    its own), and ``dynamic=True`` keeps the bucketing sampler's changing shapes from recompiling.
-    The wkv kernel itself is excluded from tracing (``asr.ops.wkv7.wkv7``): fla runs as it is.
+    on Python (tools/profile_train_step.py). Compiling in place (``Module.compile``) keeps parameter
+    names and checkpoints as they are; ``dynamic=True`` keeps the bucketing sampler's changing shapes
+    from recompiling. The wkv kernel is an opaque custom op under tracing (``asr::wkv7``), so
+    ``scope="model"`` (or ``True``) traces the whole forward, front end to head, as one graph
+    (``fullgraph``: a graph break would be a bug); ``"blocks"`` compiles each block on its own.
+    ``backend``: torch.compile's (tests trace with ``"aot_eager"``, which skips code generation).
     """
-    for block in model.blocks:
-        block.compile(dynamic=True)
+    if scope in (True, "model"):
+        model.compile(dynamic=True, fullgraph=True, backend=backend)
+    elif scope == "blocks":
+        for block in model.blocks:
+            block.compile(dynamic=True, fullgraph=True, backend=backend)
+    else:
+        raise ValueError(f"trainer.compile must be false, true, 'model' or 'blocks', not {scope!r}")
 
 
 # ---------------------------------------------------------------------- schedule
@@ -405,7 +412,7 @@ class Trainer:
             self.compute_cmvn(model, train_entries)
         model.to(self.device)
         if tc.get("compile", False):
-            compile_blocks(model)
+            compile_model(model, tc.compile)
         self.model = model
         if env.is_main:
             log.info("model: %s, %.2fM parameters, vocabulary %d", model.config, model.num_parameters() / 1e6,
