@@ -1,7 +1,7 @@
 """One full training step (features in, CTC loss, backward, AdamW) for our RWKV-7 encoder against
 torchaudio's Conformer and Emformer with the same conv front end and CTC head (GPU).
 
-    python tools/bench_train.py [--iters 10] [--compile] [--cudagraphs]
+    python tools/bench_train.py [--iters 10] [--models conformer,emformer,rwkv7] [--lengths 10,30]
 
 All models: 80-dim features -> causal x4 conv subsampling (ours) -> encoder -> linear CTC head of
 256 classes; bf16 autocast, fp32 master weights, fused AdamW. Sizes are matched by parameter count
@@ -9,16 +9,18 @@ All models: 80-dim features -> causal x4 conv subsampling (ours) -> encoder -> l
 ffn 1024, 12 layers, segments of 4 frames + 1 right context. Reported: audio-seconds per second
 (batch x seconds / step time, median of CUDA-event-timed steps after warm-up) and peak memory.
 
-``--compile`` adds our model compiled as ``trainer.compile=true`` trains it (the whole model as one
-dynamic-shape graph, the wkv kernel an opaque op inside) and, for a fair anchor, the Conformer
-compiled the same way. ``--cudagraphs`` adds our model compiled for this one shape with CUDA graphs
-(``mode="reduce-overhead"``): what a trainer that pads batches to a few fixed shapes could reach.
-Compilation happens in the warm-up steps, outside the timing.
+``--models`` picks the rows: ``rwkv7_compiled`` is our model as ``trainer.compile=true`` trains it
+(each block one dynamic-shape graph, the wkv kernel an opaque op inside), ``rwkv7_compiled_model``
+the whole model as one graph (``trainer.compile=model``), ``rwkv7_cudagraphs`` the whole model
+compiled for this one shape with CUDA graphs (``mode="reduce-overhead"``: what a trainer that pads
+batches to a few fixed shapes could reach), ``conformer_compiled`` the anchor compiled too, for
+fairness. Compilation happens in the warm-up steps, outside the timing; their time is printed.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -85,11 +87,14 @@ def training_step(model: nn.Module, batch: int, frames: int, vocab: int = VOCAB,
     return step
 
 
-def bench(model: nn.Module, batch: int, seconds: float, iters: int) -> tuple[float, float]:
+def bench(model: nn.Module, batch: int, seconds: float, iters: int) -> tuple[float, float, float]:
+    """(audio-seconds per second, peak GiB, seconds the 3 warm-up steps took: compilation, autotuning)."""
     step = training_step(model, batch, int(seconds * 100))
+    t0 = time.perf_counter()
     for _ in range(3):
         step()
     torch.cuda.synchronize()
+    warmup = time.perf_counter() - t0
     torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(iters):
@@ -100,68 +105,78 @@ def bench(model: nn.Module, batch: int, seconds: float, iters: int) -> tuple[flo
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
     median = sorted(times)[len(times) // 2]
-    return batch * seconds / median, torch.cuda.max_memory_allocated() / 2**30
+    return batch * seconds / median, torch.cuda.max_memory_allocated() / 2**30, warmup
+
+
+def builders() -> dict:
+    """Every model this benchmark knows, by name; the Conformer first (the anchor)."""
+    from asr.train.trainer import compile_model
+
+    def conformer_compiled() -> nn.Module:
+        model = AnchorCTC("conformer")
+        model.compile(dynamic=True)  # torchaudio's padding masks break the graph: no fullgraph
+        return model
+
+    def ours_compiled(scope: str):
+        def build() -> CTCModel:
+            model = CTCModel(ModelConfig(vocab_size=VOCAB))
+            compile_model(model, scope)  # compiles in the warm-up steps, outside the timing
+            return model
+        return build
+
+    def ours_cudagraphs() -> CTCModel:
+        model = CTCModel(ModelConfig(vocab_size=VOCAB))
+        model.compile(mode="reduce-overhead", dynamic=False, fullgraph=True)
+        return model
+
+    return {
+        "conformer": lambda: AnchorCTC("conformer"),
+        "emformer": lambda: AnchorCTC("emformer"),
+        "rwkv7": lambda: CTCModel(ModelConfig(vocab_size=VOCAB)),
+        "rwkv7_compiled": ours_compiled("blocks"),
+        "rwkv7_compiled_model": ours_compiled("model"),
+        "rwkv7_cudagraphs": ours_cudagraphs,
+        "conformer_compiled": conformer_compiled,
+    }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--compile", action="store_true",
-                        help="also time our model and the Conformer compiled, as trainer.compile=true trains")
-    parser.add_argument("--cudagraphs", action="store_true",
-                        help="also time our model compiled for the one shape with CUDA graphs")
+    parser.add_argument("--models", default="conformer,emformer,rwkv7",
+                        help="comma list, in order, from: " + ", ".join(builders()))
+    parser.add_argument("--lengths", default="10,30", help="utterance seconds (10: batch 64, 30: batch 21)")
     args = parser.parse_args()
+    known = builders()
+    names = args.models.split(",")
+    if unknown := [n for n in names if n not in known]:
+        print(f"bench_train: unknown model {unknown[0]!r}; known: {', '.join(known)}", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("bench_train: needs a CUDA GPU", file=sys.stderr)
         return 2
     print(f"# {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
-    builders = {  # the anchor first, so the others' ratios can be printed against it
-        "conformer": lambda: AnchorCTC("conformer"),
-        "emformer": lambda: AnchorCTC("emformer"),
-        "rwkv7 (ours, fla)": lambda: CTCModel(ModelConfig(vocab_size=VOCAB)),
-    }
-    if args.compile:
-        from asr.train.trainer import compile_model
-
-        def conformer_compiled() -> nn.Module:
-            model = AnchorCTC("conformer")
-            model.compile(dynamic=True)  # torchaudio's padding masks may break the graph: no fullgraph
-            return model
-
-        def compiled() -> CTCModel:
-            model = CTCModel(ModelConfig(vocab_size=VOCAB))
-            compile_model(model, "model")  # compiles in the warm-up steps, outside the timing
-            return model
-
-        builders["conformer (compiled)"] = conformer_compiled
-        builders["rwkv7 (ours, compiled)"] = compiled
-    if args.cudagraphs:
-        def graphed() -> CTCModel:
-            model = CTCModel(ModelConfig(vocab_size=VOCAB))
-            model.compile(mode="reduce-overhead", dynamic=False, fullgraph=True)
-            return model
-
-        builders["rwkv7 (ours, cudagraphs)"] = graphed
-    print(f"{'model':26s} {'params':>8s} {'utt':>5s} {'batch':>6s} {'audio-s/s':>10s} {'peak GiB':>9s} {'vs conformer':>13s}")
+    print(f"{'model':22s} {'params':>8s} {'utt':>5s} {'batch':>6s} {'audio-s/s':>10s} {'peak GiB':>9s} "
+          f"{'vs conformer':>17s} {'warm-up s':>10s}")
     results: dict = {}
-    for utt, batch in ((10.0, 64), (30.0, 21)):
-        for name, build in builders.items():
+    for utt in (float(x) for x in args.lengths.split(",")):
+        batch = {10.0: 64, 30.0: 21}.get(utt, max(1, int(640 / utt)))
+        for name in names:
             torch.manual_seed(0)
-            model = build().cuda()
+            model = known[name]().cuda()
             n = sum(p.numel() for p in model.parameters()) / 1e6
             try:
-                speed, peak = bench(model, batch, utt, args.iters)
-            except Exception as e:  # a failing anchor should not hide the others
-                print(f"{name:26s} failed: {type(e).__name__}: {e}")
+                speed, peak, warmup = bench(model, batch, utt, args.iters)
+            except Exception as e:  # a failing variant should not hide the others
+                print(f"{name:22s} failed: {type(e).__name__}: {str(e)[:300]}")
                 continue
             results[(name, utt)] = (speed, peak)
             base = results.get(("conformer", utt))
             ratio = f"{speed / base[0]:.2f}x / {peak / base[1]:.2f}x mem" if base else ""
-            print(f"{name:26s} {n:7.2f}M {utt:5.0f} {batch:6d} {speed:10.0f} {peak:9.2f} {ratio:>13s}")
+            print(f"{name:22s} {n:7.2f}M {utt:5.0f} {batch:6d} {speed:10.0f} {peak:9.2f} {ratio:>17s} {warmup:10.1f}")
             del model
             torch.cuda.empty_cache()
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

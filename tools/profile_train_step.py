@@ -62,7 +62,7 @@ def main() -> int:
 
         print(f"eager step {step_ms:.1f} ms; compiling the model ...", flush=True)
 
-        compile_model(model, "model")
+        compile_model(model)
         t0 = time.perf_counter()
         for _ in range(3):  # compilation (forward and backward graphs) happens here
             step()

@@ -139,6 +139,7 @@ def wkv7_chunked(
     return y.to(out_dtype), S
 
 
+@torch.compiler.assume_constant_result  # traced code takes the answer as a constant (no import traced)
 @functools.lru_cache(maxsize=1)
 def fla_available() -> bool:
     """True when flash-linear-attention's rwkv7 kernels import (they still need a CUDA tensor)."""

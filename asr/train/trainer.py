@@ -121,24 +121,31 @@ def _gather_objects(obj: Any) -> list:
     return [obj]
 
 
-def compile_model(model: torch.nn.Module, scope: Union[bool, str] = "model", backend: str = "inductor") -> None:
+def compile_model(model: torch.nn.Module, scope: Union[bool, str] = "blocks", backend: str = "inductor") -> None:
     """torch.compile the encoder in place (trainer.compile), for fewer and fused GPU kernels.
 
     Why: at the bundled size an eager training step launches ~4,000 small kernels and the GPU waits
     on Python (tools/profile_train_step.py). Compiling in place (``Module.compile``) keeps parameter
     names and checkpoints as they are; ``dynamic=True`` keeps the bucketing sampler's changing shapes
-    from recompiling. The wkv kernel is an opaque custom op under tracing (``asr::wkv7``), so
-    ``scope="model"`` (or ``True``) traces the whole forward, front end to head, as one graph
-    (``fullgraph``: a graph break would be a bug); ``"blocks"`` compiles each block on its own.
-    ``backend``: torch.compile's (tests trace with ``"aot_eager"``, which skips code generation).
+    from recompiling. The wkv kernel is an opaque custom op under tracing (``asr::wkv7``), so no
+    graph breaks (``fullgraph``: one would be a bug).
+
+    ``scope``: ``"blocks"`` (or ``True``) compiles each block on its own: blocks after the first
+    share one compiled graph, so compilation takes the same ~2 minutes whatever the depth (H100
+    host, session 6). ``"model"`` traces the whole forward, front end to head, as one graph: no
+    Python between blocks, but every block is compiled again (minutes more per layer count), and
+    inductor's coalescing analysis, which torch 2.11 runs on dynamic shapes and fails an assertion
+    on here, is switched off for it. ``backend``: torch.compile's (tests use ``"aot_eager"``, which
+    traces without generating code).
     """
-    if scope in (True, "model"):
-        model.compile(dynamic=True, fullgraph=True, backend=backend)
-    elif scope == "blocks":
+    options = {"triton.coalesce_tiling_analysis": False} if backend == "inductor" else None
+    if scope == "model":
+        model.compile(dynamic=True, fullgraph=True, backend=backend, options=options)
+    elif scope in (True, "blocks"):
         for block in model.blocks:
-            block.compile(dynamic=True, fullgraph=True, backend=backend)
+            block.compile(dynamic=True, fullgraph=True, backend=backend, options=options)
     else:
-        raise ValueError(f"trainer.compile must be false, true, 'model' or 'blocks', not {scope!r}")
+        raise ValueError(f"trainer.compile must be false, true, 'blocks' or 'model', not {scope!r}")
 
 
 # ---------------------------------------------------------------------- schedule
