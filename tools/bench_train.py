@@ -83,19 +83,24 @@ def training_step(model: nn.Module, batch: int, frames: int, vocab: int = VOCAB,
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss.detach()
 
     return step
 
 
-def bench(model: nn.Module, batch: int, seconds: float, iters: int) -> tuple[float, float, float]:
-    """(audio-seconds per second, peak GiB, seconds the 3 warm-up steps took: compilation, autotuning)."""
+def bench(model: nn.Module, batch: int, seconds: float, iters: int) -> tuple[float, float, float, float]:
+    """(audio-seconds per second, peak GiB, seconds the 3 warm-up steps took (compilation,
+    autotuning), the first step's loss). The peak counts the warm-up too: CUDA graphs take their
+    memory pool while they are recorded there. The first loss is a correctness check: a compiled
+    row must show its eager row's loss (same seed, same weights and batch)."""
+    torch.cuda.reset_peak_memory_stats()
     step = training_step(model, batch, int(seconds * 100))
     t0 = time.perf_counter()
-    for _ in range(3):
+    first_loss = float(step())
+    for _ in range(2):
         step()
     torch.cuda.synchronize()
     warmup = time.perf_counter() - t0
-    torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -105,7 +110,7 @@ def bench(model: nn.Module, batch: int, seconds: float, iters: int) -> tuple[flo
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
     median = sorted(times)[len(times) // 2]
-    return batch * seconds / median, torch.cuda.max_memory_allocated() / 2**30, warmup
+    return batch * seconds / median, torch.cuda.max_memory_allocated() / 2**30, warmup, first_loss
 
 
 def builders() -> dict:
@@ -157,7 +162,7 @@ def main() -> int:
         return 2
     print(f"# {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
     print(f"{'model':22s} {'params':>8s} {'utt':>5s} {'batch':>6s} {'audio-s/s':>10s} {'peak GiB':>9s} "
-          f"{'vs conformer':>17s} {'warm-up s':>10s}")
+          f"{'vs conformer':>17s} {'warm-up s':>10s} {'loss@1':>9s}")
     results: dict = {}
     for utt in (float(x) for x in args.lengths.split(",")):
         batch = {10.0: 64, 30.0: 21}.get(utt, max(1, int(640 / utt)))
@@ -166,14 +171,14 @@ def main() -> int:
             model = known[name]().cuda()
             n = sum(p.numel() for p in model.parameters()) / 1e6
             try:
-                speed, peak, warmup = bench(model, batch, utt, args.iters)
+                speed, peak, warmup, loss = bench(model, batch, utt, args.iters)
             except Exception as e:  # a failing variant should not hide the others
                 print(f"{name:22s} failed: {type(e).__name__}: {str(e)[:300]}")
                 continue
             results[(name, utt)] = (speed, peak)
             base = results.get(("conformer", utt))
             ratio = f"{speed / base[0]:.2f}x / {peak / base[1]:.2f}x mem" if base else ""
-            print(f"{name:22s} {n:7.2f}M {utt:5.0f} {batch:6d} {speed:10.0f} {peak:9.2f} {ratio:>17s} {warmup:10.1f}")
+            print(f"{name:22s} {n:7.2f}M {utt:5.0f} {batch:6d} {speed:10.0f} {peak:9.2f} {ratio:>17s} {warmup:10.1f} {loss:9.3f}")
             del model
             torch.cuda.empty_cache()
     return 0

@@ -130,9 +130,8 @@ def compile_model(model: torch.nn.Module, scope: Union[bool, str] = "blocks", ba
     from recompiling. The wkv kernel is an opaque custom op under tracing (``asr::wkv7``), so no
     graph breaks (``fullgraph``: one would be a bug).
 
-    ``scope``: ``"blocks"`` (or ``True``) compiles each block on its own: blocks after the first
-    share one compiled graph, so compilation takes the same ~2 minutes whatever the depth (H100
-    host, session 6). ``"model"`` traces the whole forward, front end to head, as one graph: no
+    ``scope``: ``"blocks"`` (or ``True``) compiles each block on its own (one graph per block, the
+    identical ones served from inductor's cache). ``"model"`` traces the whole forward, front end to head, as one graph: no
     Python between blocks, but every block is compiled again (minutes more per layer count), and
     inductor's coalescing analysis, which torch 2.11 runs on dynamic shapes and fails an assertion
     on here, is switched off for it. ``backend``: torch.compile's (tests use ``"aot_eager"``, which
@@ -142,6 +141,9 @@ def compile_model(model: torch.nn.Module, scope: Union[bool, str] = "blocks", ba
     if scope == "model":
         model.compile(dynamic=True, fullgraph=True, backend=backend, options=options)
     elif scope in (True, "blocks"):
+        # Dynamo guards on each block's layer_id, so every block is its own graph (inductor's cache
+        # makes the identical ones cheap): allow that many before it gives up.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(model.blocks) + 8)
         for block in model.blocks:
             block.compile(dynamic=True, fullgraph=True, backend=backend, options=options)
     else:
