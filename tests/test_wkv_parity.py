@@ -129,3 +129,21 @@ def test_wkv7_traces_as_one_op_under_compile():
     for a, b in zip(compiled_leaves, eager_leaves):
         torch.testing.assert_close(a.grad, b.grad)
     torch._dynamo.reset()
+
+
+def test_fla_available_is_a_constant_under_compile():
+    """Traced code takes fla_available() as a constant: no import is traced, and dynamo does not
+    warn about tracing through an lru_cache (it did on the GPU before, once per compile)."""
+    import warnings
+
+    from asr.ops.wkv7 import fla_available
+
+    def f(x):
+        return x * 3 if fla_available() else x + 1
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = torch.compile(f, fullgraph=True, backend="aot_eager")(torch.ones(2))
+    torch._dynamo.reset()
+    assert torch.equal(out, f(torch.ones(2)))
+    assert not [w for w in caught if "lru_cache" in str(w.message)]

@@ -139,15 +139,19 @@ def wkv7_chunked(
     return y.to(out_dtype), S
 
 
-@torch.compiler.assume_constant_result  # traced code takes the answer as a constant (no import traced)
 @functools.lru_cache(maxsize=1)
-def fla_available() -> bool:
-    """True when flash-linear-attention's rwkv7 kernels import (they still need a CUDA tensor)."""
+def _fla_imports() -> bool:
     try:
         from fla.ops.rwkv7 import chunk_rwkv7  # noqa: F401
     except Exception:
         return False
     return True
+
+
+@torch.compiler.assume_constant_result  # traced code takes the answer as a constant, traces no import
+def fla_available() -> bool:
+    """True when flash-linear-attention's rwkv7 kernels import (they still need a CUDA tensor)."""
+    return _fla_imports()
 
 
 def wkv7_fla(
