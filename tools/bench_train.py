@@ -88,17 +88,16 @@ def training_step(model: nn.Module, batch: int, frames: int, vocab: int = VOCAB,
     return step
 
 
-def bench(model: nn.Module, batch: int, seconds: float, iters: int) -> tuple[float, float, float, float]:
+def bench(model: nn.Module, batch: int, seconds: float, iters: int) -> tuple[float, float, float, list[float]]:
     """(audio-seconds per second, peak GiB, seconds the 3 warm-up steps took (compilation,
-    autotuning), the first step's loss). The peak counts the warm-up too: CUDA graphs take their
-    memory pool while they are recorded there. The first loss is a correctness check: a compiled
-    row must show its eager row's loss (same seed, same weights and batch)."""
+    autotuning), their losses). The peak counts the warm-up too: CUDA graphs take their memory pool
+    while they are recorded there. The losses are a correctness check: a compiled row must show its
+    eager row's losses (same seed, same weights and batch); the first checks the forward, the third
+    the gradients of the two optimizer steps before it."""
     torch.cuda.reset_peak_memory_stats()
     step = training_step(model, batch, int(seconds * 100))
     t0 = time.perf_counter()
-    first_loss = float(step())
-    for _ in range(2):
-        step()
+    losses = [float(step()) for _ in range(3)]
     torch.cuda.synchronize()
     warmup = time.perf_counter() - t0
     times = []
@@ -110,7 +109,7 @@ def bench(model: nn.Module, batch: int, seconds: float, iters: int) -> tuple[flo
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
     median = sorted(times)[len(times) // 2]
-    return batch * seconds / median, torch.cuda.max_memory_allocated() / 2**30, warmup, first_loss
+    return batch * seconds / median, torch.cuda.max_memory_allocated() / 2**30, warmup, losses
 
 
 def builders() -> dict:
@@ -162,7 +161,7 @@ def main() -> int:
         return 2
     print(f"# {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
     print(f"{'model':22s} {'params':>8s} {'utt':>5s} {'batch':>6s} {'audio-s/s':>10s} {'peak GiB':>9s} "
-          f"{'vs conformer':>17s} {'warm-up s':>10s} {'loss@1':>9s}")
+          f"{'vs conformer':>17s} {'warm-up s':>10s} {'loss@1':>9s} {'loss@3':>9s}")
     results: dict = {}
     for utt in (float(x) for x in args.lengths.split(",")):
         batch = {10.0: 64, 30.0: 21}.get(utt, max(1, int(640 / utt)))
@@ -171,14 +170,14 @@ def main() -> int:
             model = known[name]().cuda()
             n = sum(p.numel() for p in model.parameters()) / 1e6
             try:
-                speed, peak, warmup, loss = bench(model, batch, utt, args.iters)
+                speed, peak, warmup, losses = bench(model, batch, utt, args.iters)
             except Exception as e:  # a failing variant should not hide the others
                 print(f"{name:22s} failed: {type(e).__name__}: {str(e)[:300]}")
                 continue
             results[(name, utt)] = (speed, peak)
             base = results.get(("conformer", utt))
             ratio = f"{speed / base[0]:.2f}x / {peak / base[1]:.2f}x mem" if base else ""
-            print(f"{name:22s} {n:7.2f}M {utt:5.0f} {batch:6d} {speed:10.0f} {peak:9.2f} {ratio:>17s} {warmup:10.1f} {loss:9.3f}")
+            print(f"{name:22s} {n:7.2f}M {utt:5.0f} {batch:6d} {speed:10.0f} {peak:9.2f} {ratio:>17s} {warmup:10.1f} {losses[0]:9.3f} {losses[2]:9.3f}")
             del model
             torch.cuda.empty_cache()
     return 0
