@@ -13,7 +13,9 @@ ffn 1024, 12 layers, segments of 4 frames + 1 right context. Reported: audio-sec
 (each block one dynamic-shape graph, the wkv kernel an opaque op inside), ``rwkv7_compiled_model``
 the whole model as one graph (``trainer.compile=model``), ``rwkv7_cudagraphs`` the whole model
 compiled for this one shape with CUDA graphs (``mode="reduce-overhead"``: what a trainer that pads
-batches to a few fixed shapes could reach), ``conformer_compiled`` the anchor compiled too, for
+batches to a few fixed shapes could reach), ``rwkv7_cudagraphs_dynamic`` / ``_blocks`` the whole
+model / each block compiled for any shape with CUDA graphs recorded per shape (what a trainer with
+changing batch shapes would use; not run on a GPU yet), ``conformer_compiled`` the anchor compiled too, for
 fairness. Compilation happens in the warm-up steps, outside the timing; their time is printed.
 """
 from __future__ import annotations
@@ -133,6 +135,20 @@ def builders() -> dict:
         model.compile(mode="reduce-overhead", dynamic=False, fullgraph=True)
         return model
 
+    def ours_cudagraphs_dynamic(scope: str):
+        """Compiled once for any shape, CUDA graphs recorded per shape (what the trainer's changing
+        batch shapes would need); the options are compile_model's plus inductor's cudagraphs."""
+        def build() -> CTCModel:
+            model = CTCModel(ModelConfig(vocab_size=VOCAB))
+            options = {"triton.cudagraphs": True, "triton.coalesce_tiling_analysis": False}
+            targets = [model] if scope == "model" else list(model.blocks)
+            if scope == "blocks":
+                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(targets) + 8)
+            for module in targets:
+                module.compile(dynamic=True, fullgraph=True, options=options)
+            return model
+        return build
+
     return {
         "conformer": lambda: AnchorCTC("conformer"),
         "emformer": lambda: AnchorCTC("emformer"),
@@ -140,6 +156,8 @@ def builders() -> dict:
         "rwkv7_compiled": ours_compiled("blocks"),
         "rwkv7_compiled_model": ours_compiled("model"),
         "rwkv7_cudagraphs": ours_cudagraphs,
+        "rwkv7_cudagraphs_dynamic": ours_cudagraphs_dynamic("model"),
+        "rwkv7_cudagraphs_blocks": ours_cudagraphs_dynamic("blocks"),
         "conformer_compiled": conformer_compiled,
     }
 
