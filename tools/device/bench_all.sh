@@ -11,13 +11,14 @@ run() {  # run <seconds> <name> <command...>
   echo "== $name rc=$? in $(( $(date +%s) - t )) s"; tail -n 30 "$OUT/$name.txt" | cut -c1-200
 }
 if [ "${COMPILE:-0}" = 1 ]; then
-  # COMPILE=1: our model with CUDA graphs and with compiled blocks (trainer.compile=true) beside
-  # eager at 30 s, then at 10 s (the first-step loss column checks each against eager).
-  # Inductor compiles in the first steps (a minute or more each), so this call does nothing else.
+  # COMPILE=1: CUDA graphs beside eager (session 6 measured rwkv7_cudagraphs and rwkv7_compiled:
+  # BENCHMARKS.md), now also over dynamic shapes (whole model, blocks) as a trainer would need them,
+  # at 30 s and then at 10 s; the loss columns check each row against eager. Inductor compiles in
+  # the first steps (a minute or two per row), so this call does nothing else.
   export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
-  run 280 bench_train python tools/bench_train.py --models conformer,rwkv7,rwkv7_cudagraphs,rwkv7_compiled --lengths 30
+  run 300 bench_train python tools/bench_train.py --models conformer,rwkv7,rwkv7_cudagraphs_blocks,rwkv7_cudagraphs_dynamic --lengths 30
   left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - T0) ))
-  [ $left -gt 60 ] && run $left bench_train_10s python tools/bench_train.py --models conformer,rwkv7,rwkv7_compiled --lengths 10
+  [ $left -gt 60 ] && run $left bench_train_10s python tools/bench_train.py --models conformer,rwkv7,rwkv7_cudagraphs_blocks,rwkv7_cudagraphs --lengths 10
 else
   run 110 profile python tools/profile_train_step.py --batch 64 --seconds 4
   run 120 check_gpu python tools/check_gpu.py
