@@ -381,7 +381,7 @@ def test_fit_max_steps_ends_the_lr_schedule_at_the_deadline(work: dict, tmp_path
     assert ckpt["max_steps"] == 119 and ckpt["max_steps_fitted"]
 
 
-@pytest.mark.parametrize("scope", ["model", "blocks"])
+@pytest.mark.parametrize("scope", ["model", "blocks", "cudagraphs"])
 def test_compile_keeps_parameter_names(scope: str) -> None:
     """trainer.compile compiles in place: checkpoints keep their keys (no ``_orig_mod.``)."""
     from asr.model import CTCModel, ModelConfig
@@ -471,28 +471,58 @@ def test_resume_from_a_checkpoint_of_the_unfused_optimizer(trained: Path, work: 
     assert json.loads((run / "summary.json").read_text())["step"] == ckpt["step"] + 2
 
 
-def test_features_on_device_trains_the_same_run(work: dict, tmp_path: Path) -> None:
-    """data.features_on_device=true (fbank + SpecAugment in the trainer) trains exactly the run the
-    workers' features give: same losses, same weights to float rounding."""
+def _same_run_either_way(work: dict, tmp_path: Path, extra: list[str], setting: str, values: tuple[str, str]) -> None:
+    """Train the same 6 steps with ``setting`` at each of ``values``: same losses, same weights."""
     from hydra import compose, initialize_config_dir
 
     import asr.cli.train  # noqa: F401  (resolvers)
     from asr.train.trainer import Trainer
 
     conf = Path(__file__).resolve().parents[1] / "conf"
-    weights = {}
-    for flag in ("false", "true"):
-        run = tmp_path / flag
+    weights, losses = {}, {}
+    for value in values:
+        run = tmp_path / value
         overrides = _args(work, run, "trainer.max_steps=6", "trainer.log_every=1", "data.dev_manifests=[]",
-                          "data.augment.speed.enabled=true", f"data.features_on_device={flag}")
+                          *extra, f"{setting}={value}")
         with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
             cfg = compose("config", overrides=[a for a in overrides if not a.startswith("hydra.")])
         Trainer(cfg, run).fit()
         model, _ = load_for_inference(run / "checkpoints")
-        weights[flag] = model.state_dict()
-        losses = [m["train/loss"] for m in _metrics(run) if "train/loss" in m]
-        weights[flag + "_losses"] = losses
-    assert len(weights["true_losses"]) == 6
-    assert weights["true_losses"] == pytest.approx(weights["false_losses"], rel=1e-4)
-    for name, w in weights["false"].items():
-        torch.testing.assert_close(weights["true"][name], w, rtol=1e-4, atol=1e-5, msg=name)
+        weights[value] = model.state_dict()
+        losses[value] = [m["train/loss"] for m in _metrics(run) if "train/loss" in m]
+    first, second = values
+    assert len(losses[second]) == 6
+    assert losses[second] == pytest.approx(losses[first], rel=1e-4)
+    for name, w in weights[first].items():
+        torch.testing.assert_close(weights[second][name], w, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_features_on_device_trains_the_same_run(work: dict, tmp_path: Path) -> None:
+    """data.features_on_device=true (fbank + SpecAugment in the trainer) trains exactly the run the
+    workers' features give: same losses, same weights to float rounding."""
+    _same_run_either_way(work, tmp_path, ["data.augment.speed.enabled=true"], "data.features_on_device", ("false", "true"))
+
+
+def test_padding_frames_for_compiled_shapes_trains_the_same_run(work: dict, tmp_path: Path) -> None:
+    """trainer.pad_frames_multiple (fewer batch shapes for compiled code and CUDA graphs) pads every
+    batch with frames no utterance owns: the causal model and CTC make that the same run."""
+    _same_run_either_way(work, tmp_path, [], "trainer.pad_frames_multiple", ("0", "64"))
+
+
+def test_pad_frames_rounds_up_and_keeps_the_frames() -> None:
+    from asr.train.trainer import pad_frames
+
+    x = torch.randn(2, 70, 3)
+    padded = pad_frames(x, 64)
+    assert padded.shape == (2, 128, 3)
+    assert torch.equal(padded[:, :70], x) and not padded[:, 70:].any()
+    assert pad_frames(x, 0) is x and pad_frames(x, 1) is x and pad_frames(x, 70) is x
+
+
+def test_unknown_compile_scope_is_an_error() -> None:
+    from asr.model import CTCModel, ModelConfig
+    from asr.train.trainer import compile_model
+
+    model = CTCModel(ModelConfig(vocab_size=16, d_model=32, n_layers=1, head_size=16, subsample_channels=8))
+    with pytest.raises(ValueError, match="trainer.compile must be"):
+        compile_model(model, "everything")
