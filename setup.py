@@ -31,7 +31,9 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest>=7", "pytest-timeout"],
+        # the tests cover language-model decoding too, so dev pulls in its decoder
+        "dev": ["pytest>=7", "pytest-timeout", "flashlight-text>=0.0.7"],
+        "lm": ["flashlight-text>=0.0.7"],  # asr-eval/asr-transcribe --lm (torchaudio's ctc_decoder)
         "gpu": ["fla-core", "packaging"],
         "mic": ["sounddevice>=0.4"],
     },

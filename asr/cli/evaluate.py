@@ -27,6 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--num-workers", type=int, default=2, help="DataLoader workers computing features")
     ap.add_argument("--worst", type=int, default=10, help="how many worst utterances to print (0: none)")
     ap.add_argument("--report", type=Path, default=None, help="write per-utterance results (JSON Lines) here")
+    ap.add_argument("--lm", type=Path, default=None, metavar="ARPA",
+                    help="decode over the LM's words with this n-gram model (tools/build_lm.py; needs flashlight-text)")
+    ap.add_argument("--lm-weight", type=float, default=None, help="language-model weight (default: asr.decode.lexicon's)")
+    ap.add_argument("--word-score", type=float, default=None, help="score added per word (default: asr.decode.lexicon's)")
+    ap.add_argument("--lm-beam", type=int, default=50, help="hypotheses kept per frame with --lm (default: %(default)s)")
     ap.add_argument("--int8", action="store_true",
                     help="int8 block weights (CPU only), as asr-transcribe/asr-live --int8: score the model you deploy")
     return ap
@@ -61,6 +66,18 @@ def main(argv: list[str] | None = None) -> int:
     if not entries:
         print("asr-eval: error: the manifests are empty", file=sys.stderr)
         return 2
+    text_decoder = None
+    if args.lm is not None:
+        from asr.decode import lexicon
+
+        try:
+            text_decoder = lexicon.LexiconDecoder(
+                tokenizer, args.lm, beam_size=args.lm_beam,
+                lm_weight=lexicon.DEFAULT_LM_WEIGHT if args.lm_weight is None else args.lm_weight,
+                word_score=lexicon.DEFAULT_WORD_SCORE if args.word_score is None else args.word_score)
+        except (OSError, ValueError, RuntimeError) as e:
+            print(f"asr-eval: error: --lm: {e}", file=sys.stderr)
+            return 2
     ds = ManifestDataset(entries, tokenizer, filter_ctc=False)
     sampler = BucketingBatchSampler(ds.durations, args.batch_seconds, num_buckets=20, shuffle=False)
     loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=args.num_workers,
@@ -70,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
     _, _, counts, results = evaluate_model(model, loader, tokenizer, device, autocast,
-                                           beam_size=args.beam_size, keep_utterances=True)
+                                           beam_size=args.beam_size, keep_utterances=True, text_decoder=text_decoder)
     print(f"utterances {counts.utterances}  words {counts.words}  "
           f"WER {100 * counts.wer:.2f}% ({counts.word_errors} errors)  "
           f"CER {100 * counts.cer:.2f}% ({counts.char_errors} errors)")

@@ -30,7 +30,7 @@ import signal
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -223,11 +223,14 @@ def evaluate_model(
     autocast: Any = contextlib.nullcontext,
     beam_size: int = 1,
     keep_utterances: bool = False,
+    text_decoder: Optional[Callable[[torch.Tensor], str]] = None,
 ) -> tuple[float, int, ErrorCounts, list[UtteranceResult]]:
     """Decode a loader of :class:`Batch` and score it. Returns (summed CTC loss, utterances scored
     for loss, error counts, per-utterance results if ``keep_utterances``).
 
     ``beam_size`` 1 is greedy decoding (what validation uses); larger uses CTC prefix beam search.
+    ``text_decoder`` (log-probabilities [T, V] of one utterance -> text), e.g. the lexicon and
+    language-model search of :mod:`asr.decode.lexicon`, replaces both.
     """
     from asr.decode.greedy import ctc_greedy
     from asr.tokenizer import normalize_text
@@ -247,7 +250,10 @@ def evaluate_model(
                 per_utt = ctc_loss(logits, out_lens, batch.targets, batch.target_lengths) * len(batch)
                 loss_sum += float(per_utt)
                 n_loss += len(batch)
-            if beam_size > 1:
+            if text_decoder is not None:
+                log_probs = logits.log_softmax(-1).cpu()
+                hyps = [normalize_text(text_decoder(log_probs[b, : int(out_lens[b])])) for b in range(len(batch))]
+            elif beam_size > 1:
                 from asr.decode.beam import ctc_prefix_beam_search
 
                 log_probs = logits.log_softmax(-1).cpu()
@@ -255,9 +261,10 @@ def evaluate_model(
                 for b in range(len(batch)):
                     hyps = ctc_prefix_beam_search(log_probs[b, : int(out_lens[b])], beam_size)
                     tokens.append(list(hyps[0][0]) if hyps else [])
+                hyps = [tokenizer.decode(t) for t in tokens]
             else:
                 tokens, _ = ctc_greedy(logits, out_lens.cpu())
-            hyps = [tokenizer.decode(t) for t in tokens]
+                hyps = [tokenizer.decode(t) for t in tokens]
             refs = [normalize_text(t) for t in batch.texts]
             counts += error_counts(refs, hyps)
             if keep_utterances:

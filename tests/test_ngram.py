@@ -1,0 +1,69 @@
+"""The ARPA n-gram builder: a proper distribution after every context, ARPA backoff semantics."""
+import io
+import math
+
+import pytest
+
+from asr.decode.ngram import BOS, UNK, NGramCounts, build_arpa, write_arpa
+
+SENTENCES = [
+    "the cat sat on the mat",
+    "the dog sat on the log",
+    "a cat and a dog",
+    "the cat ran",
+    "on the mat the dog sat",
+    "seven four two",
+    "two two",
+]
+
+
+def read_arpa(text: str) -> tuple[dict, dict]:
+    """ARPA text -> ({gram: log10 p}, {gram: log10 backoff}) as a reader (KenLM) sees it."""
+    logp, backoff, section = {}, {}, None
+    for line in text.splitlines():
+        line = line.strip()
+        if line.endswith("-grams:"):
+            section = int(line[1])
+            continue
+        if not line or line.startswith("\\") or section is None or line.startswith("ngram"):
+            continue
+        fields = line.split("\t")
+        gram = tuple(fields[1].split())
+        logp[gram] = float(fields[0])
+        if len(fields) > 2:
+            backoff[gram] = float(fields[2])
+    return logp, backoff
+
+
+def score(logp: dict, backoff: dict, history: tuple, word: str) -> float:
+    """log10 p(word | history) by ARPA's backoff rule."""
+    if history + (word,) in logp:
+        return logp[history + (word,)]
+    if not history:
+        return logp[(UNK,)]
+    return backoff.get(history, 0.0) + score(logp, backoff, history[1:], word)
+
+
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+def test_every_context_gives_a_distribution(order):
+    counts = NGramCounts(order).add_all(SENTENCES)
+    buf = io.StringIO()
+    write_arpa(counts, buf)
+    logp, backoff = read_arpa(buf.getvalue())
+    vocab = [g[0] for g in logp if len(g) == 1 and g[0] != BOS]
+    assert UNK in vocab and "</s>" in vocab
+    contexts = {()} | {g for g in logp if len(g) < order and g[-1] != "</s>"}
+    for h in contexts:
+        total = sum(10 ** score(logp, backoff, h, w) for w in vocab)
+        assert total == pytest.approx(1.0, abs=1e-5), h
+
+
+def test_seen_continuations_beat_unseen_ones():
+    logp, backoff = (d[1:] for d in build_arpa(NGramCounts(3).add_all(SENTENCES)))
+    flat_p = {g: v for d in logp for g, v in d.items()}
+    flat_b = {g: v for d in backoff for g, v in d.items()}
+    assert score(flat_p, flat_b, ("sat", "on"), "the") > score(flat_p, flat_b, ("sat", "on"), "cat")
+    assert score(flat_p, flat_b, (BOS, "the"), "cat") > score(flat_p, flat_b, (BOS, "the"), "two")
+    # Kneser-Ney: "mat" follows only "the", so as a new continuation it is less likely than "the"
+    assert score(flat_p, flat_b, ("ran",), "mat") < score(flat_p, flat_b, ("ran",), "the")
+    assert math.isfinite(score(flat_p, flat_b, ("zebra",), "quux"))
