@@ -79,7 +79,8 @@ ProgressCallback = Callable[[float], None]
 
 def load_model(
     path: Union[str, os.PathLike, None] = None, device: Union[str, torch.device] = "cpu", *, int8: bool = False,
-    compile: bool = False,
+    compile: bool = False, lm: Union[str, os.PathLike, None] = None, lm_weight: Optional[float] = None,
+    word_score: Optional[float] = None,
 ) -> "ASRModel":
     """Load a model for transcription.
 
@@ -93,6 +94,10 @@ def load_model(
     160 ms of audio; CPU only, needs a C++ compiler, up to a minute the first time; see
     :meth:`asr.model.CTCModel.prepare_for_inference`): a :meth:`ASRModel.stream` fed 160 ms chunks
     then runs ~2.5x faster with ``int8``. File transcription does not use it. Off by default.
+    ``lm``: an ARPA word n-gram model (``tools/build_lm.py``): final hypotheses then come from a
+    beam search over the LM's words (:mod:`asr.decode.lexicon`, needs flashlight-text), with
+    ``lm_weight`` and ``word_score`` (defaults tuned on the bundled model's synthetic dev set).
+    Words outside the LM cannot be produced; ``beam_size`` and ``hotwords`` are then ignored.
     Raises :class:`asr.train.checkpoint.CheckpointError` with a one-line message when the model is
     missing or unusable, and ``ValueError`` for an unavailable device.
     """
@@ -113,7 +118,14 @@ def load_model(
     model, tokenizer = load_for_inference(path, device=dev)
     if int8 or compile:
         model.prepare_for_inference(int8=int8, compile=compile, compile_frames=(1, 4))
-    return ASRModel(model, tokenizer, device=dev)
+    lexicon = None
+    if lm is not None:
+        from asr.decode import lexicon as lex
+
+        lexicon = lex.LexiconDecoder(
+            tokenizer, lm, lm_weight=lex.DEFAULT_LM_WEIGHT if lm_weight is None else lm_weight,
+            word_score=lex.DEFAULT_WORD_SCORE if word_score is None else word_score)
+    return ASRModel(model, tokenizer, device=dev, lexicon=lexicon)
 
 
 def _resolve_device(device: Union[str, torch.device]) -> torch.device:
@@ -239,8 +251,10 @@ class ASRModel:
         long_audio_seconds: float = DEFAULT_LONG_AUDIO_SECONDS,
         block_seconds: float = DEFAULT_BLOCK_SECONDS,
         pause_seconds: float = DEFAULT_PAUSE_SECONDS,
+        lexicon: Any = None,
     ) -> None:
         self.device = torch.device(device)
+        self.lexicon = lexicon  # asr.decode.lexicon.LexiconDecoder: final words from the LM search
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.long_audio_seconds = float(long_audio_seconds)
@@ -396,6 +410,7 @@ class ASRModel:
         from asr.stream.recognizer import Recognizer  # lazy: streaming pulls in its own extras
 
         kwargs.setdefault("device", self.device)
+        kwargs.setdefault("lexicon", self.lexicon)
         return Recognizer(self.model, self.tokenizer, **kwargs)
 
     # ---------------------------------------------------------------- internals
@@ -411,7 +426,11 @@ class ASRModel:
         pause = self.pause_seconds if pause_seconds is None else float(pause_seconds)
         return {"beam_size": beam_size, "hotwords": hot, "hotwords_map": hot_map, "pause_seconds": pause}
 
-    def _decoder(self, opts: dict) -> HypothesisDecoder:
+    def _decoder(self, opts: dict) -> Any:
+        if self.lexicon is not None:
+            from asr.decode.lexicon import LexiconHypothesisDecoder
+
+            return LexiconHypothesisDecoder(self.lexicon)
         return HypothesisDecoder(opts["beam_size"], opts["hotwords"], self.tokenizer)
 
     def _load(self, audio: Any, sample_rate: Optional[int]) -> Tensor:
@@ -464,7 +483,7 @@ class ASRModel:
         from asr.stream.recognizer import Recognizer
 
         rec = Recognizer(self.model, self.tokenizer, endpoint=EndpointConfig.disabled(), beam_size=opts["beam_size"],
-                         hotwords=opts["hotwords_map"], device=self.device)
+                         hotwords=opts["hotwords_map"], device=self.device, lexicon=self.lexicon)
         for block in blocks:
             rec.accept_waveform(block, SAMPLE_RATE)
             if progress is not None:

@@ -29,14 +29,18 @@ def lm(tmp_path_factory) -> Path:
 
 def spelled(tokenizer, pieces_per_word: list[list[int]], frames_per_piece: int = 3, confidence: float = 0.9):
     """Log-probabilities [T, V] whose best path spells the given pieces, each piece held for a few
-    frames and followed by a blank, the rest of the mass spread over the other tokens."""
+    frames and followed by a blank, the rest of the mass spread at random over the other tokens
+    (random, not uniform: exact ties between paths make flashlight's search order-dependent)."""
     ids = [i for word in pieces_per_word for i in word]
     V = tokenizer.vocab_size
+    g = torch.Generator().manual_seed(0)
     rows = []
     for i in ids + [None]:
         for k in range(frames_per_piece + 1):
             target = 0 if (i is None or k == frames_per_piece) else i
-            row = torch.full((V,), (1 - confidence) / (V - 1))
+            row = torch.rand(V, generator=g) + 0.5
+            row[target] = 0.0
+            row = row / row.sum() * (1 - confidence)
             row[target] = confidence
             rows.append(row)
     return torch.stack(rows).log()
@@ -46,21 +50,27 @@ def test_arpa_vocabulary_lists_the_words(lm):
     assert sorted(arpa_vocabulary(lm)) == sorted({w for s in SENTENCES for w in s.split()})
 
 
-def test_clean_emissions_decode_to_their_words(tokenizer, lm):
+def test_clean_emissions_decode_to_their_words_at_their_frames(tokenizer, lm):
+    """Each piece held for 3 frames: one word each (no repeats), tokens at the frames they start."""
     decoder = LexiconDecoder(tokenizer, lm)
     text = "the cat sat on the mat"
-    log_probs = spelled(tokenizer, [tokenizer.encode(w) for w in text.split()])
+    pieces = [tokenizer.encode(w) for w in text.split()]
+    log_probs = spelled(tokenizer, pieces, frames_per_piece=3)
     assert decoder(log_probs) == text
-    assert decoder(log_probs[:0]) == ""
+    tokens, frames = decoder.tokens_and_frames(log_probs)
+    assert tokens == [i for w in pieces for i in w]
+    assert frames == [4 * k for k in range(len(tokens))]
+    assert decoder(log_probs[:0]) == "" and decoder.tokens_and_frames(log_probs[:0]) == ([], [])
 
 
 def test_a_misspelling_comes_out_as_the_lexicon_word(tokenizer, lm):
     """Unsure emissions that spell 'meeters' (not a word of the LM) decode to 'meters', the only
     lexicon word that fits, in the LM's likely context: what the LM buys on real errors."""
-    decoder = LexiconDecoder(tokenizer, lm)
+    decoder = LexiconDecoder(tokenizer, lm, lm_weight=1.5, word_score=1.0)
     words = [tokenizer.encode(w) for w in ("go", "forward", "ten")] + [tokenizer.encode("meeters")]
     assert tokenizer.decode([i for w in words for i in w]) == "go forward ten meeters"
-    assert decoder(spelled(tokenizer, words, confidence=0.5)) == "go forward ten meters"
+    log_probs = spelled(tokenizer, words, confidence=0.5)
+    assert [decoder(log_probs) for _ in range(3)] == ["go forward ten meters"] * 3
 
 
 def test_missing_language_model_is_a_clear_error(tokenizer, tmp_path):
@@ -78,3 +88,41 @@ def test_asr_eval_with_a_missing_lm_is_one_line(tmp_path, capsys):
     rc = evaluate.main([str(BUNDLED), str(entries[0]), "--lm", str(tmp_path / "missing.arpa")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("asr-eval: error: --lm: language model not found")
+
+
+COMMANDS = ["go forward five meters", "go back ten meters", "turn left and go forward", "walk ten meters forward",
+            "go forward ten steps", "stop"]
+GOFORWARD = Path(__file__).resolve().parent / "data" / "audio" / "pocketsphinx_goforward.flac"
+
+
+@pytest.fixture(scope="module")
+def commands_lm(tmp_path_factory) -> Path:
+    """An LM of command phrases that never holds the test sentence itself."""
+    path = tmp_path_factory.mktemp("lm") / "commands.arpa"
+    with open(path, "w") as f:
+        write_arpa(NGramCounts(3).add_all(COMMANDS), f)
+    return path
+
+
+def test_asr_transcribe_with_an_lm_spells_the_words_it_knows(commands_lm, capsys):
+    """The bundled model alone writes 'go forward ten meeters' for this recording (model card);
+    with a language model of similar commands the last word comes out as the word it knows."""
+    from asr.cli import transcribe
+
+    rc = transcribe.main([str(GOFORWARD), "--lm", str(commands_lm), "--no-progress"])
+    assert rc == 0
+    assert capsys.readouterr().out.strip() == "go forward ten meters"
+
+
+def test_lm_words_are_the_same_one_pass_and_block_by_block(commands_lm):
+    """Long inputs go through the streaming recognizer block by block: with an LM it collects the
+    frames and searches them once at the end, so words and times equal the one-pass result."""
+    import asr
+
+    model = asr.load_model(lm=commands_lm)
+    one_pass = model.transcribe(GOFORWARD)
+    blocks = model.transcribe(GOFORWARD, long_audio_seconds=0.5, block_seconds=0.3)
+    assert one_pass.text == "go forward ten meters"
+    assert [(w.word, w.start, w.end) for w in blocks.segments[0].words] == \
+        [(w.word, w.start, w.end) for w in one_pass.segments[0].words]
+    assert all(0 < w.confidence <= 1 for w in one_pass.segments[0].words)

@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="1: greedy decoding; >1: CTC prefix beam search (default: %(default)s)")
     ap.add_argument("--hotword", action="append", default=[], metavar="WORDS[:BONUS]",
                     help="boost a word or phrase (bonus in nats, default 2.0); repeatable; implies beam search")
+    ap.add_argument("--lm", default=None, metavar="ARPA",
+                    help="word n-gram language model (tools/build_lm.py): decode over its words (needs flashlight-text)")
+    ap.add_argument("--lm-weight", type=float, default=None, help="language-model weight (default: tuned, see asr.decode.lexicon)")
+    ap.add_argument("--word-score", type=float, default=None, help="score per word with --lm (default: tuned)")
     ap.add_argument("--long-audio-seconds", type=float, default=None, metavar="S",
                     help="inputs longer than this are read and decoded block by block (default: 60)")
     ap.add_argument("--int8", action="store_true",
@@ -235,7 +239,8 @@ def _run(args: argparse.Namespace, hotwords: dict[str, float], console: _Console
     from asr.train.checkpoint import CheckpointError
 
     try:
-        model = load_model(args.model, device=args.device, int8=args.int8)
+        model = load_model(args.model, device=args.device, int8=args.int8, lm=args.lm, lm_weight=args.lm_weight,
+                           word_score=args.word_score)
     except (CheckpointError, ValueError, OSError, RuntimeError) as err:
         if args.debug:
             traceback.print_exc()

@@ -14,16 +14,19 @@ flashlight-text is an optional dependency (``pip install -e ".[lm]"``).
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
 
 from asr.tokenizer import Tokenizer
 
-__all__ = ["LexiconDecoder", "arpa_vocabulary"]
+__all__ = ["LexiconDecoder", "LexiconHypothesisDecoder", "arpa_vocabulary"]
 
 #: flashlight's decoder wants a word-separator ("silence") token. Sentencepiece marks word starts in
 #: the pieces themselves, so the separator is an extra output class the model never emits (log-prob
@@ -59,8 +62,23 @@ def arpa_vocabulary(path: str | Path) -> list[str]:
     return words
 
 
-def _drop_repeated_frames(log_probs: Tensor) -> Tensor:
-    """Keep one frame of each run of frames whose likeliest token is the same non-blank token.
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence the process's stderr (file descriptor 2, where C++ libraries write) for a while."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _kept_frames(log_probs: Tensor) -> Tensor:
+    """Indices of the frames the search sees: of each run of frames whose likeliest token is the
+    same non-blank token, only the first.
 
     Why: flashlight's lexicon search lets a frame that repeats the previous frame's token complete
     a word again (its CTC repeat rule guards only the word-internal step), so a piece held for a
@@ -68,12 +86,10 @@ def _drop_repeated_frames(log_probs: Tensor) -> Tensor:
     repeat the likeliest token add nothing to the likeliest labelling; dropping them removes the
     spurious words (tests/test_lexicon_decoder.py) and took the bundled model's synthetic dev WER
     from 16.8 % to 15.6 % (LM weight 1.2, word score 0.5)."""
-    if log_probs.shape[0] < 2:
-        return log_probs
     best = log_probs.argmax(dim=-1)
     keep = torch.ones_like(best, dtype=torch.bool)
     keep[1:] = (best[1:] != best[:-1]) | (best[1:] == 0)
-    return log_probs[keep]
+    return keep.nonzero().squeeze(1)
 
 
 class LexiconDecoder:
@@ -105,11 +121,12 @@ class LexiconDecoder:
                 if pieces and all(p in tokens[1:-1] for p in pieces):
                     f.write(f"{word}\t{' '.join(pieces)}\n")
         try:
-            self._decoder = ctc_decoder(
-                lexicon=self._lexicon_file.name, tokens=tokens, lm=str(lm_path), nbest=1, beam_size=beam_size,
-                beam_threshold=beam_threshold, lm_weight=lm_weight, word_score=word_score,
-                blank_token=blank, sil_token=SILENCE, unk_word="<unk>",
-            )
+            with _quiet_stderr():  # KenLM draws a progress bar on stderr while it reads an ARPA file
+                self._decoder = ctc_decoder(
+                    lexicon=self._lexicon_file.name, tokens=tokens, lm=str(lm_path), nbest=1, beam_size=beam_size,
+                    beam_threshold=beam_threshold, lm_weight=lm_weight, word_score=word_score,
+                    blank_token=blank, sil_token=SILENCE, unk_word="<unk>",
+                )
         except RuntimeError as e:
             if "flashlight" in str(e):
                 raise RuntimeError("language-model decoding needs flashlight-text: pip install flashlight-text") from e
@@ -117,13 +134,28 @@ class LexiconDecoder:
 
     def __call__(self, log_probs: Tensor) -> str:
         """Words of the best hypothesis for one utterance's log-probabilities [T, V]."""
+        return self.tokenizer.decode(self.tokens_and_frames(log_probs)[0])
+
+    def tokens_and_frames(self, log_probs: Tensor) -> tuple[list[int], list[int]]:
+        """The best hypothesis as token ids (the lexicon's spellings) and the frame where each fires."""
         if log_probs.shape[0] == 0:
-            return ""
-        log_probs = _drop_repeated_frames(log_probs.detach().float().cpu())
-        silence = log_probs.new_full((log_probs.shape[0], 1), SILENCE_LOG_PROB)
-        emissions = torch.cat([log_probs, silence], dim=1).unsqueeze(0).contiguous()
+            return [], []
+        log_probs = log_probs.detach().float().cpu()
+        kept = _kept_frames(log_probs)
+        silence = log_probs.new_full((len(kept), 1), SILENCE_LOG_PROB)
+        emissions = torch.cat([log_probs[kept], silence], dim=1).unsqueeze(0).contiguous()
         hyps = self._decoder(emissions)
-        return " ".join(hyps[0][0].words) if hyps and hyps[0] else ""
+        if not hyps or not hyps[0]:
+            return [], []
+        tokens, frames = [], []
+        silence_id = log_probs.shape[1]
+        for token, step in zip(hyps[0][0].tokens.tolist(), hyps[0][0].timesteps.tolist()):
+            if token in (0, silence_id):
+                continue
+            tokens.append(token)
+            # flashlight counts time steps from 1 (step 0 is its start state)
+            frames.append(int(kept[min(max(step - 1, 0), len(kept) - 1)]))
+        return tokens, frames
 
     def close(self) -> None:
         Path(self._lexicon_file.name).unlink(missing_ok=True)
@@ -135,6 +167,43 @@ class LexiconDecoder:
             pass
 
 
-def load_lexicon_decoder(tokenizer: Tokenizer, lm_path: Optional[str | Path], **kwargs) -> Optional[LexiconDecoder]:
-    """A :class:`LexiconDecoder`, or None without a language model."""
-    return None if lm_path is None else LexiconDecoder(tokenizer, lm_path, **kwargs)
+class LexiconHypothesisDecoder:
+    """:class:`asr.decode.incremental.HypothesisDecoder`'s interface over a :class:`LexiconDecoder`,
+    so file transcription and the streaming recognizer can use it: frames are collected per
+    segment, final hypotheses come from the lexicon and LM search over the whole segment, partial
+    ones (live display) from greedy decoding of the frames so far."""
+
+    is_greedy = False
+
+    def __init__(self, lexicon: LexiconDecoder, blank: int = 0) -> None:
+        self.lexicon = lexicon
+        self.blank = blank
+        self.num_frames = 0
+        self._segment_start = 0
+        self._chunks: list[Tensor] = []
+
+    @property
+    def num_tokens(self) -> int:
+        return 0
+
+    def accept(self, log_probs: Tensor) -> None:
+        if log_probs.shape[0]:
+            self._chunks.append(log_probs.detach().float().cpu())
+            self.num_frames += log_probs.shape[0]
+
+    def hypothesis(self, final: bool = True) -> tuple[list[int], list[int], Optional[list[float]]]:
+        if not self._chunks:
+            return [], [], [] if final else None
+        lp = torch.cat(self._chunks)
+        if final:
+            tokens, frames = self.lexicon.tokens_and_frames(lp)
+            logprobs = [float(lp[f, t]) for t, f in zip(tokens, frames)]
+        else:
+            best = lp.argmax(dim=-1)
+            fires = ((best != self.blank) & torch.cat([torch.tensor([True]), best[1:] != best[:-1]])).nonzero().squeeze(1)
+            tokens, frames, logprobs = best[fires].tolist(), fires.tolist(), None
+        return tokens, [f + self._segment_start for f in frames], logprobs
+
+    def start_segment(self) -> None:
+        self._chunks = []
+        self._segment_start = self.num_frames

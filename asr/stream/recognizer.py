@@ -98,6 +98,8 @@ class Recognizer:
         device: where the state lives and the model runs (the model must be there already).
         keep_segments: keep final segments for :meth:`finalize` (default); ``False`` only hands
             them out through ``Partial.segments``, so hours of transcript do not accumulate.
+        lexicon: an :class:`asr.decode.lexicon.LexiconDecoder`: each segment's final words come
+            from its lexicon and LM search (``beam_size``/``hotwords`` ignored), partials stay greedy.
     """
 
     def __init__(
@@ -110,6 +112,7 @@ class Recognizer:
         hotwords: Optional[Mapping[str, float]] = None,
         device: Union[str, torch.device] = "cpu",
         keep_segments: bool = True,
+        lexicon: Any = None,
     ) -> None:
         if beam_size < 1:
             raise ValueError(f"beam_size must be >= 1, got {beam_size}")
@@ -120,6 +123,7 @@ class Recognizer:
         self.hotwords = dict(hotwords) if hotwords else None
         self.device = torch.device(device)
         self.keep_segments = keep_segments
+        self.lexicon = lexicon
         self.blank = 0
         self.reset()
 
@@ -141,7 +145,12 @@ class Recognizer:
         self._finished = False
         self._last_new: list[Segment] = []  # segments finalize() produced (keep_segments=False)
         # current segment: the same incremental decoder as file transcription
-        self._decoder = HypothesisDecoder(self.beam_size, self.hotwords, self.tokenizer, self.blank)
+        if self.lexicon is not None:  # final words of each segment from the LM search, partials greedy
+            from asr.decode.lexicon import LexiconHypothesisDecoder
+
+            self._decoder: Any = LexiconHypothesisDecoder(self.lexicon, self.blank)
+        else:
+            self._decoder = HypothesisDecoder(self.beam_size, self.hotwords, self.tokenizer, self.blank)
         self._words_cache: tuple[int, list[Word]] = (-1, [])
 
     @property
