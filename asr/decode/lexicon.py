@@ -6,8 +6,8 @@ lexicon, so spelling errors of known words get corrected (``judment`` -> ``judgm
 outside it cannot be produced at all: use it where the language model covers the domain. The
 lexicon is the LM's own vocabulary, each word spelled with the model's sentencepiece pieces.
 
-Scores: ``log p_ctc + lm_weight * log p_lm + word_score * words`` (natural logs), pruned to
-``beam_size`` hypotheses per frame. ``lm_weight`` and ``word_score`` are tuned on a dev set
+Scores: the log-posterior of the hypothesis' best CTC path ``+ lm_weight * log p_lm + word_score *
+words`` (natural logs), pruned to ``beam_size`` hypotheses per frame. ``lm_weight`` and ``word_score`` are tuned on a dev set
 (``asr-eval --lm``); the defaults come from the bundled model's synthetic dev set.
 
 flashlight-text is an optional dependency (``pip install -e ".[lm]"``).
@@ -30,8 +30,7 @@ __all__ = ["LexiconDecoder", "LexiconHypothesisDecoder", "arpa_vocabulary"]
 
 #: flashlight's decoder wants a word-separator ("silence") token. Sentencepiece marks word starts in
 #: the pieces themselves, so the separator is an extra output class the model never emits (log-prob
-#: SILENCE_LOG_PROB on every frame). Using the blank as the separator instead let repeated frames
-#: of one piece start the same word again ("the the cat sat sat").
+#: SILENCE_LOG_PROB on every frame), and the blank stays CTC's blank only.
 SILENCE = "<sil>"
 SILENCE_LOG_PROB = -1e4
 DEFAULT_LM_WEIGHT = 1.5
