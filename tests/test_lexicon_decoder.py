@@ -126,3 +126,22 @@ def test_lm_words_are_the_same_one_pass_and_block_by_block(commands_lm):
     assert [(w.word, w.start, w.end) for w in blocks.segments[0].words] == \
         [(w.word, w.start, w.end) for w in one_pass.segments[0].words]
     assert all(0 < w.confidence <= 1 for w in one_pass.segments[0].words)
+
+
+def test_asr_live_with_an_lm_gives_the_lm_words_in_its_finals(commands_lm, tmp_path):
+    """asr-live --lm: each final segment (after an endpoint, or at the end of the input) comes from
+    the LM search; the bundled model alone writes 'meeters' for this recording."""
+    from asr.cli import live
+
+    out = tmp_path / "finals.txt"
+    rc = live.main(["--input", str(GOFORWARD), "--fast", "--lm", str(commands_lm), "--output", str(out)])
+    assert rc == 0
+    assert out.read_text().split() == "go forward ten meters".split()
+
+
+def test_asr_live_with_a_missing_lm_is_one_line(tmp_path, capsys):
+    from asr.cli import live
+
+    rc = live.main(["--input", str(GOFORWARD), "--fast", "--lm", str(tmp_path / "none.arpa")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and err == [f"asr-live: error: language model not found: {tmp_path / 'none.arpa'}"]

@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast", action="store_true", help="with --input: do not wait, process as fast as possible")
     p.add_argument("--save-audio", metavar="WAV", help="also save the received audio to this WAV file")
     p.add_argument("--beam-size", type=int, default=1, help="1: greedy decoding (default); >1: CTC prefix beam search")
+    p.add_argument("--lm", default=None, metavar="ARPA",
+                   help="word n-gram LM (tools/build_lm.py): each final segment decoded over its words; partials stay greedy")
     p.add_argument("--int8", action="store_true",
                    help="int8 block weights (CPU): 1.1-1.8x faster steps, outputs within ~1%% of float32")
     p.add_argument("--compile", action="store_true",
@@ -254,9 +256,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.compile:
             print("asr-live: compiling the model step (up to a minute the first time)", file=sys.stderr, flush=True)
         model, tokenizer = _load_model(args.model, args.int8, args.compile)
+        lexicon = None
+        if args.lm is not None:
+            from asr.decode.lexicon import LexiconDecoder
+
+            lexicon = LexiconDecoder(tokenizer, args.lm)
     except Exception as err:  # CheckpointError, FileNotFoundError: one line
         return _error(" ".join(str(err).split()))
-    rec = Recognizer(model, tokenizer, beam_size=args.beam_size, keep_segments=False)
+    rec = Recognizer(model, tokenizer, beam_size=args.beam_size, keep_segments=False, lexicon=lexicon)
     try:
         writer = Writer(args.output, args.format)
     except OSError as err:
