@@ -67,3 +67,32 @@ def test_seen_continuations_beat_unseen_ones():
     # Kneser-Ney: "mat" follows only "the", so as a new continuation it is less likely than "the"
     assert score(flat_p, flat_b, ("ran",), "mat") < score(flat_p, flat_b, ("ran",), "the")
     assert math.isfinite(score(flat_p, flat_b, ("zebra",), "quux"))
+
+
+def test_build_lm_drops_excluded_sentences(tmp_path, capsys):
+    """tools/build_lm.py: text and manifest sentences, normalised; an evaluation manifest's
+    sentences never reach the model; bad input is one line and exit 2."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import build_lm
+
+    from asr.decode.lexicon import arpa_vocabulary
+
+    text = tmp_path / "train.txt"
+    text.write_text("The cat sat.\nA dog ran\n")
+    heldout = tmp_path / "test.jsonl"
+    heldout.write_text(json.dumps({"id": "t1", "audio": "x.wav", "duration": 1.0, "text": "zebras graze"}) + "\n")
+    train_manifest = tmp_path / "train.jsonl"
+    train_manifest.write_text("".join(json.dumps({"id": f"u{i}", "audio": "x.wav", "duration": 1.0, "text": t}) + "\n"
+                                      for i, t in enumerate(["zebras graze", "birds fly"])))
+    out = tmp_path / "lm.arpa"
+    assert build_lm.main(["--text", str(text), "--manifest", str(train_manifest), "--exclude-manifest", str(heldout),
+                          "--order", "2", "--out", str(out)]) == 0
+    assert sorted(arpa_vocabulary(out)) == ["a", "birds", "cat", "dog", "fly", "ran", "sat", "the"]
+    capsys.readouterr()
+    assert build_lm.main(["--text", str(tmp_path / "missing.txt"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("build_lm: error:")

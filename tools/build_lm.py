@@ -34,14 +34,23 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not args.text and not args.manifest:
         ap.error("give at least one --text or --manifest")
+    if args.order < 1:
+        ap.error("--order must be at least 1")
     t0 = time.time()
-    exclude = {normalize_text(e["text"]) for m in args.exclude_manifest for e in read_manifest(m, absolute=False)}
-    sentences: list[str] = []
-    for path in args.text:
-        sentences += [normalize_text(line) for line in path.read_text(encoding="utf-8").splitlines()]
-    for path in args.manifest:
-        sentences += [normalize_text(e["text"]) for e in read_manifest(path, absolute=False)]
+    try:
+        exclude = {normalize_text(e["text"]) for m in args.exclude_manifest for e in read_manifest(m, absolute=False)}
+        sentences: list[str] = []
+        for path in args.text:
+            sentences += [normalize_text(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        for path in args.manifest:
+            sentences += [normalize_text(e["text"]) for e in read_manifest(path, absolute=False)]
+    except (OSError, ValueError) as e:  # ManifestError is a ValueError
+        print(f"build_lm: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
     kept = [s for s in sentences if s and s not in exclude]
+    if not kept:
+        print("build_lm: error: no sentences left to count (empty input, or all excluded)", file=sys.stderr)
+        return 2
     counts = NGramCounts(args.order).add_all(kept)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(args.out.suffix + ".tmp")
