@@ -113,8 +113,8 @@ class LexiconDecoder:
         self.tokenizer = tokenizer
         tokens = [tokenizer.id_to_piece(i) for i in range(tokenizer.vocab_size)] + [SILENCE]
         blank = tokens[0]
-        self._lexicon_file = tempfile.NamedTemporaryFile("w", suffix=".lexicon", delete=False, encoding="utf-8")
-        with self._lexicon_file as f:
+        # flashlight reads the lexicon from a file, once, while the decoder is built
+        with tempfile.NamedTemporaryFile("w", suffix=".lexicon", delete=False, encoding="utf-8") as f:
             for word in arpa_vocabulary(lm_path):
                 pieces = tokenizer.encode_as_pieces(word, normalize=False)
                 if pieces and all(p in tokens[1:-1] for p in pieces):
@@ -122,7 +122,7 @@ class LexiconDecoder:
         try:
             with _quiet_stderr():  # KenLM draws a progress bar on stderr while it reads an ARPA file
                 self._decoder = ctc_decoder(
-                    lexicon=self._lexicon_file.name, tokens=tokens, lm=str(lm_path), nbest=1, beam_size=beam_size,
+                    lexicon=f.name, tokens=tokens, lm=str(lm_path), nbest=1, beam_size=beam_size,
                     beam_threshold=beam_threshold, lm_weight=lm_weight, word_score=word_score,
                     blank_token=blank, sil_token=SILENCE, unk_word="<unk>",
                 )
@@ -130,6 +130,8 @@ class LexiconDecoder:
             if "flashlight" in str(e):
                 raise RuntimeError("language-model decoding needs flashlight-text: pip install flashlight-text") from e
             raise
+        finally:
+            Path(f.name).unlink(missing_ok=True)
 
     def __call__(self, log_probs: Tensor) -> str:
         """Words of the best hypothesis for one utterance's log-probabilities [T, V]."""
@@ -156,21 +158,13 @@ class LexiconDecoder:
             frames.append(int(kept[min(max(step - 1, 0), len(kept) - 1)]))
         return tokens, frames
 
-    def close(self) -> None:
-        Path(self._lexicon_file.name).unlink(missing_ok=True)
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
-
 
 class LexiconHypothesisDecoder:
     """:class:`asr.decode.incremental.HypothesisDecoder`'s interface over a :class:`LexiconDecoder`,
     so file transcription and the streaming recognizer can use it: frames are collected per
     segment, final hypotheses come from the lexicon and LM search over the whole segment, partial
-    ones (live display) from greedy decoding of the frames so far."""
+    ones (live display) from greedy decoding of the frames so far. Memory: the segment's
+    log-probabilities, ~92 MB per hour of audio at 256 classes (a file is one segment)."""
 
     is_greedy = False
 
