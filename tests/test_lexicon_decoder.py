@@ -145,3 +145,13 @@ def test_asr_live_with_a_missing_lm_is_one_line(tmp_path, capsys):
     rc = live.main(["--input", str(GOFORWARD), "--fast", "--lm", str(tmp_path / "none.arpa")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and err == [f"asr-live: error: language model not found: {tmp_path / 'none.arpa'}"]
+
+
+def test_asr_transcribe_with_a_file_that_is_not_an_lm_is_one_line(tmp_path, capsys):
+    from asr.cli import transcribe
+
+    bad = tmp_path / "notes.arpa"
+    bad.write_text("shopping list\n")
+    rc = transcribe.main([str(GOFORWARD), "--lm", str(bad), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == [f"asr-transcribe: error: {bad}: no unigrams found (not an ARPA file?)"]

@@ -103,10 +103,11 @@ class LexiconDecoder:
         beam_size: int = 50,
         beam_threshold: float = 25.0,
     ) -> None:
-        try:
+        try:  # torchaudio raises RuntimeError here when flashlight-text is missing
             from torchaudio.models.decoder import ctc_decoder
-        except ImportError as e:  # pragma: no cover - torchaudio is a hard dependency
-            raise RuntimeError(f"language-model decoding needs torchaudio's ctc_decoder: {e}") from e
+        except (ImportError, RuntimeError) as e:
+            raise RuntimeError("language-model decoding needs flashlight-text: pip install flashlight-text "
+                               '(or pip install -e ".[lm]")') from e
         lm_path = Path(lm_path)
         if not lm_path.is_file():
             raise FileNotFoundError(f"language model not found: {lm_path}")
@@ -126,10 +127,6 @@ class LexiconDecoder:
                     beam_threshold=beam_threshold, lm_weight=lm_weight, word_score=word_score,
                     blank_token=blank, sil_token=SILENCE, unk_word="<unk>",
                 )
-        except RuntimeError as e:
-            if "flashlight" in str(e):
-                raise RuntimeError("language-model decoding needs flashlight-text: pip install flashlight-text") from e
-            raise
         finally:
             Path(f.name).unlink(missing_ok=True)
 
