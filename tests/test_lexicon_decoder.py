@@ -128,7 +128,15 @@ def test_lm_words_are_the_same_one_pass_and_block_by_block(commands_lm):
     assert all(0 < w.confidence <= 1 for w in one_pass.segments[0].words)
 
 
-def test_asr_live_with_an_lm_gives_the_lm_words_in_its_finals(commands_lm, tmp_path):
+@pytest.fixture
+def keep_threads():
+    """asr-live sets torch to one thread for the process; later tests expect the default back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_asr_live_with_an_lm_gives_the_lm_words_in_its_finals(commands_lm, tmp_path, keep_threads):
     """asr-live --lm: each final segment (after an endpoint, or at the end of the input) comes from
     the LM search; the bundled model alone writes 'meeters' for this recording."""
     from asr.cli import live
@@ -139,7 +147,7 @@ def test_asr_live_with_an_lm_gives_the_lm_words_in_its_finals(commands_lm, tmp_p
     assert out.read_text().split() == "go forward ten meters".split()
 
 
-def test_asr_live_with_a_missing_lm_is_one_line(tmp_path, capsys):
+def test_asr_live_with_a_missing_lm_is_one_line(tmp_path, capsys, keep_threads):
     from asr.cli import live
 
     rc = live.main(["--input", str(GOFORWARD), "--fast", "--lm", str(tmp_path / "none.arpa")])
