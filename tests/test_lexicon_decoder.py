@@ -163,3 +163,19 @@ def test_asr_transcribe_with_a_file_that_is_not_an_lm_is_one_line(tmp_path, caps
     rc = transcribe.main([str(GOFORWARD), "--lm", str(bad), "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err == [f"asr-transcribe: error: {bad}: no unigrams found (not an ARPA file?)"]
+
+
+@pytest.mark.parametrize("cli, extra", [("transcribe", ["--beam-size", "4"]), ("transcribe", ["--hotword", "ten"]),
+                                        ("evaluate", ["--beam-size", "4"]), ("live", ["--beam-size", "4"])])
+def test_lm_with_another_beam_search_is_a_usage_error(cli, extra, commands_lm, capsys):
+    """--lm brings its own search; asking for the prefix beam search (or hotwords) as well is
+    refused with a usage error rather than silently ignored."""
+    import importlib
+
+    module = importlib.import_module(f"asr.cli.{cli}")
+    args = {"transcribe": [str(GOFORWARD)], "evaluate": [str(BUNDLED), str(GOFORWARD)],
+            "live": ["--input", str(GOFORWARD), "--fast"]}[cli]
+    with pytest.raises(SystemExit) as stop:
+        module.main(args + ["--lm", str(commands_lm)] + extra)
+    assert stop.value.code == 2
+    assert "--lm runs its own beam search" in capsys.readouterr().err

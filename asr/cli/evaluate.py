@@ -38,7 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.lm is not None and args.beam_size > 1:
+        ap.error("--lm runs its own beam search (--lm-beam): leave out --beam-size with it")
     import torch
     from torch.utils.data import DataLoader
 

@@ -227,6 +227,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         build_parser().error("--fast needs --input FILE")
     if args.beam_size < 1:
         build_parser().error("--beam-size must be >= 1")
+    if args.lm is not None and args.beam_size > 1:
+        build_parser().error("--lm runs its own beam search: leave out --beam-size with it")
 
     from asr.stream.microphone import Microphone, MicrophoneError, list_input_devices
 

@@ -205,6 +205,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.output_dir is not None and args.output_dir.exists() and not args.output_dir.is_dir():
         ap.error(f"--output-dir {args.output_dir}: exists and is not a folder")
     hotwords = _parse_hotwords(args.hotword, ap)
+    if args.lm is not None and (hotwords or args.beam_size > 1):
+        ap.error("--lm runs its own beam search: leave out --beam-size and --hotword with it")
     console = _Console(args.debug)
     try:
         with _one_line_warnings(console):
