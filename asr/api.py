@@ -97,7 +97,8 @@ def load_model(
     ``lm``: an ARPA word n-gram model (``tools/build_lm.py``): final hypotheses then come from a
     beam search over the LM's words (:mod:`asr.decode.lexicon`, needs flashlight-text), with
     ``lm_weight`` and ``word_score`` (defaults tuned on the bundled model's synthetic dev set).
-    Words outside the LM cannot be produced; ``beam_size`` and ``hotwords`` are then ignored.
+    Words outside the LM cannot be produced; ``beam_size`` and ``hotwords`` are then refused
+    (``ValueError``): the LM search is the beam search.
     Raises :class:`asr.train.checkpoint.CheckpointError` with a one-line message when the model is
     missing or unusable, and ``ValueError`` for an unavailable device.
     """
@@ -417,6 +418,9 @@ class ASRModel:
     def _options(self, beam_size: int, hotwords: Optional[Mapping[str, float]], pause_seconds: Optional[float]) -> dict:
         if beam_size < 1:
             raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+        if self.lexicon is not None and (beam_size > 1 or hotwords):
+            raise ValueError("this model decodes with a language model (load_model(lm=...)), which runs its own "
+                             "beam search: leave out beam_size and hotwords")
         hot: Optional[Hotwords] = None
         hot_map = dict(hotwords) if hotwords else None
         if hot_map:

@@ -126,6 +126,10 @@ def test_lm_words_are_the_same_one_pass_and_block_by_block(commands_lm):
     assert [(w.word, w.start, w.end) for w in blocks.segments[0].words] == \
         [(w.word, w.start, w.end) for w in one_pass.segments[0].words]
     assert all(0 < w.confidence <= 1 for w in one_pass.segments[0].words)
+    with pytest.raises(ValueError, match="runs its own beam search"):
+        model.transcribe(GOFORWARD, beam_size=4)
+    with pytest.raises(ValueError, match="runs its own beam search"):
+        model.stream(hotwords={"ten": 2.0})
 
 
 @pytest.fixture

@@ -99,7 +99,7 @@ class Recognizer:
         keep_segments: keep final segments for :meth:`finalize` (default); ``False`` only hands
             them out through ``Partial.segments``, so hours of transcript do not accumulate.
         lexicon: an :class:`asr.decode.lexicon.LexiconDecoder`: each segment's final words come
-            from its lexicon and LM search (``beam_size``/``hotwords`` ignored), partials stay greedy.
+            from its lexicon and LM search (with ``beam_size`` 1 and no ``hotwords``), partials stay greedy.
     """
 
     def __init__(
@@ -116,6 +116,8 @@ class Recognizer:
     ) -> None:
         if beam_size < 1:
             raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+        if lexicon is not None and (beam_size > 1 or hotwords):
+            raise ValueError("a lexicon (language model) runs its own beam search: leave out beam_size and hotwords")
         self.model = model
         self.tokenizer = tokenizer
         self.endpoint_config = endpoint if endpoint is not None else EndpointConfig()
