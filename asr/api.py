@@ -44,7 +44,7 @@ from torch import Tensor
 from asr.audio import SAMPLE_RATE, AudioError, iter_audio_blocks, load_audio, prepare_waveform
 from asr.decode.align import Word, words_from_tokens
 from asr.decode.beam import Hotwords
-from asr.decode.incremental import HypothesisDecoder
+from asr.decode.incremental import HypothesisDecoder, hypothesis_decoder
 from asr.features import compute_fbank
 from asr.transcript import Segment, Transcript
 
@@ -121,11 +121,9 @@ def load_model(
         model.prepare_for_inference(int8=int8, compile=compile, compile_frames=(1, 4))
     lexicon = None
     if lm is not None:
-        from asr.decode import lexicon as lex
+        from asr.decode.lexicon import LexiconDecoder
 
-        lexicon = lex.LexiconDecoder(
-            tokenizer, lm, lm_weight=lex.DEFAULT_LM_WEIGHT if lm_weight is None else lm_weight,
-            word_score=lex.DEFAULT_WORD_SCORE if word_score is None else word_score)
+        lexicon = LexiconDecoder(tokenizer, lm, lm_weight=lm_weight, word_score=word_score)
     return ASRModel(model, tokenizer, device=dev, lexicon=lexicon)
 
 
@@ -431,11 +429,7 @@ class ASRModel:
         return {"beam_size": beam_size, "hotwords": hot, "hotwords_map": hot_map, "pause_seconds": pause}
 
     def _decoder(self, opts: dict) -> Any:
-        if self.lexicon is not None:
-            from asr.decode.lexicon import LexiconHypothesisDecoder
-
-            return LexiconHypothesisDecoder(self.lexicon)
-        return HypothesisDecoder(opts["beam_size"], opts["hotwords"], self.tokenizer)
+        return hypothesis_decoder(opts["beam_size"], opts["hotwords"], self.tokenizer, lexicon=self.lexicon)
 
     def _load(self, audio: Any, sample_rate: Optional[int]) -> Tensor:
         """16 kHz mono float32 samples of a file or an array (AudioError on bad input)."""

@@ -71,13 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     text_decoder = None
     if args.lm is not None:
-        from asr.decode import lexicon
+        from asr.decode.lexicon import LexiconDecoder
 
         try:
-            text_decoder = lexicon.LexiconDecoder(
-                tokenizer, args.lm, beam_size=args.lm_beam,
-                lm_weight=lexicon.DEFAULT_LM_WEIGHT if args.lm_weight is None else args.lm_weight,
-                word_score=lexicon.DEFAULT_WORD_SCORE if args.word_score is None else args.word_score)
+            text_decoder = LexiconDecoder(tokenizer, args.lm, lm_weight=args.lm_weight, word_score=args.word_score,
+                                          beam_size=args.lm_beam)
         except (OSError, ValueError, RuntimeError) as e:
             print(f"asr-eval: error: --lm: {e}", file=sys.stderr)
             return 2

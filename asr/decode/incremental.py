@@ -113,3 +113,22 @@ class HypothesisDecoder:
             self._beam.reset()
             self._cand_vals, self._cand_idx = [], []
         self._segment_start = self.num_frames
+
+
+def hypothesis_decoder(
+    beam_size: int = 1,
+    hotwords: Union[Hotwords, Mapping[str, float], None] = None,
+    tokenizer: Any = None,
+    blank: int = 0,
+    lexicon: Any = None,
+) -> Any:
+    """The decoder a segment uses: :class:`HypothesisDecoder`, or with a ``lexicon``
+    (:class:`asr.decode.lexicon.LexiconDecoder`) the LM search's
+    :class:`asr.decode.lexicon.LexiconHypothesisDecoder`, which brings its own beam search."""
+    if lexicon is None:
+        return HypothesisDecoder(beam_size, hotwords, tokenizer, blank)
+    if beam_size > 1 or hotwords:
+        raise ValueError("a language model (lexicon) runs its own beam search: leave out beam_size and hotwords")
+    from asr.decode.lexicon import LexiconHypothesisDecoder  # lazy: flashlight-text is optional
+
+    return LexiconHypothesisDecoder(lexicon, blank)

@@ -24,6 +24,7 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor
 
+from asr.decode.greedy import ctc_greedy
 from asr.tokenizer import Tokenizer
 
 __all__ = ["LexiconDecoder", "LexiconHypothesisDecoder", "arpa_vocabulary"]
@@ -92,14 +93,16 @@ def _kept_frames(log_probs: Tensor) -> Tensor:
 
 
 class LexiconDecoder:
-    """Decode CTC log-probabilities [T, V] of one utterance to words with a lexicon and an LM."""
+    """Decode CTC log-probabilities [T, V] of one utterance to words with a lexicon and an LM.
+
+    ``lm_weight`` / ``word_score``: None takes ``DEFAULT_LM_WEIGHT`` / ``DEFAULT_WORD_SCORE``."""
 
     def __init__(
         self,
         tokenizer: Tokenizer,
         lm_path: str | Path,
-        lm_weight: float = DEFAULT_LM_WEIGHT,
-        word_score: float = DEFAULT_WORD_SCORE,
+        lm_weight: Optional[float] = None,
+        word_score: Optional[float] = None,
         beam_size: int = 50,
         beam_threshold: float = 25.0,
     ) -> None:
@@ -124,7 +127,9 @@ class LexiconDecoder:
             with _quiet_stderr():  # KenLM draws a progress bar on stderr while it reads an ARPA file
                 self._decoder = ctc_decoder(
                     lexicon=f.name, tokens=tokens, lm=str(lm_path), nbest=1, beam_size=beam_size,
-                    beam_threshold=beam_threshold, lm_weight=lm_weight, word_score=word_score,
+                    beam_threshold=beam_threshold,
+                    lm_weight=DEFAULT_LM_WEIGHT if lm_weight is None else lm_weight,
+                    word_score=DEFAULT_WORD_SCORE if word_score is None else word_score,
                     blank_token=blank, sil_token=SILENCE, unk_word="<unk>",
                 )
         finally:
@@ -189,9 +194,8 @@ class LexiconHypothesisDecoder:
             tokens, frames = self.lexicon.tokens_and_frames(lp)
             logprobs = [float(lp[f, t]) for t, f in zip(tokens, frames)]
         else:
-            best = lp.argmax(dim=-1)
-            fires = ((best != self.blank) & torch.cat([torch.tensor([True]), best[1:] != best[:-1]])).nonzero().squeeze(1)
-            tokens, frames, logprobs = best[fires].tolist(), fires.tolist(), None
+            tokens, frames = ctc_greedy(lp, blank=self.blank)
+            logprobs = None
         return tokens, [f + self._segment_start for f in frames], logprobs
 
     def start_segment(self) -> None:

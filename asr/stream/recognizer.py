@@ -44,7 +44,7 @@ from torch import Tensor
 
 from asr.audio import SAMPLE_RATE, AudioError, StreamingResampler, float_mono
 from asr.decode.align import FRAME_SHIFT, Word, words_from_tokens
-from asr.decode.incremental import HypothesisDecoder
+from asr.decode.incremental import hypothesis_decoder
 from asr.features import NUM_MEL_BINS, StreamingFbank, accept_waveforms
 from asr.model import CTCModel, EncoderState
 from asr.stream.endpoint import EndpointConfig, Endpointer, StreamingEnergy
@@ -116,8 +116,6 @@ class Recognizer:
     ) -> None:
         if beam_size < 1:
             raise ValueError(f"beam_size must be >= 1, got {beam_size}")
-        if lexicon is not None and (beam_size > 1 or hotwords):
-            raise ValueError("a lexicon (language model) runs its own beam search: leave out beam_size and hotwords")
         self.model = model
         self.tokenizer = tokenizer
         self.endpoint_config = endpoint if endpoint is not None else EndpointConfig()
@@ -147,12 +145,7 @@ class Recognizer:
         self._finished = False
         self._last_new: list[Segment] = []  # segments finalize() produced (keep_segments=False)
         # current segment: the same incremental decoder as file transcription
-        if self.lexicon is not None:  # final words of each segment from the LM search, partials greedy
-            from asr.decode.lexicon import LexiconHypothesisDecoder
-
-            self._decoder: Any = LexiconHypothesisDecoder(self.lexicon, self.blank)
-        else:
-            self._decoder = HypothesisDecoder(self.beam_size, self.hotwords, self.tokenizer, self.blank)
+        self._decoder = hypothesis_decoder(self.beam_size, self.hotwords, self.tokenizer, self.blank, self.lexicon)
         self._words_cache: tuple[int, list[Word]] = (-1, [])
 
     @property

@@ -253,17 +253,17 @@ def evaluate_model(
             if text_decoder is not None:
                 log_probs = logits.log_softmax(-1).cpu()
                 hyps = [normalize_text(text_decoder(log_probs[b, : int(out_lens[b])])) for b in range(len(batch))]
-            elif beam_size > 1:
-                from asr.decode.beam import ctc_prefix_beam_search
-
-                log_probs = logits.log_softmax(-1).cpu()
-                tokens = []
-                for b in range(len(batch)):
-                    hyps = ctc_prefix_beam_search(log_probs[b, : int(out_lens[b])], beam_size)
-                    tokens.append(list(hyps[0][0]) if hyps else [])
-                hyps = [tokenizer.decode(t) for t in tokens]
             else:
-                tokens, _ = ctc_greedy(logits, out_lens.cpu())
+                if beam_size > 1:
+                    from asr.decode.beam import ctc_prefix_beam_search
+
+                    log_probs = logits.log_softmax(-1).cpu()
+                    tokens = []
+                    for b in range(len(batch)):
+                        best = ctc_prefix_beam_search(log_probs[b, : int(out_lens[b])], beam_size)
+                        tokens.append(list(best[0][0]) if best else [])
+                else:
+                    tokens, _ = ctc_greedy(logits, out_lens.cpu())
                 hyps = [tokenizer.decode(t) for t in tokens]
             refs = [normalize_text(t) for t in batch.texts]
             counts += error_counts(refs, hyps)
