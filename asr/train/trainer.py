@@ -641,6 +641,9 @@ class Trainer:
         accum = max(1, int(tc.accumulate_grad_batches))
         clip = float(tc.grad_clip) if tc.grad_clip else 0.0
         pad_multiple = int(tc.get("pad_frames_multiple", 0) or 0)  # shapes for compiled code: pad_frames
+        # CUDA graphs reuse their output memory: tell them each forward starts a new step (no output
+        # of the previous one is read after it).
+        cuda_graphs = tc.get("compile", False) == "cudagraphs" and self.device.type == "cuda"
         log_every, val_every, save_every = int(tc.log_every), int(tc.val_every), int(tc.save_every)
         params = [p for p in self.model.parameters() if p.requires_grad]
         bar = None
@@ -713,6 +716,8 @@ class Trainer:
                 last = i == len(micro) - 1
                 sync = contextlib.nullcontext() if (last or env.world_size == 1) else ddp_model.no_sync()
                 with sync:
+                    if cuda_graphs:
+                        torch.compiler.cudagraph_mark_step_begin()
                     with self.autocast():
                         logits, _ = ddp_model(pad_frames(batch.features, pad_multiple), batch.feature_lengths)
                     loss = ctc_loss(logits, out_lens, batch.targets, target_lens)
