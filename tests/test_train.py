@@ -381,6 +381,84 @@ def test_fit_max_steps_ends_the_lr_schedule_at_the_deadline(work: dict, tmp_path
     assert ckpt["max_steps"] == 119 and ckpt["max_steps_fitted"]
 
 
+def test_missing_dev_audio_fails_before_training_in_one_line(work: dict, tmp_path: Path) -> None:
+    """A dev manifest naming audio that is not there stops asr-train at the start with one line,
+    not at the first validation hours later with a DataLoader traceback."""
+    entries = read_manifest(work["dev"])
+    entries[3]["audio"] = str(tmp_path / "gone.wav")
+    write_manifest(tmp_path / "dev_missing.jsonl", entries)
+    run = tmp_path / "run"
+    args = [a if not a.startswith("data.dev_manifests=") else f"data.dev_manifests=[{tmp_path / 'dev_missing.jsonl'}]"
+            for a in _args(work, run, "trainer.max_steps=5")]
+    proc = _train(args, tmp_path, check=False)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    err = proc.stderr.strip().splitlines()
+    assert err[-1].startswith("asr-train: error: data.dev_manifests: 1 of") and "gone.wav" in err[-1], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not (run / "checkpoints").exists() or not any((run / "checkpoints").glob("ckpt-*.pt"))
+
+
+def test_failed_validation_saves_the_steps_trained_first(work: dict, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """If validation at the end of the schedule fails, the weights of the last step are saved before
+    the error goes up (session 7 lost 947 steps of a run that way)."""
+    from hydra import compose, initialize_config_dir
+
+    import asr.cli.train  # noqa: F401  (resolvers)
+    import asr.train.trainer as trainer_mod
+
+    def broken_validate(self, dev_loader):
+        raise trainer_mod.ManifestError("dev audio went missing")
+
+    monkeypatch.setattr(trainer_mod.Trainer, "validate", broken_validate)
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    overrides = _args(work, tmp_path, "trainer.max_steps=7", "trainer.save_every=5", "trainer.val_every=100")
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("config", overrides=[a for a in overrides if not a.startswith("hydra.")])
+    with pytest.raises(trainer_mod.ManifestError):
+        trainer_mod.Trainer(cfg, tmp_path).fit()
+    ckpt = load_checkpoint(resolve_checkpoint(tmp_path / "checkpoints"))
+    assert ckpt["step"] == 7
+
+
+def test_fit_max_steps_fits_again_when_the_pace_changes(work: dict, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compiled code is slow for its first steps (compiling, recording CUDA graphs) and fast after.
+    With a fake clock of 1 s per step up to step 110 and 0.25 s after, and a 3-minute budget, a single
+    fit at step 110 ends the schedule at step ~173 (2 minutes in); fitting again from the later pace
+    ends it close to the deadline, never past it, on the schedule's last learning rate."""
+    import time as real_time
+    from types import SimpleNamespace
+
+    from hydra import compose, initialize_config_dir
+
+    import asr.cli.train  # noqa: F401  (resolvers)
+    import asr.train.trainer as trainer_mod
+
+    clock = [0.0]
+    steps = [0]
+    real_loss = trainer_mod.ctc_loss
+
+    def ticking_loss(*args):
+        clock[0] += 1.0 if steps[0] < 110 else 0.25
+        steps[0] += 1
+        return real_loss(*args)
+
+    monkeypatch.setattr(trainer_mod, "ctc_loss", ticking_loss)
+    monkeypatch.setattr(trainer_mod, "time", SimpleNamespace(
+        monotonic=lambda: clock[0], perf_counter=real_time.perf_counter, time=real_time.time))
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    overrides = _args(work, tmp_path, "trainer.max_steps=100000", "trainer.max_minutes=3", "trainer.fit_max_steps=true",
+                      "trainer.log_every=10", "trainer.val_every=100000", "data.dev_manifests=[]", "optim.min_lr_ratio=0.1")
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("config", overrides=[a for a in overrides if not a.startswith("hydra.")])
+    summary = trainer_mod.Trainer(cfg, tmp_path).fit()
+    assert summary["step"] > 300, "the schedule kept the first, slow fit"
+    assert 165.0 <= clock[0] <= 180.0, f"schedule ended at {clock[0]} s of a 180 s budget"
+    last = _metrics(tmp_path)[-1]
+    assert last["step"] == summary["step"] and last["train/lr"] == pytest.approx(3e-3 * 0.1)
+
+
 @pytest.mark.parametrize("scope", ["model", "blocks", "cudagraphs"])
 def test_compile_keeps_parameter_names(scope: str) -> None:
     """trainer.compile compiles in place: checkpoints keep their keys (no ``_orig_mod.``)."""

@@ -88,8 +88,18 @@ def _task(cfg: DictConfig) -> Optional[float]:
         for h in logging.getLogger().handlers:
             if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
                 h.setLevel(logging.WARNING)
+    from asr.audio import AudioError
+    from asr.data.manifest import ManifestError
+    from asr.train.checkpoint import CheckpointError
+
     out_dir = HydraConfig.get().runtime.output_dir
-    summary = Trainer(cfg, out_dir).fit()
+    try:
+        summary = Trainer(cfg, out_dir).fit()
+    except (AudioError, ManifestError, CheckpointError) as err:
+        # Bad data or a bad checkpoint: one line, not a traceback. An error raised in a DataLoader
+        # worker arrives with the worker's traceback in its message; its last line is the error.
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        sys.exit(f"asr-train: error: {lines[-1].strip() if lines else type(err).__name__}")
     if summary.get("interrupted_by"):
         _INTERRUPTED.append(summary["interrupted_by"])
     # Sweepers (e.g. Optuna) minimise the return value: the best dev WER.

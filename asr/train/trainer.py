@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader
 
 from asr.data.augment import AugmentConfig
 from asr.data.dataset import Batch, ManifestDataset, collate
-from asr.data.manifest import read_manifests
+from asr.data.manifest import ManifestError, read_manifests
 from asr.data.sampler import BucketingBatchSampler
 from asr.model import CTCModel, ModelConfig, ctc_loss
 from asr.stop import StopSignals
@@ -156,6 +156,22 @@ def compile_model(model: torch.nn.Module, scope: Union[bool, str] = "blocks", ba
             block.compile(dynamic=True, fullgraph=True, backend=backend, options=options)
     else:
         raise ValueError(f"trainer.compile must be false, true, 'blocks', 'model' or 'cudagraphs', not {scope!r}")
+
+
+FIT_AGAIN_EVERY = 500  # steps between fits of trainer.fit_max_steps after the first (at most)
+FIT_UNTIL_SECONDS_LEFT = 30.0  # no more fits this close to the deadline: the schedule is nearly done
+
+
+def _check_audio_exists(entries: list[dict], what: str) -> None:
+    """Fail before training when audio files of a (dev) manifest are missing.
+
+    Why: validation first reads the dev audio at the first ``val_every`` step or at the end of the
+    schedule, possibly hours in; a missing file there stopped a run (session 7). Dev sets are small,
+    so checking every file costs nothing; training manifests are too large to stat up front."""
+    missing = [e["audio"] for e in entries if not os.path.exists(e["audio"])]
+    if missing:
+        raise ManifestError(f"{what}: {len(missing)} of {len(entries)} audio files are missing (first: {missing[0]}); "
+                            f"fix the manifest or train without them ({what}=[])")
 
 
 def pad_frames(features: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -420,6 +436,7 @@ class Trainer:
         dev_entries = read_manifests(_as_list(dc.dev_manifests)) if _as_list(dc.get("dev_manifests")) else []
         if not train_entries:
             raise ValueError("the training manifests are empty")
+        _check_audio_exists(dev_entries, "data.dev_manifests")
 
         resume_path = self._find_resume()
         ckpt = load_checkpoint(resume_path) if resume_path else None
@@ -577,9 +594,20 @@ class Trainer:
         return {"dev/loss": float(t[0] / max(1.0, float(t[1]))), "dev/wer": counts.wer, "dev/cer": counts.cer,
                 "dev/utterances": counts.utterances}
 
-    def _validate_and_log(self, dev_loader: DataLoader) -> float:
-        """Validate, update the best WER, log; returns this validation's WER."""
-        metrics = self.validate(dev_loader)
+    def _validate_and_log(self, dev_loader: DataLoader, manager: Optional[CheckpointManager] = None) -> float:
+        """Validate, update the best WER, log; returns this validation's WER.
+
+        If validation itself fails (an unreadable dev file, say) in a single-process run, the weights
+        are saved first (with ``manager``), so the steps trained since the last checkpoint are not
+        lost. Under DDP a save is collective and the other ranks may be elsewhere: the newest periodic
+        checkpoint is what remains."""
+        try:
+            metrics = self.validate(dev_loader)
+        except Exception:
+            if manager is not None and self.env.world_size == 1:
+                log.error("step %d: validation failed; saving a checkpoint before stopping", self.step)
+                self._save(manager, None)
+            raise
         wer = metrics["dev/wer"]
         if self.best_wer is None or wer < self.best_wer:
             self.best_wer = wer
@@ -667,8 +695,11 @@ class Trainer:
         # A wall-clock budget (e.g. a rented GPU for N minutes): stop cleanly, validate and save.
         max_minutes = float(tc.get("max_minutes") or 0)
         deadline = time.monotonic() + 60 * max_minutes if max_minutes > 0 else float("inf")
-        # trainer.fit_max_steps: time steps [start+10, start+110) of this run (after compilation and
-        # warm-up), then fit max_steps to the deadline.
+        # trainer.fit_max_steps: time steps [start+10, start+110) of this run (after the first
+        # compilation and warm-up), fit max_steps to the deadline, then fit it again every
+        # FIT_AGAIN_EVERY steps from the pace since the last fit: compiled code keeps compiling (CUDA
+        # graphs record) for each new batch shape long after step 110, so a first fit alone ended one
+        # run's schedule at a third of its time (session 7).
         fit = bool(tc.get("fit_max_steps", False)) and deadline != float("inf") and not self.max_steps_fitted
         fit_from, fit_to, fit_t0 = self.step + 10, self.step + 110, 0.0
 
@@ -677,8 +708,12 @@ class Trainer:
             if fit and self.step == fit_from:
                 fit_t0 = time.monotonic()
             elif fit and self.step == fit_to:
-                self._fit_max_steps(fit_to - fit_from, time.monotonic() - fit_t0, deadline)
-                fit = False
+                now = time.monotonic()
+                self._fit_max_steps(fit_to - fit_from, now - fit_t0, deadline)
+                # The next fit comes before the schedule can end: within half the steps it has left.
+                fit_from, fit_t0 = self.step, now
+                fit_to = self.step + min(FIT_AGAIN_EVERY, max(10, (self.max_steps - self.step) // 2))
+                fit = deadline - time.monotonic() > FIT_UNTIL_SECONDS_LEFT
                 if bar is not None:
                     bar.total = self.max_steps
                 if self.step >= self.max_steps:
@@ -771,7 +806,7 @@ class Trainer:
 
             wer = None
             if dev_loader is not None and (self.step % val_every == 0 or self.step == self.max_steps):
-                wer = last_wer = self._validate_and_log(dev_loader)
+                wer = last_wer = self._validate_and_log(dev_loader, manager)
                 last_validated = self.step
             if self.step % save_every == 0:
                 self._count_skipped(skipped_window)
@@ -784,7 +819,7 @@ class Trainer:
         if interrupted:
             log.warning("step %d: interrupted; saving a checkpoint (resume=auto continues from it)", self.step)
         elif dev_loader is not None and last_validated != self.step and self.step > 0:
-            last_wer = self._validate_and_log(dev_loader)
+            last_wer = self._validate_and_log(dev_loader, manager)
         if last_saved != self.step and self.step > 0:
             self._save(manager, last_wer if dev_loader is not None else None)
         digest = state_digest(self.model)
