@@ -15,7 +15,8 @@ the whole model as one graph (``trainer.compile=model``), ``rwkv7_cudagraphs`` t
 compiled for this one shape with CUDA graphs (``mode="reduce-overhead"``: what a trainer that pads
 batches to a few fixed shapes could reach), ``rwkv7_cudagraphs_dynamic`` / ``_blocks`` the whole
 model / each block compiled for any shape with CUDA graphs recorded per shape (what a trainer with
-changing batch shapes would use; not run on a GPU yet), ``conformer_compiled`` the anchor compiled too, for
+changing batch shapes would use; not run on a GPU in this benchmark yet; in training the
+blocks' variant gave 1.02x eager, BENCHMARKS.md "Run 9"), ``conformer_compiled`` the anchor compiled too, for
 fairness. Compilation happens in the warm-up steps, outside the timing; their time is printed.
 """
 from __future__ import annotations
