@@ -29,6 +29,9 @@ setup(
         "jiwer>=3.0",
         "tensorboard",
         "tqdm",
+        # the bundled model decodes with its bundled LM through torchaudio's lexicon decoder; 0.0.7
+        # has no wheel for Python 3.13+, where the bundled model decodes greedily instead
+        'flashlight-text>=0.0.7; python_version < "3.13"',
     ],
     extras_require={
         # the tests cover language-model decoding too, so dev pulls in its decoder

@@ -61,6 +61,9 @@ __all__ = [
 
 #: Where the default model lives inside the package (``asr.load_model()`` with no path).
 BUNDLED_MODEL = Path(__file__).resolve().parent / "pretrained" / "model.pt"
+#: The bundled model's word 3-gram (xz-compressed ARPA, built by recipes/bundled from its training
+#: text): decoding with it is the default for the bundled model, as pocketsphinx ships its LM.
+BUNDLED_LM = BUNDLED_MODEL.parent / "lm.arpa.xz"
 #: Inputs longer than this go through the block-wise recurrent path (flat memory).
 DEFAULT_LONG_AUDIO_SECONDS = 60.0
 #: Seconds of source audio read and encoded per block on the long-audio path.
@@ -79,7 +82,7 @@ ProgressCallback = Callable[[float], None]
 
 def load_model(
     path: Union[str, os.PathLike, None] = None, device: Union[str, torch.device] = "cpu", *, int8: bool = False,
-    compile: bool = False, lm: Union[str, os.PathLike, None] = None, lm_weight: Optional[float] = None,
+    compile: bool = False, lm: Union[str, os.PathLike, None] = "auto", lm_weight: Optional[float] = None,
     word_score: Optional[float] = None,
 ) -> "ASRModel":
     """Load a model for transcription.
@@ -98,7 +101,10 @@ def load_model(
     beam search over the LM's words (:mod:`asr.decode.lexicon`, needs flashlight-text), with
     ``lm_weight`` and ``word_score`` (defaults tuned on the bundled model's synthetic dev set).
     Words outside the LM cannot be produced; ``beam_size`` and ``hotwords`` are then refused
-    (``ValueError``): the LM search is the beam search.
+    (``ValueError``): the LM search is the beam search. ``"auto"`` (the default): the bundled LM
+    (``BUNDLED_LM``) with the bundled model (``path`` None) when flashlight-text is installed, else
+    none; a call with ``beam_size`` > 1 or ``hotwords`` then decodes without it instead of refusing.
+    ``None``: no LM (greedy decoding unless a call asks for a beam).
     Raises :class:`asr.train.checkpoint.CheckpointError` with a one-line message when the model is
     missing or unusable, and ``ValueError`` for an unavailable device.
     """
@@ -119,12 +125,31 @@ def load_model(
     model, tokenizer = load_for_inference(path, device=dev)
     if int8 or compile:
         model.prepare_for_inference(int8=int8, compile=compile, compile_frames=(1, 4))
+    default_lm = isinstance(lm, str) and lm == "auto"
+    if default_lm:
+        lm = default_lm_for(path)
     lexicon = None
     if lm is not None:
         from asr.decode.lexicon import LexiconDecoder
 
         lexicon = LexiconDecoder(tokenizer, lm, lm_weight=lm_weight, word_score=word_score)
-    return ASRModel(model, tokenizer, device=dev, lexicon=lexicon)
+    return ASRModel(model, tokenizer, device=dev, lexicon=lexicon, lexicon_optional=default_lm)
+
+
+def default_lm_for(model_path: Union[str, os.PathLike, None]) -> Optional[Path]:
+    """The LM a model decodes with unless told otherwise: the bundled LM for the bundled model
+    (``model_path`` None or ``BUNDLED_MODEL``) where it is installed and flashlight-text can run it;
+    None for any other model (the bundled LM is its training text's, not theirs)."""
+    bundled = model_path is None or Path(model_path).resolve() == BUNDLED_MODEL
+    return BUNDLED_LM if bundled and BUNDLED_LM.is_file() and _flashlight_available() else None
+
+
+def _flashlight_available() -> bool:
+    """Whether torchaudio's lexicon decoder can run (flashlight-text installed: no wheel for every
+    Python, e.g. none for 3.13 in 0.0.7, so the bundled LM is used only where it is)."""
+    import importlib.util
+
+    return importlib.util.find_spec("flashlight") is not None
 
 
 def _resolve_device(device: Union[str, torch.device]) -> torch.device:
@@ -251,9 +276,13 @@ class ASRModel:
         block_seconds: float = DEFAULT_BLOCK_SECONDS,
         pause_seconds: float = DEFAULT_PAUSE_SECONDS,
         lexicon: Any = None,
+        lexicon_optional: bool = False,
     ) -> None:
         self.device = torch.device(device)
         self.lexicon = lexicon  # asr.decode.lexicon.LexiconDecoder: final words from the LM search
+        # True for the bundled LM chosen by default: a call asking for a beam or hotwords decodes
+        # without it rather than failing (an LM the caller passed makes such calls an error).
+        self.lexicon_optional = bool(lexicon_optional)
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.long_audio_seconds = float(long_audio_seconds)
@@ -409,16 +438,20 @@ class ASRModel:
         from asr.stream.recognizer import Recognizer  # lazy: streaming pulls in its own extras
 
         kwargs.setdefault("device", self.device)
-        kwargs.setdefault("lexicon", self.lexicon)
+        wants_beam = int(kwargs.get("beam_size", 1) or 1) > 1 or bool(kwargs.get("hotwords"))
+        kwargs.setdefault("lexicon", None if (wants_beam and self.lexicon_optional) else self.lexicon)
         return Recognizer(self.model, self.tokenizer, **kwargs)
 
     # ---------------------------------------------------------------- internals
     def _options(self, beam_size: int, hotwords: Optional[Mapping[str, float]], pause_seconds: Optional[float]) -> dict:
         if beam_size < 1:
             raise ValueError(f"beam_size must be >= 1, got {beam_size}")
-        if self.lexicon is not None and (beam_size > 1 or hotwords):
-            raise ValueError("this model decodes with a language model (load_model(lm=...)), which runs its own "
-                             "beam search: leave out beam_size and hotwords")
+        lexicon = self.lexicon
+        if lexicon is not None and (beam_size > 1 or hotwords):
+            if not self.lexicon_optional:
+                raise ValueError("this model decodes with a language model (load_model(lm=...)), which runs its own "
+                                 "beam search: leave out beam_size and hotwords")
+            lexicon = None  # the default LM gives way to the beam search asked for
         hot: Optional[Hotwords] = None
         hot_map = dict(hotwords) if hotwords else None
         if hot_map:
@@ -426,10 +459,11 @@ class ASRModel:
             if beam_size == 1:
                 beam_size = 8  # boosting works by re-ranking beams; greedy has none to re-rank
         pause = self.pause_seconds if pause_seconds is None else float(pause_seconds)
-        return {"beam_size": beam_size, "hotwords": hot, "hotwords_map": hot_map, "pause_seconds": pause}
+        return {"beam_size": beam_size, "hotwords": hot, "hotwords_map": hot_map, "pause_seconds": pause,
+                "lexicon": lexicon}
 
     def _decoder(self, opts: dict) -> Any:
-        return hypothesis_decoder(opts["beam_size"], opts["hotwords"], self.tokenizer, lexicon=self.lexicon)
+        return hypothesis_decoder(opts["beam_size"], opts["hotwords"], self.tokenizer, lexicon=opts["lexicon"])
 
     def _load(self, audio: Any, sample_rate: Optional[int]) -> Tensor:
         """16 kHz mono float32 samples of a file or an array (AudioError on bad input)."""
@@ -481,7 +515,7 @@ class ASRModel:
         from asr.stream.recognizer import Recognizer
 
         rec = Recognizer(self.model, self.tokenizer, endpoint=EndpointConfig.disabled(), beam_size=opts["beam_size"],
-                         hotwords=opts["hotwords_map"], device=self.device, lexicon=self.lexicon)
+                         hotwords=opts["hotwords_map"], device=self.device, lexicon=opts["lexicon"])
         for block in blocks:
             rec.accept_waveform(block, SAMPLE_RATE)
             if progress is not None:

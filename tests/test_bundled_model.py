@@ -1,10 +1,14 @@
-"""The bundled default model (asr/pretrained/model.pt) works out of the box, on the CPU.
+"""The bundled default model (asr/pretrained/model.pt, with its LM asr/pretrained/lm.arpa.xz) works
+out of the box, on the CPU.
 
 It must transcribe audio it never saw in training exactly: one synthetic sentence in a held-out
 voice (from the synthetic test set), and the ten digits spoken by a held-out real speaker (FSDD's
 nicolas, part of the real dev split). Every path a user can take gives the same words: the file API
-in float32 and int8, the streaming recognizer fed in random pieces, and ``asr-transcribe`` with no
-``--model``. The files are in tests/data/audio/heldout (README.md there says where they come from).
+with its default LM and without it, in float32 and int8, the streaming recognizer fed in random
+pieces, and ``asr-transcribe`` with no ``--model``. The files are in tests/data/audio/heldout
+(README.md there says where they come from). The README's main command (``asr-transcribe`` on
+pocketsphinx's "go forward ten meters", a real recording the model never trained on) must print
+exactly that.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from pathlib import Path
 import pytest
 
 import asr
-from asr.api import BUNDLED_MODEL, ASRModel
+from asr.api import BUNDLED_LM, BUNDLED_MODEL, ASRModel, default_lm_for
 from asr.audio import load_audio
 from asr.stream.endpoint import EndpointConfig
 
@@ -25,6 +29,8 @@ SENTENCE = HELDOUT / "synth_test_000275.ogg"  # unseen voice espeak:en-gb-x-gbcl
 SENTENCE_TEXT = "send a message to liam saying i will be twenty minutes late"
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 DIGIT_FILES = [HELDOUT / f"fsdd_{d}_nicolas_00.flac" for d in range(10)]
+GOFORWARD = Path(__file__).parent / "data" / "audio" / "pocketsphinx_goforward.flac"  # the README's main command
+needs_lm = pytest.mark.skipif(default_lm_for(None) is None, reason="flashlight-text is not installed")
 
 
 @pytest.fixture(scope="module")
@@ -32,18 +38,58 @@ def bundled() -> ASRModel:
     return asr.load_model()
 
 
+@pytest.fixture(scope="module")
+def greedy() -> ASRModel:
+    return asr.load_model(lm=None)
+
+
 def test_bundled_model_is_installed_and_small():
     assert BUNDLED_MODEL.is_file(), "asr/pretrained/model.pt is missing"
-    assert BUNDLED_MODEL.stat().st_size < 25_000_000
+    assert BUNDLED_LM.is_file(), "asr/pretrained/lm.arpa.xz is missing"
+    assert BUNDLED_MODEL.stat().st_size + BUNDLED_LM.stat().st_size < 25_000_000
 
 
-def test_bundled_model_transcribes_a_heldout_sentence(bundled):
-    assert bundled.transcribe(SENTENCE).text == SENTENCE_TEXT
+@needs_lm
+def test_bundled_model_decodes_with_its_lm_by_default(bundled, greedy):
+    assert bundled.lexicon is not None and greedy.lexicon is None
+    # any other model gets no default LM: the bundled LM is the bundled model's training text
+    assert default_lm_for(GOFORWARD) is None
 
 
-def test_bundled_model_transcribes_a_heldout_real_speaker(bundled):
-    got = [t.text for t in bundled.transcribe_batch(DIGIT_FILES)]
+@pytest.mark.parametrize("decoding", ["lm", "greedy"])
+def test_bundled_model_transcribes_a_heldout_sentence(decoding, bundled, greedy):
+    model = bundled if decoding == "lm" else greedy
+    assert model.transcribe(SENTENCE).text == SENTENCE_TEXT
+
+
+@pytest.mark.parametrize("decoding", ["lm", "greedy"])
+def test_bundled_model_transcribes_a_heldout_real_speaker(decoding, bundled, greedy):
+    model = bundled if decoding == "lm" else greedy
+    got = [t.text for t in model.transcribe_batch(DIGIT_FILES)]
     assert got == DIGITS
+
+
+@needs_lm
+def test_readme_main_command_prints_the_right_words():
+    out = subprocess.run([sys.executable, "-m", "asr.cli.transcribe", str(GOFORWARD)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "go forward ten meters"
+
+
+def test_no_lm_decodes_greedily(greedy):
+    out = subprocess.run([sys.executable, "-m", "asr.cli.transcribe", str(GOFORWARD), "--no-lm"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == greedy.transcribe(GOFORWARD).text
+
+
+@needs_lm
+def test_default_lm_gives_way_to_a_beam_search(bundled, greedy):
+    """The default LM is not the caller's choice: asking for a beam or hotwords decodes without it
+    (an LM passed explicitly refuses them instead: tests/test_lexicon_decoder.py)."""
+    assert bundled.transcribe(GOFORWARD, beam_size=4).text == greedy.transcribe(GOFORWARD, beam_size=4).text
+    assert bundled.stream(beam_size=4).lexicon is None and bundled.stream().lexicon is bundled.lexicon
 
 
 def test_bundled_model_int8_gives_the_same_words():

@@ -188,6 +188,43 @@ def test_load_for_inference_eval_and_averaging(trained: Path, work: dict, capsys
     model, _ = load_for_inference(avg_path)
 
 
+def test_export_with_int8_weights_halves_the_file_and_keeps_the_outputs(trained: Path, work: dict,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """tools/export_model.py --int8-weights (how the bundled model fits beside its LM): large matrices
+    as int8 per row, restored to float32 on load, within half a quantisation step of the fp16 export;
+    the logits barely move. A damaged int8 entry is a CheckpointError, not a crash."""
+    from asr.train.checkpoint import CheckpointError, quantize_weights_int8
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    try:
+        import export_model
+    finally:
+        sys.path.pop(0)
+    monkeypatch.setattr(export_model, "quantize_weights_int8",  # the tiny model's matrices are small
+                        lambda state: quantize_weights_int8(state, min_numel=1024))
+    fp16, int8 = work["root"] / "export_fp16.pt", work["root"] / "export_int8.pt"
+    assert export_model.main([str(trained), str(fp16)]) == 0
+    assert export_model.main([str(trained), str(int8), "--int8-weights"]) == 0
+    raw = torch.load(int8, weights_only=True)
+    assert raw["model_int8"] and all(e["q"].dtype == torch.int8 for e in raw["model_int8"].values())
+    assert int8.stat().st_size < 0.7 * fp16.stat().st_size
+    a, b = load_checkpoint(fp16)["model"], load_checkpoint(int8)["model"]
+    assert a.keys() == b.keys()
+    for name, q in raw["model_int8"].items():
+        step = q["scale"].reshape(-1, *([1] * (q["q"].dim() - 1)))
+        assert b[name].dtype == torch.float32
+        assert ((a[name].float() - b[name]).abs() <= step * 0.5 + 1e-3 * a[name].float().abs()).all(), name
+    feats = torch.randn(1, 120, 80)
+    (m16, _), (m8, _) = load_for_inference(fp16), load_for_inference(int8)
+    with torch.no_grad():
+        l16, l8 = m16(feats, torch.tensor([120]))[0], m8(feats, torch.tensor([120]))[0]
+    assert (l16 - l8).abs().max() <= 0.02 * l16.abs().max()
+    del raw["model_int8"][next(iter(raw["model_int8"]))]["scale"]
+    atomic_torch_save(raw, work["root"] / "broken_int8.pt")
+    with pytest.raises(CheckpointError, match="int8 weights are malformed"):
+        load_checkpoint(work["root"] / "broken_int8.pt")
+
+
 def test_kill_during_checkpoint_write_then_resume_is_bit_exact(work: dict) -> None:
     """kill -9 in the middle of writing the second checkpoint; the latest checkpoint stays the first,
     intact; resuming finishes with exactly the weights of an uninterrupted run."""

@@ -78,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-audio", metavar="WAV", help="also save the received audio to this WAV file")
     p.add_argument("--beam-size", type=int, default=1, help="1: greedy decoding (default); >1: CTC prefix beam search")
     p.add_argument("--lm", default=None, metavar="ARPA",
-                   help="word n-gram LM (tools/build_lm.py): each final segment decoded over its words; partials stay greedy")
+                   help="word n-gram LM (tools/build_lm.py): each final segment decoded over its words; partials stay greedy "
+                        "(default: the bundled LM with the bundled model, unless --beam-size)")
+    p.add_argument("--no-lm", action="store_true", help="no language model: final segments decoded greedily")
     p.add_argument("--int8", action="store_true",
                    help="int8 block weights (CPU): 1.1-1.8x faster steps, outputs within ~1%% of float32")
     p.add_argument("--compile", action="store_true",
@@ -229,6 +231,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         build_parser().error("--beam-size must be >= 1")
     if args.lm is not None and args.beam_size > 1:
         build_parser().error("--lm runs its own beam search: leave out --beam-size with it")
+    if args.lm is not None and args.no_lm:
+        build_parser().error("--lm and --no-lm contradict each other")
 
     from asr.stream.microphone import Microphone, MicrophoneError, list_input_devices
 
@@ -259,10 +263,15 @@ def main(argv: Optional[list[str]] = None) -> int:
             print("asr-live: compiling the model step (up to a minute the first time)", file=sys.stderr, flush=True)
         model, tokenizer = _load_model(args.model, args.int8, args.compile)
         lexicon = None
-        if args.lm is not None:
+        lm = args.lm
+        if lm is None and not args.no_lm and args.beam_size == 1:
+            from asr.api import default_lm_for
+
+            lm = default_lm_for(args.model)  # the bundled LM with the bundled model
+        if lm is not None:
             from asr.decode.lexicon import LexiconDecoder
 
-            lexicon = LexiconDecoder(tokenizer, args.lm)
+            lexicon = LexiconDecoder(tokenizer, lm)
     except Exception as err:  # CheckpointError, FileNotFoundError: one line
         return _error(" ".join(str(err).split()))
     rec = Recognizer(model, tokenizer, beam_size=args.beam_size, keep_segments=False, lexicon=lexicon)

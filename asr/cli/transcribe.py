@@ -73,7 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--hotword", action="append", default=[], metavar="WORDS[:BONUS]",
                     help="boost a word or phrase (bonus in nats, default 2.0); repeatable; implies beam search")
     ap.add_argument("--lm", default=None, metavar="ARPA",
-                    help="word n-gram language model (tools/build_lm.py): decode over its words (needs flashlight-text)")
+                    help="word n-gram language model (tools/build_lm.py): decode over its words (needs flashlight-text; "
+                         "default: the bundled LM with the bundled model)")
+    ap.add_argument("--no-lm", action="store_true",
+                    help="no language model: greedy decoding of the model's own pieces, any word possible")
     ap.add_argument("--lm-weight", type=float, default=None, help="language-model weight (default: tuned, see asr.decode.lexicon)")
     ap.add_argument("--word-score", type=float, default=None, help="score per word with --lm (default: tuned)")
     ap.add_argument("--long-audio-seconds", type=float, default=None, metavar="S",
@@ -207,6 +210,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     hotwords = _parse_hotwords(args.hotword, ap)
     if args.lm is not None and (hotwords or args.beam_size > 1):
         ap.error("--lm runs its own beam search: leave out --beam-size and --hotword with it")
+    if args.lm is not None and args.no_lm:
+        ap.error("--lm and --no-lm contradict each other")
     console = _Console(args.debug)
     try:
         with _one_line_warnings(console):
@@ -241,7 +246,9 @@ def _run(args: argparse.Namespace, hotwords: dict[str, float], console: _Console
     from asr.train.checkpoint import CheckpointError
 
     try:
-        model = load_model(args.model, device=args.device, int8=args.int8, lm=args.lm, lm_weight=args.lm_weight,
+        # "auto": the bundled LM with the bundled model (it gives way to --beam-size / --hotword)
+        lm = None if args.no_lm else (args.lm if args.lm is not None else "auto")
+        model = load_model(args.model, device=args.device, int8=args.int8, lm=lm, lm_weight=args.lm_weight,
                            word_score=args.word_score)
     except (CheckpointError, ValueError, OSError, RuntimeError) as err:
         if args.debug:

@@ -15,7 +15,10 @@ never executes pickled code)::
     optimizer, scheduler, sampler, rng (one entry per rank), step, epoch, best_wer, skipped_steps,
     train_config (the resolved Hydra config as YAML text)
 
-Only ``config``, ``model`` and ``tokenizer`` are needed for inference.
+Only ``config``, ``model`` and ``tokenizer`` are needed for inference. An exported model
+(``tools/export_model.py --int8-weights``) may hold its large matrices in ``model_int8`` instead of
+``model`` (int8 values and a float32 scale per output row); :func:`load_checkpoint` turns them back
+into float32 entries of ``model``, so every reader sees an ordinary state_dict.
 """
 from __future__ import annotations
 
@@ -81,8 +84,47 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     atomic_write_bytes(path, lambda f: torch.save(obj, f))
 
 
+#: Float weights with at least this many elements (and two or more dimensions) are stored in int8
+#: by ``quantize_weights_int8``: the block and front-end matrices, ~93 % of the bundled model's
+#: parameters. The small ones (LoRA, mixing coefficients, norms) stay float16: they are cheap, and
+#: the decay LoRA feeds an exponential.
+INT8_MIN_NUMEL = 65536
+
+
+def quantize_weights_int8(state: dict[str, torch.Tensor], min_numel: int = INT8_MIN_NUMEL
+                          ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """Split a state_dict into (the rest, int8 matrices) for a smaller model file.
+
+    Why: the bundled model must stay under 25 MB with its language model beside it. Each large
+    matrix is stored as symmetric int8 per output row (row = first dimension) with a float32 scale,
+    max |w| / 127 of the row: the rounding error is at most half a step, 0.4 % of the row's largest
+    weight. ``restore_int8_weights`` inverts it (up to that rounding)."""
+    rest: dict[str, torch.Tensor] = {}
+    packed: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in state.items():
+        if t.is_floating_point() and t.dim() >= 2 and t.numel() >= min_numel and not name.startswith("cmvn."):
+            rows = t.detach().float().reshape(t.shape[0], -1)
+            scale = rows.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+            q = torch.round(rows / scale[:, None]).clamp_(-127, 127).to(torch.int8).reshape(t.shape)
+            packed[name] = {"q": q, "scale": scale}
+        else:
+            rest[name] = t
+    return rest, packed
+
+
+def restore_int8_weights(ckpt: dict) -> dict:
+    """Move ``ckpt["model_int8"]`` (if any) back into ``ckpt["model"]`` as float32; returns ``ckpt``."""
+    packed = ckpt.pop("model_int8", None)
+    if packed:
+        for name, entry in packed.items():
+            q, scale = entry["q"], entry["scale"]
+            ckpt["model"][name] = (q.float().reshape(q.shape[0], -1) * scale.float()[:, None]).reshape(q.shape)
+    return ckpt
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint file safely (weights_only), with a readable error for bad files."""
+    """Load a checkpoint file safely (weights_only), with a readable error for bad files; int8-stored
+    weights come back as float32 (:func:`restore_int8_weights`)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -92,7 +134,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"{path} is not an rwkv-asr checkpoint (no 'model' entry)")
-    return ckpt
+    try:
+        return restore_int8_weights(ckpt)
+    except (KeyError, TypeError, AttributeError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: its int8 weights are malformed: {e}") from e
 
 
 def _looks_complete(path: Path) -> bool:
