@@ -56,6 +56,18 @@ def test_bundled_model_decodes_with_its_lm_by_default(bundled, greedy):
     assert default_lm_for(GOFORWARD) is None
 
 
+def test_without_flashlight_the_bundled_model_decodes_greedily(monkeypatch):
+    """flashlight-text has no wheel for every Python (none for 3.13 in 0.0.7): there the bundled
+    model still loads and decodes, greedily, instead of failing."""
+    import asr.api
+
+    monkeypatch.setattr(asr.api, "_flashlight_available", lambda: False)
+    assert default_lm_for(None) is None
+    model = asr.load_model()
+    assert model.lexicon is None
+    assert model.transcribe(DIGIT_FILES[3]).text == "three"
+
+
 @pytest.mark.parametrize("decoding", ["lm", "greedy"])
 def test_bundled_model_transcribes_a_heldout_sentence(decoding, bundled, greedy):
     model = bundled if decoding == "lm" else greedy
