@@ -16,6 +16,10 @@ Paths: ``blocks`` forces the block-wise recurrent path (what inputs over 60 s us
 forces the parallel path (the default for inputs up to 60 s), run for lengths up to
 ``--onepass-max-minutes`` to show how its memory grows with length while the block path's stays flat.
 Speed is audio seconds / wall seconds of the transcribe call (model loading excluded).
+
+``--decoding``: ``default`` is what ``asr.load_model`` does (the bundled model decodes with its
+bundled LM), ``greedy`` turns any LM off, ``both`` runs each input both ways, side by side, so the
+LM search's cost shows as a ratio from one run.
 """
 from __future__ import annotations
 
@@ -46,7 +50,7 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     import asr
 
-    m = asr.load_model(args.model, device=args.device)
+    m = asr.load_model(args.model, device=args.device, lm=None if args.decoding == "greedy" else "auto")
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     # warm-up on 1 s so one-time costs (allocator, kernels) are not billed to the first length
@@ -136,7 +140,7 @@ def default_model(tmp: Path, random_default: bool) -> tuple[Path, str]:
 def run_one(model: Path, audio: Path, path_kind: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--model", str(model), "--audio", str(audio),
            "--path", path_kind, "--device", args.device, "--threads", str(args.threads),
-           "--block-seconds", str(args.block_seconds)]
+           "--block-seconds", str(args.block_seconds), "--decoding", args.decoding]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -155,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1), help="torch intra-op threads")
     ap.add_argument("--block-seconds", type=float, default=30.0)
     ap.add_argument("--workdir", type=Path, default=None, help="keep generated audio here (default: a temp folder)")
+    ap.add_argument("--decoding", choices=["default", "greedy", "both"], default="default",
+                    help="default: as load_model (the bundled LM with the bundled model); greedy: no LM; both: each")
     # worker mode (internal)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--audio", default=None, help=argparse.SUPPRESS)
@@ -173,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             model, desc = default_model(tmp, args.random_default)
         print(f"model: {desc}; device {args.device}, {args.threads} threads, blocks of {args.block_seconds:g} s",
               flush=True)
-        header = f"{'input':>8}  {'path':>8}  {'wall s':>8}  {'x real time':>11}  {'RSS after load':>14}  " \
+        header = f"{'input':>8}  {'path':>8}  {'decoding':>8}  {'wall s':>8}  {'x real time':>11}  {'RSS after load':>14}  " \
                  f"{'peak RSS':>9}  {'growth':>8}  {'words':>6}"
         rows = []
         print(header, flush=True)
@@ -182,9 +188,10 @@ def main(argv: list[str] | None = None) -> int:
             if not audio.exists():
                 make_audio(audio, minutes)
             kinds = ["blocks"] + (["one-pass"] if minutes <= args.onepass_max_minutes else [])
-            for kind in kinds:
-                r = run_one(model, audio, kind, args)
-                row = (f"{minutes:>6g} m  {kind:>8}  {r['wall_s']:>8.1f}  {r['audio_s'] / r['wall_s']:>10.1f}x  "
+            decodings = ["greedy", "default"] if args.decoding == "both" else [args.decoding]
+            for kind, decoding in [(k, d) for k in kinds for d in decodings]:
+                r = run_one(model, audio, kind, argparse.Namespace(**{**vars(args), "decoding": decoding}))
+                row = (f"{minutes:>6g} m  {kind:>8}  {decoding:>8}  {r['wall_s']:>8.1f}  {r['audio_s'] / r['wall_s']:>10.1f}x  "
                        f"{r['rss_loaded_mb']:>11.0f} MB  {r['rss_peak_mb']:>6.0f} MB  "
                        f"{r['rss_peak_mb'] - r['rss_loaded_mb']:>5.0f} MB  {r['words']:>6}")
                 if "cuda_peak_mb" in r:

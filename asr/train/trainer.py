@@ -638,21 +638,24 @@ class Trainer:
             flags = t.tolist()
         return "signal" if flags[1] else "deadline" if flags[0] else None
 
-    def _fit_max_steps(self, steps_done: int, seconds: float, deadline: float) -> None:
-        """Set max_steps so the lr schedule ends at the wall-clock deadline (trainer.fit_max_steps).
+    def _fit_max_steps(self, steps_done: int, seconds: float, deadline: float) -> bool:
+        """Set max_steps so the lr schedule ends at the wall-clock deadline (trainer.fit_max_steps);
+        returns whether to fit again later (more than FIT_UNTIL_SECONDS_LEFT left).
 
         ``steps_done`` steps took ``seconds`` (measured after the first, compiling steps). A tenth of
-        the time left is kept back for validation, checkpoints and the final save. Rank 0 decides and
-        broadcasts, so every rank runs the same number of steps.
+        the time left is kept back for validation, checkpoints and the final save. Rank 0 decides
+        both and broadcasts, so every rank runs the same number of steps and fits at the same steps.
         """
         left = max(0.0, deadline - time.monotonic())
         fitted = self.step + int(steps_done / max(seconds, 1e-9) * left * 0.9)
-        value = torch.tensor(float(max(fitted, self.step + 1)), device=self.device)
+        value = torch.tensor([float(max(fitted, self.step + 1)), float(left > FIT_UNTIL_SECONDS_LEFT)],
+                             device=self.device)
         if dist.is_initialized():
             dist.broadcast(value, src=0)
-        old, self.max_steps, self.max_steps_fitted = self.max_steps, int(value.item()), True
+        old, self.max_steps, self.max_steps_fitted = self.max_steps, int(value[0].item()), True
         log.info("step %d: %.2f steps/s, %.0f s left: max_steps %d -> %d (lr schedule ends at the deadline)",
                  self.step, steps_done / max(seconds, 1e-9), left, old, self.max_steps)
+        return bool(value[1].item())
 
     def _loop(self, ddp_model, train_loader, dev_loader, manager) -> dict:
         # Ctrl-C / SIGTERM: finish the step, save, stop; torchrun's forwarded copy of the terminal's
@@ -710,11 +713,10 @@ class Trainer:
                 fit_t0 = time.monotonic()
             elif fit and self.step == fit_to:
                 now = time.monotonic()
-                self._fit_max_steps(fit_to - fit_from, now - fit_t0, deadline)
+                fit = self._fit_max_steps(fit_to - fit_from, now - fit_t0, deadline)
                 # The next fit comes before the schedule can end: within half the steps it has left.
                 fit_from, fit_t0 = self.step, now
                 fit_to = self.step + min(FIT_AGAIN_EVERY, max(10, (self.max_steps - self.step) // 2))
-                fit = deadline - time.monotonic() > FIT_UNTIL_SECONDS_LEFT
                 if bar is not None:
                     bar.total = self.max_steps
                 if self.step >= self.max_steps:
