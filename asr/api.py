@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
@@ -132,7 +133,14 @@ def load_model(
     if lm is not None:
         from asr.decode.lexicon import LexiconDecoder
 
-        lexicon = LexiconDecoder(tokenizer, lm, lm_weight=lm_weight, word_score=word_score)
+        try:
+            lexicon = LexiconDecoder(tokenizer, lm, lm_weight=lm_weight, word_score=word_score)
+        except (OSError, RuntimeError, ValueError) as err:
+            if not default_lm:
+                raise
+            # the LM was not asked for: decode without it rather than refuse to transcribe
+            warnings.warn(f"the bundled language model could not be loaded ({' '.join(str(err).split())}); "
+                          "decoding greedily", stacklevel=2)
     return ASRModel(model, tokenizer, device=dev, lexicon=lexicon, lexicon_optional=default_lm)
 
 

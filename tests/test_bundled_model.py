@@ -68,6 +68,23 @@ def test_without_flashlight_the_bundled_model_decodes_greedily(monkeypatch):
     assert model.transcribe(DIGIT_FILES[3]).text == "three"
 
 
+@needs_lm
+def test_a_default_lm_that_cannot_load_falls_back_to_greedy_with_one_warning(monkeypatch, tmp_path, greedy):
+    """The bundled LM was not the user's choice: if it cannot be read (damaged install, no room in
+    the temp folder), transcription goes on greedily with a one-line warning instead of failing."""
+    import asr.api
+
+    broken = tmp_path / "lm.arpa.xz"
+    broken.write_bytes(b"not xz at all")
+    monkeypatch.setattr(asr.api, "BUNDLED_LM", broken)
+    with pytest.warns(UserWarning, match="bundled language model could not be loaded"):
+        model = asr.load_model()
+    assert model.lexicon is None
+    assert model.transcribe(GOFORWARD).text == greedy.transcribe(GOFORWARD).text
+    with pytest.raises(ValueError, match="not a readable xz file"):
+        asr.load_model(lm=broken)  # an LM the caller named fails loudly
+
+
 @pytest.mark.parametrize("decoding", ["lm", "greedy"])
 def test_bundled_model_transcribes_a_heldout_sentence(decoding, bundled, greedy):
     model = bundled if decoding == "lm" else greedy

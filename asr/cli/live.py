@@ -271,7 +271,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         if lm is not None:
             from asr.decode.lexicon import LexiconDecoder
 
-            lexicon = LexiconDecoder(tokenizer, lm)
+            try:
+                lexicon = LexiconDecoder(tokenizer, lm)
+            except (OSError, RuntimeError, ValueError) as err:
+                if args.lm is not None:
+                    raise
+                # the bundled LM was not asked for: go on without it
+                print(f"asr-live: warning: the bundled language model could not be loaded "
+                      f"({' '.join(str(err).split())}); final segments decoded greedily", file=sys.stderr)
     except Exception as err:  # CheckpointError, FileNotFoundError: one line
         return _error(" ".join(str(err).split()))
     rec = Recognizer(model, tokenizer, beam_size=args.beam_size, keep_segments=False, lexicon=lexicon)
