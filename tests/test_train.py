@@ -458,6 +458,37 @@ def test_failed_validation_saves_the_steps_trained_first(work: dict, tmp_path: P
     assert ckpt["step"] == 7
 
 
+def test_unreadable_training_audio_saves_the_steps_trained_first(work: dict, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A training file that cannot be read (deleted, damaged) stops the run with its error, but
+    only after the steps trained so far are saved: fix the file and resume=auto loses nothing."""
+    from hydra import compose, initialize_config_dir
+
+    import asr.cli.train  # noqa: F401  (resolvers)
+    import asr.train.trainer as trainer_mod
+    from asr.audio import AudioError
+
+    real_getitem = trainer_mod.ManifestDataset.__getitem__
+    calls = [0]
+
+    def failing_getitem(self, index):
+        calls[0] += 1
+        if calls[0] > 40:  # some steps in
+            raise AudioError("/data/utt-0042.flac: file not found")
+        return real_getitem(self, index)
+
+    monkeypatch.setattr(trainer_mod.ManifestDataset, "__getitem__", failing_getitem)
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    overrides = _args(work, tmp_path, "trainer.max_steps=100", "trainer.save_every=1000", "trainer.val_every=1000",
+                      "data.dev_manifests=[]")
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("config", overrides=[a for a in overrides if not a.startswith("hydra.")])
+    with pytest.raises(AudioError, match="utt-0042"):
+        trainer_mod.Trainer(cfg, tmp_path).fit()
+    ckpt = load_checkpoint(resolve_checkpoint(tmp_path / "checkpoints"))
+    assert 0 < ckpt["step"] < 100
+
+
 def test_fit_max_steps_fits_again_when_the_pace_changes(work: dict, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Compiled code is slow for its first steps (compiling, recording CUDA graphs) and fast after.

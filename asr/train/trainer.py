@@ -595,19 +595,23 @@ class Trainer:
         return {"dev/loss": float(t[0] / max(1.0, float(t[1]))), "dev/wer": counts.wer, "dev/cer": counts.cer,
                 "dev/utterances": counts.utterances}
 
+    def _save_before_failing(self, manager: Optional[CheckpointManager], what: str) -> None:
+        """Save the weights trained so far before an error stops a single-process run (bad data, say),
+        so fixing the cause and resuming loses nothing. Under DDP a save is collective and the other
+        ranks may be elsewhere: the newest periodic checkpoint is what remains."""
+        if manager is not None and self.env.world_size == 1 and self.step > 0:
+            log.error("step %d: %s; saving a checkpoint before stopping", self.step, what)
+            self._save(manager, None)
+
     def _validate_and_log(self, dev_loader: DataLoader, manager: Optional[CheckpointManager] = None) -> float:
         """Validate, update the best WER, log; returns this validation's WER.
 
-        If validation itself fails (an unreadable dev file, say) in a single-process run, the weights
-        are saved first (with ``manager``), so the steps trained since the last checkpoint are not
-        lost. Under DDP a save is collective and the other ranks may be elsewhere: the newest periodic
-        checkpoint is what remains."""
+        If validation itself fails (an unreadable dev file, say), the weights are saved first
+        (:meth:`_save_before_failing`, with ``manager``)."""
         try:
             metrics = self.validate(dev_loader)
         except Exception:
-            if manager is not None and self.env.world_size == 1:
-                log.error("step %d: validation failed; saving a checkpoint before stopping", self.step)
-                self._save(manager, None)
+            self._save_before_failing(manager, "validation failed")
             raise
         wer = metrics["dev/wer"]
         if self.best_wer is None or wer < self.best_wer:
@@ -739,6 +743,8 @@ class Trainer:
                     break
                 except Exception:
                     if signals.received is None:
+                        if last_saved != self.step:
+                            self._save_before_failing(manager, "reading the next training batch failed")
                         raise
                     # Ctrl-C in a terminal also reaches the DataLoader workers, which then exit.
                     interrupted = True
