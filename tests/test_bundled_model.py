@@ -106,6 +106,15 @@ def test_readme_main_command_prints_the_right_words():
     assert out.stdout.strip() == "go forward ten meters"
 
 
+@needs_lm
+def test_asr_live_finals_use_the_bundled_lm(tmp_path):
+    out = tmp_path / "finals.txt"
+    proc = subprocess.run([sys.executable, "-m", "asr.cli.live", "--input", str(GOFORWARD), "--fast",
+                           "--output", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_text().split() == "go forward ten meters".split()
+
+
 def test_no_lm_decodes_greedily(greedy):
     out = subprocess.run([sys.executable, "-m", "asr.cli.transcribe", str(GOFORWARD), "--no-lm"],
                          capture_output=True, text=True, timeout=300)
