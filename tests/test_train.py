@@ -489,6 +489,35 @@ def test_unreadable_training_audio_saves_the_steps_trained_first(work: dict, tmp
     assert 0 < ckpt["step"] < 100
 
 
+@pytest.mark.parametrize("window, max_steps, profiled", [("[3,6]", 8, "steps 3-5 (3)"), ("[5,100]", 8, "steps 5-7 (3)")])
+def test_profile_steps_writes_a_table_of_those_steps(work: dict, tmp_path: Path, window: str, max_steps: int,
+                                                     profiled: str) -> None:
+    """trainer.profile_steps profiles a window of the run's own steps (closed early if the run
+    ends inside it) and the run trains on as usual."""
+    from hydra import compose, initialize_config_dir
+
+    import asr.cli.train  # noqa: F401  (resolvers)
+    from asr.train.trainer import Trainer
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    overrides = _args(work, tmp_path, f"trainer.max_steps={max_steps}", f"trainer.profile_steps={window}",
+                      "trainer.val_every=1000", "data.dev_manifests=[]")
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("config", overrides=[a for a in overrides if not a.startswith("hydra.")])
+    summary = Trainer(cfg, tmp_path).fit()
+    assert summary["step"] == max_steps
+    text = (tmp_path / "profile.txt").read_text()
+    assert text.startswith(profiled) and "ms per step" in text
+    assert "aten::" in text and "Self CPU" in text  # the profiler's table of ops
+
+
+def test_profile_steps_must_be_a_window() -> None:
+    from asr.train.profile import StepProfiler
+
+    with pytest.raises(ValueError, match="profile_steps"):
+        StepProfiler([6, 3], Path("."), use_cuda=False)
+
+
 def test_fit_max_steps_fits_again_when_the_pace_changes(work: dict, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Compiled code is slow for its first steps (compiling, recording CUDA graphs) and fast after.

@@ -45,6 +45,7 @@ from asr.data.manifest import ManifestError, read_manifests
 from asr.data.sampler import BucketingBatchSampler
 from asr.model import CTCModel, ModelConfig, ctc_loss
 from asr.stop import StopSignals
+from asr.train.profile import StepProfiler
 from asr.train.checkpoint import (
     CheckpointError,
     CheckpointManager,
@@ -711,8 +712,13 @@ class Trainer:
         fit = bool(tc.get("fit_max_steps", False)) and deadline != float("inf") and not self.max_steps_fitted
         fit_from, fit_to, fit_t0 = self.step + 10, self.step + 110, 0.0
 
+        # trainer.profile_steps: torch.profiler over a window of these very steps (asr.train.profile)
+        profiler = StepProfiler(tc.get("profile_steps"), self.out_dir, self.use_cuda) if env.is_main else None
+
         interrupted = False
         while self.step < self.max_steps and not exhausted:
+            if profiler is not None:
+                profiler.at_step(self.step)
             if fit and self.step == fit_from:
                 fit_t0 = time.monotonic()
             elif fit and self.step == fit_to:
@@ -824,6 +830,8 @@ class Trainer:
 
         if bar is not None:
             bar.close()
+        if profiler is not None:
+            profiler.close(self.step)
         self._count_skipped(skipped_window)
         if interrupted:
             log.warning("step %d: interrupted; saving a checkpoint (resume=auto continues from it)", self.step)
