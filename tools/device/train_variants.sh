@@ -22,6 +22,8 @@
 #      ROOT          folder of the run folders (default exp/variants)
 #      EXTRA         asr-train overrides for every variant (e.g. other manifests), before the variant's own
 #      EVAL_DIR      folder whose dev.jsonl picks the best at the end (default .data/bundle)
+#      PROFILE_STEPS e.g. "[1000,1020]": every run profiles those steps of its own (trainer.profile_steps;
+#                    its profile.txt comes back in logs.tgz): where the real step's time goes
 #      RETURN        how many of the best models by dev come back as 15 MB parts (default 1); every
 #                    call first returns the one with the lowest recent training loss (a safety
 #                    copy), which a FINAL call replaces once dev scores are in
@@ -48,7 +50,8 @@ for i in "${!LINES[@]}"; do
   CUDA_VISIBLE_DEVICES=$i timeout -s INT -k 60 "$LEFT" python -m asr.cli.train recipe=bundled model=bundled \
     trainer.tensorboard=false trainer.progress_bar=false data.num_workers=$WORKERS \
     trainer.max_steps=1000000 trainer.fit_max_steps=true trainer.max_minutes="$TOTAL_MINUTES" \
-    trainer.val_every=1000000 trainer.save_every=1000 trainer.log_every=100 hydra.run.dir="$dir" $EXTRA $overrides >> "$dir/stdout.log" 2>&1 &
+    trainer.val_every=1000000 trainer.save_every=1000 trainer.log_every=100 hydra.run.dir="$dir" \
+    ${PROFILE_STEPS:+trainer.profile_steps=$PROFILE_STEPS} $EXTRA $overrides >> "$dir/stdout.log" 2>&1 &
 done
 set +f
 wait
@@ -95,5 +98,5 @@ if [ "$FINAL" = 1 ]; then
     echo "no dev score came back in time: returning the safety copy ($safety)"
   fi
 fi
-tar czf "$OUT/logs.tgz" $ROOT/*/stdout.log $ROOT/*/metrics.jsonl $ROOT/*/summary.json $ROOT/*/eval_stderr.log 2>/dev/null
+tar czf "$OUT/logs.tgz" $ROOT/*/stdout.log $ROOT/*/metrics.jsonl $ROOT/*/summary.json $ROOT/*/eval_stderr.log $ROOT/*/profile.txt 2>/dev/null
 ls -la "$OUT"; echo "total $(( $(date +%s) - T0 )) s"
