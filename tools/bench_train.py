@@ -16,8 +16,12 @@ compiled for this one shape with CUDA graphs (``mode="reduce-overhead"``: what a
 batches to a few fixed shapes could reach), ``rwkv7_cudagraphs_dynamic`` / ``_blocks`` the whole
 model / each block compiled for any shape with CUDA graphs recorded per shape (what a trainer with
 changing batch shapes would use; not run on a GPU in this benchmark yet; in training the
-blocks' variant gave 1.02x eager, BENCHMARKS.md "Run 9"), ``conformer_compiled`` the anchor compiled too, for
-fairness. Compilation happens in the warm-up steps, outside the timing; their time is printed.
+blocks' variant gave 1.02x eager, BENCHMARKS.md "Run 9"), ``rwkv7_graphed`` the *eager* model with
+its forward and backward each captured as a CUDA graph for the one shape
+(``torch.cuda.make_graphed_callables``: no compiler, so seconds instead of minutes of warm-up per
+shape, which a trainer with a few padded shapes could afford; not yet run on a GPU),
+``conformer_compiled`` the anchor compiled too, for fairness. Compilation happens in the warm-up
+steps, outside the timing; their time is printed.
 """
 from __future__ import annotations
 
@@ -77,6 +81,12 @@ def training_step(model: nn.Module, batch: int, frames: int, vocab: int = VOCAB,
     target_lengths = torch.full((batch,), U, device="cuda")
     params = model.param_groups(0.01, 1e-3) if isinstance(model, CTCModel) else model.parameters()
     opt = torch.optim.AdamW(params, lr=1e-3, fused=True)
+    if getattr(model, "graph_for_shape", False):
+        # Forward and backward captured once for this batch (their warm-up runs use
+        # autograd.grad, so the weights are untouched and loss@1 stays comparable with eager);
+        # autocast inside a graph needs its cast cache off. The loss, clipping and AdamW stay eager.
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            model = torch.cuda.make_graphed_callables(model, (feats, lengths), num_warmup_iters=3)
 
     def step() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -136,6 +146,11 @@ def builders() -> dict:
         model.compile(mode="reduce-overhead", dynamic=False, fullgraph=True)
         return model
 
+    def ours_graphed() -> CTCModel:
+        model = CTCModel(ModelConfig(vocab_size=VOCAB))
+        model.graph_for_shape = True  # training_step graphs it once it has the batch
+        return model
+
     def ours_cudagraphs_dynamic_model() -> CTCModel:
         """The whole model compiled once for any shape, CUDA graphs recorded per shape; the options
         are compile_model's plus inductor's cudagraphs (compile_model's "cudagraphs" is per block)."""
@@ -153,6 +168,7 @@ def builders() -> dict:
         "rwkv7_cudagraphs": ours_cudagraphs,
         "rwkv7_cudagraphs_dynamic": ours_cudagraphs_dynamic_model,
         "rwkv7_cudagraphs_blocks": ours_compiled("cudagraphs"),  # trainer.compile=cudagraphs
+        "rwkv7_graphed": ours_graphed,
         "conformer_compiled": conformer_compiled,
     }
 
