@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -57,6 +58,42 @@ def _train(args: list[str], cwd: Path, timeout: int = 120, check: bool = True) -
 
 def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _in_process_trainer(work: dict, run_dir: Path, *extra: str):
+    """A Trainer for ``_args(work, run_dir, *extra)`` built in this process, so a test can monkeypatch
+    asr.train.trainer (its loss, clock, dataset) before calling ``fit()``."""
+    from hydra import compose, initialize_config_dir
+
+    import asr.cli.train  # noqa: F401  (resolvers)
+    from asr.train.trainer import Trainer
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("config", overrides=[a for a in _args(work, run_dir, *extra) if not a.startswith("hydra.")])
+    return Trainer(cfg, run_dir)
+
+
+def _fake_clock(monkeypatch: pytest.MonkeyPatch, seconds_for_step: Callable[[int], float]) -> list[float]:
+    """Make the trainer's monotonic clock advance by ``seconds_for_step(i)`` at the i-th loss (one per
+    step here); returns the clock, a one-element list of seconds."""
+    import time as real_time
+    from types import SimpleNamespace
+
+    import asr.train.trainer as trainer_mod
+
+    clock, steps = [0.0], [0]
+    real_loss = trainer_mod.ctc_loss
+
+    def ticking_loss(*args):
+        clock[0] += seconds_for_step(steps[0])
+        steps[0] += 1
+        return real_loss(*args)
+
+    monkeypatch.setattr(trainer_mod, "ctc_loss", ticking_loss)
+    monkeypatch.setattr(trainer_mod, "time", SimpleNamespace(
+        monotonic=lambda: clock[0], perf_counter=real_time.perf_counter, time=real_time.time))
+    return clock
 
 
 @pytest.fixture(scope="module")
@@ -311,9 +348,6 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(work: dict) -> None:
 
 
 def test_non_finite_steps_are_skipped_and_counted(work: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from hydra import compose, initialize_config_dir
-
-    import asr.cli.train  # noqa: F401  (resolvers)
     import asr.train.trainer as trainer_mod
 
     real_loss, calls = trainer_mod.ctc_loss, [0]
@@ -324,11 +358,7 @@ def test_non_finite_steps_are_skipped_and_counted(work: dict, tmp_path: Path, mo
         return loss * float("nan") if calls[0] == 3 else loss
 
     monkeypatch.setattr(trainer_mod, "ctc_loss", sometimes_nan)
-    conf = Path(__file__).resolve().parents[1] / "conf"
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        cfg = compose("config", overrides=[a for a in _args(work, tmp_path, "trainer.max_steps=5",
-                                                              "data.dev_manifests=[]") if not a.startswith("hydra.")])
-    summary = trainer_mod.Trainer(cfg, tmp_path).fit()
+    summary = _in_process_trainer(work, tmp_path, "trainer.max_steps=5", "data.dev_manifests=[]").fit()
     assert summary["step"] == 5 and summary["skipped_steps"] == 1
     model, _ = load_for_inference(tmp_path / "checkpoints")
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -387,30 +417,10 @@ def test_fit_max_steps_ends_the_lr_schedule_at_the_deadline(work: dict, tmp_path
     """trainer.fit_max_steps: with a fake clock (0.5 s per step) and a 1-minute budget, steps 10 to
     110 take 50 s, 5 s are left, so max_steps becomes 110 + 0.9 * 2 steps/s * 5 s = 119; the run
     ends there, on the schedule's last learning rate, and the checkpoint keeps the fitted value."""
-    import time as real_time
-    from types import SimpleNamespace
-
-    from hydra import compose, initialize_config_dir
-
-    import asr.cli.train  # noqa: F401  (resolvers)
-    import asr.train.trainer as trainer_mod
-
-    clock = [0.0]
-    real_loss = trainer_mod.ctc_loss
-
-    def ticking_loss(*args):
-        clock[0] += 0.5
-        return real_loss(*args)
-
-    monkeypatch.setattr(trainer_mod, "ctc_loss", ticking_loss)
-    monkeypatch.setattr(trainer_mod, "time", SimpleNamespace(
-        monotonic=lambda: clock[0], perf_counter=real_time.perf_counter, time=real_time.time))
-    conf = Path(__file__).resolve().parents[1] / "conf"
-    overrides = _args(work, tmp_path, "trainer.max_steps=100000", "trainer.max_minutes=1", "trainer.fit_max_steps=true",
-                      "trainer.log_every=1", "trainer.val_every=100000", "data.dev_manifests=[]", "optim.min_lr_ratio=0.1")
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        cfg = compose("config", overrides=[a for a in overrides if not a.startswith("hydra.")])
-    summary = trainer_mod.Trainer(cfg, tmp_path).fit()
+    _fake_clock(monkeypatch, lambda step: 0.5)
+    summary = _in_process_trainer(
+        work, tmp_path, "trainer.max_steps=100000", "trainer.max_minutes=1", "trainer.fit_max_steps=true",
+        "trainer.log_every=1", "trainer.val_every=100000", "data.dev_manifests=[]", "optim.min_lr_ratio=0.1").fit()
     assert summary["step"] == 119
     last = _metrics(tmp_path)[-1]
     assert last["step"] == 119 and last["train/lr"] == pytest.approx(3e-3 * 0.1)
@@ -439,21 +449,15 @@ def test_failed_validation_saves_the_steps_trained_first(work: dict, tmp_path: P
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """If validation at the end of the schedule fails, the weights of the last step are saved before
     the error goes up (session 7 lost 947 steps of a run that way)."""
-    from hydra import compose, initialize_config_dir
-
-    import asr.cli.train  # noqa: F401  (resolvers)
     import asr.train.trainer as trainer_mod
 
     def broken_validate(self, dev_loader):
         raise trainer_mod.ManifestError("dev audio went missing")
 
     monkeypatch.setattr(trainer_mod.Trainer, "validate", broken_validate)
-    conf = Path(__file__).resolve().parents[1] / "conf"
-    overrides = _args(work, tmp_path, "trainer.max_steps=7", "trainer.save_every=5", "trainer.val_every=100")
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        cfg = compose("config", overrides=[a for a in overrides if not a.startswith("hydra.")])
+    trainer = _in_process_trainer(work, tmp_path, "trainer.max_steps=7", "trainer.save_every=5", "trainer.val_every=100")
     with pytest.raises(trainer_mod.ManifestError):
-        trainer_mod.Trainer(cfg, tmp_path).fit()
+        trainer.fit()
     ckpt = load_checkpoint(resolve_checkpoint(tmp_path / "checkpoints"))
     assert ckpt["step"] == 7
 
@@ -462,9 +466,6 @@ def test_unreadable_training_audio_saves_the_steps_trained_first(work: dict, tmp
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A training file that cannot be read (deleted, damaged) stops the run with its error, but
     only after the steps trained so far are saved: fix the file and resume=auto loses nothing."""
-    from hydra import compose, initialize_config_dir
-
-    import asr.cli.train  # noqa: F401  (resolvers)
     import asr.train.trainer as trainer_mod
     from asr.audio import AudioError
 
@@ -478,13 +479,10 @@ def test_unreadable_training_audio_saves_the_steps_trained_first(work: dict, tmp
         return real_getitem(self, index)
 
     monkeypatch.setattr(trainer_mod.ManifestDataset, "__getitem__", failing_getitem)
-    conf = Path(__file__).resolve().parents[1] / "conf"
-    overrides = _args(work, tmp_path, "trainer.max_steps=100", "trainer.save_every=1000", "trainer.val_every=1000",
-                      "data.dev_manifests=[]")
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        cfg = compose("config", overrides=[a for a in overrides if not a.startswith("hydra.")])
+    trainer = _in_process_trainer(work, tmp_path, "trainer.max_steps=100", "trainer.save_every=1000",
+                                  "trainer.val_every=1000", "data.dev_manifests=[]")
     with pytest.raises(AudioError, match="utt-0042"):
-        trainer_mod.Trainer(cfg, tmp_path).fit()
+        trainer.fit()
     ckpt = load_checkpoint(resolve_checkpoint(tmp_path / "checkpoints"))
     assert 0 < ckpt["step"] < 100
 
@@ -494,17 +492,8 @@ def test_profile_steps_writes_a_table_of_those_steps(work: dict, tmp_path: Path,
                                                      profiled: str) -> None:
     """trainer.profile_steps profiles a window of the run's own steps (closed early if the run
     ends inside it) and the run trains on as usual."""
-    from hydra import compose, initialize_config_dir
-
-    import asr.cli.train  # noqa: F401  (resolvers)
-    from asr.train.trainer import Trainer
-
-    conf = Path(__file__).resolve().parents[1] / "conf"
-    overrides = _args(work, tmp_path, f"trainer.max_steps={max_steps}", f"trainer.profile_steps={window}",
-                      "trainer.val_every=1000", "data.dev_manifests=[]")
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        cfg = compose("config", overrides=[a for a in overrides if not a.startswith("hydra.")])
-    summary = Trainer(cfg, tmp_path).fit()
+    summary = _in_process_trainer(work, tmp_path, f"trainer.max_steps={max_steps}", f"trainer.profile_steps={window}",
+                                  "trainer.val_every=1000", "data.dev_manifests=[]").fit()
     assert summary["step"] == max_steps
     text = (tmp_path / "profile.txt").read_text()
     assert text.startswith(profiled) and "ms per step" in text
@@ -524,32 +513,10 @@ def test_fit_max_steps_fits_again_when_the_pace_changes(work: dict, tmp_path: Pa
     With a fake clock of 1 s per step up to step 110 and 0.25 s after, and a 3-minute budget, a single
     fit at step 110 ends the schedule at step ~173 (2 minutes in); fitting again from the later pace
     ends it close to the deadline, never past it, on the schedule's last learning rate."""
-    import time as real_time
-    from types import SimpleNamespace
-
-    from hydra import compose, initialize_config_dir
-
-    import asr.cli.train  # noqa: F401  (resolvers)
-    import asr.train.trainer as trainer_mod
-
-    clock = [0.0]
-    steps = [0]
-    real_loss = trainer_mod.ctc_loss
-
-    def ticking_loss(*args):
-        clock[0] += 1.0 if steps[0] < 110 else 0.25
-        steps[0] += 1
-        return real_loss(*args)
-
-    monkeypatch.setattr(trainer_mod, "ctc_loss", ticking_loss)
-    monkeypatch.setattr(trainer_mod, "time", SimpleNamespace(
-        monotonic=lambda: clock[0], perf_counter=real_time.perf_counter, time=real_time.time))
-    conf = Path(__file__).resolve().parents[1] / "conf"
-    overrides = _args(work, tmp_path, "trainer.max_steps=100000", "trainer.max_minutes=3", "trainer.fit_max_steps=true",
-                      "trainer.log_every=10", "trainer.val_every=100000", "data.dev_manifests=[]", "optim.min_lr_ratio=0.1")
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        cfg = compose("config", overrides=[a for a in overrides if not a.startswith("hydra.")])
-    summary = trainer_mod.Trainer(cfg, tmp_path).fit()
+    clock = _fake_clock(monkeypatch, lambda step: 1.0 if step < 110 else 0.25)
+    summary = _in_process_trainer(
+        work, tmp_path, "trainer.max_steps=100000", "trainer.max_minutes=3", "trainer.fit_max_steps=true",
+        "trainer.log_every=10", "trainer.val_every=100000", "data.dev_manifests=[]", "optim.min_lr_ratio=0.1").fit()
     assert summary["step"] > 300, "the schedule kept the first, slow fit"
     assert 165.0 <= clock[0] <= 180.0, f"schedule ended at {clock[0]} s of a 180 s budget"
     last = _metrics(tmp_path)[-1]
@@ -648,20 +615,11 @@ def test_resume_from_a_checkpoint_of_the_unfused_optimizer(trained: Path, work: 
 
 def _same_run_either_way(work: dict, tmp_path: Path, extra: list[str], setting: str, values: tuple[str, str]) -> None:
     """Train the same 6 steps with ``setting`` at each of ``values``: same losses, same weights."""
-    from hydra import compose, initialize_config_dir
-
-    import asr.cli.train  # noqa: F401  (resolvers)
-    from asr.train.trainer import Trainer
-
-    conf = Path(__file__).resolve().parents[1] / "conf"
     weights, losses = {}, {}
     for value in values:
         run = tmp_path / value
-        overrides = _args(work, run, "trainer.max_steps=6", "trainer.log_every=1", "data.dev_manifests=[]",
-                          *extra, f"{setting}={value}")
-        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-            cfg = compose("config", overrides=[a for a in overrides if not a.startswith("hydra.")])
-        Trainer(cfg, run).fit()
+        _in_process_trainer(work, run, "trainer.max_steps=6", "trainer.log_every=1", "data.dev_manifests=[]",
+                            *extra, f"{setting}={value}").fit()
         model, _ = load_for_inference(run / "checkpoints")
         weights[value] = model.state_dict()
         losses[value] = [m["train/loss"] for m in _metrics(run) if "train/loss" in m]
