@@ -62,9 +62,6 @@ __all__ = [
 
 #: Where the default model lives inside the package (``asr.load_model()`` with no path).
 BUNDLED_MODEL = Path(__file__).resolve().parent / "pretrained" / "model.pt"
-#: The bundled model's word 3-gram (xz-compressed ARPA, built by recipes/bundled from its training
-#: text): decoding with it is the default for the bundled model, as pocketsphinx ships its LM.
-BUNDLED_LM = BUNDLED_MODEL.parent / "lm.arpa.xz"
 #: Inputs longer than this go through the block-wise recurrent path (flat memory).
 DEFAULT_LONG_AUDIO_SECONDS = 60.0
 #: Seconds of source audio read and encoded per block on the long-audio path.
@@ -102,14 +99,14 @@ def load_model(
     beam search over the LM's words (:mod:`asr.decode.lexicon`, needs flashlight-text), with
     ``lm_weight`` and ``word_score`` (defaults tuned on the bundled model's synthetic dev set).
     Words outside the LM cannot be produced; ``beam_size`` and ``hotwords`` are then refused
-    (``ValueError``): the LM search is the beam search. ``"auto"`` (the default): the bundled LM
-    (``BUNDLED_LM``) with the bundled model (``path`` None) when flashlight-text is installed, else
-    none; a call with ``beam_size`` > 1 or ``hotwords`` then decodes without it instead of refusing.
-    ``None``: no LM (greedy decoding unless a call asks for a beam).
+    (``ValueError``): the LM search is the beam search. ``"auto"`` (the default): the LM the
+    checkpoint carries, if any (the bundled model carries its word 3-gram, as pocketsphinx ships
+    its LM), when flashlight-text is installed; a call with ``beam_size`` > 1 or ``hotwords`` then
+    decodes without it instead of refusing. ``None``: no LM (greedy unless a call asks for a beam).
     Raises :class:`asr.train.checkpoint.CheckpointError` with a one-line message when the model is
     missing or unusable, and ``ValueError`` for an unavailable device.
     """
-    from asr.train.checkpoint import CheckpointError, load_for_inference
+    from asr.train.checkpoint import CheckpointError, load_inference_parts
 
     dev = _resolve_device(device)
     if int8 and dev.type != "cpu":
@@ -123,38 +120,44 @@ def load_model(
                 "pass a checkpoint instead (asr.load_model('path/to/ckpt.pt') or --model PATH)"
             )
         path = BUNDLED_MODEL
-    model, tokenizer = load_for_inference(path, device=dev)
+    model, tokenizer, carried_lm = load_inference_parts(path, device=dev)
     if int8 or compile:
         model.prepare_for_inference(int8=int8, compile=compile, compile_frames=(1, 4))
-    default_lm = isinstance(lm, str) and lm == "auto"
-    if default_lm:
-        lm = default_lm_for(path)
-    lexicon = None
-    if lm is not None:
-        from asr.decode.lexicon import LexiconDecoder
-
-        try:
-            lexicon = LexiconDecoder(tokenizer, lm, lm_weight=lm_weight, word_score=word_score)
-        except (OSError, RuntimeError, ValueError) as err:
-            if not default_lm:
-                raise
-            # the LM was not asked for: decode without it rather than refuse to transcribe
-            warnings.warn(f"the bundled language model could not be loaded ({' '.join(str(err).split())}); "
-                          "decoding greedily", stacklevel=2)
+    lexicon, default_lm = language_model_decoder(tokenizer, lm, carried_lm, lm_weight=lm_weight, word_score=word_score)
     return ASRModel(model, tokenizer, device=dev, lexicon=lexicon, lexicon_optional=default_lm)
 
 
-def default_lm_for(model_path: Union[str, os.PathLike, None]) -> Optional[Path]:
-    """The LM a model decodes with unless told otherwise: the bundled LM for the bundled model
-    (``model_path`` None or ``BUNDLED_MODEL``) where it is installed and flashlight-text can run it;
-    None for any other model (the bundled LM is its training text's, not theirs)."""
-    bundled = model_path is None or Path(model_path).resolve() == BUNDLED_MODEL
-    return BUNDLED_LM if bundled and BUNDLED_LM.is_file() and _flashlight_available() else None
+def language_model_decoder(
+    tokenizer: Any, lm: Union[str, os.PathLike, None], carried_lm: Optional[bytes], *,
+    lm_weight: Optional[float] = None, word_score: Optional[float] = None,
+    warn: Callable[[str], None] = lambda message: warnings.warn(message, stacklevel=3),
+) -> tuple[Any, bool]:
+    """``(LexiconDecoder or None, whether it is the default)`` for ``lm`` as :func:`load_model` and
+    ``asr-live`` take it: ``"auto"`` the LM the checkpoint carries (``carried_lm``) where
+    flashlight-text can run it, None none, anything else an ARPA file.
+
+    The default LM was not the caller's choice, so if it cannot be loaded (a damaged install, no
+    room in the temp folder), decoding goes on without it after one ``warn``ing; a named LM that
+    cannot be loaded raises."""
+    default = isinstance(lm, str) and lm == "auto"
+    if default:
+        lm = carried_lm if _flashlight_available() else None
+    if lm is None:
+        return None, default
+    from asr.decode.lexicon import LexiconDecoder
+
+    try:
+        return LexiconDecoder(tokenizer, lm, lm_weight=lm_weight, word_score=word_score), default
+    except (OSError, RuntimeError, ValueError) as err:
+        if not default:
+            raise
+        warn(f"the model's language model could not be loaded ({' '.join(str(err).split())}); decoding greedily")
+        return None, default
 
 
 def _flashlight_available() -> bool:
     """Whether torchaudio's lexicon decoder can run (flashlight-text installed: no wheel for every
-    Python, e.g. none for 3.13 in 0.0.7, so the bundled LM is used only where it is)."""
+    Python, e.g. none for 3.13 in 0.0.7, so a model's own LM is used only where it is)."""
     import importlib.util
 
     return importlib.util.find_spec("flashlight") is not None
@@ -288,7 +291,7 @@ class ASRModel:
     ) -> None:
         self.device = torch.device(device)
         self.lexicon = lexicon  # asr.decode.lexicon.LexiconDecoder: final words from the LM search
-        # True for the bundled LM chosen by default: a call asking for a beam or hotwords decodes
+        # True for the model's own LM, chosen by default: a call asking for a beam or hotwords decodes
         # without it rather than failing (an LM the caller passed makes such calls an error).
         self.lexicon_optional = bool(lexicon_optional)
         self.model = model.to(self.device).eval()

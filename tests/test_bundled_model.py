@@ -1,5 +1,5 @@
-"""The bundled default model (asr/pretrained/model.pt, with its LM asr/pretrained/lm.arpa.xz) works
-out of the box, on the CPU.
+"""The bundled default model (asr/pretrained/model.pt, carrying its word LM) works out of the box, on
+the CPU.
 
 It must transcribe audio it never saw in training exactly: one synthetic sentence in a held-out
 voice (from the synthetic test set), and the ten digits spoken by a held-out real speaker (FSDD's
@@ -12,6 +12,7 @@ exactly that.
 """
 from __future__ import annotations
 
+import importlib.util
 import random
 import subprocess
 import sys
@@ -20,9 +21,10 @@ from pathlib import Path
 import pytest
 
 import asr
-from asr.api import BUNDLED_LM, BUNDLED_MODEL, ASRModel, default_lm_for
+from asr.api import BUNDLED_MODEL, ASRModel
 from asr.audio import load_audio
 from asr.stream.endpoint import EndpointConfig
+from asr.train.checkpoint import atomic_torch_save, load_checkpoint, load_inference_parts
 
 HELDOUT = Path(__file__).parent / "data" / "audio" / "heldout"
 SENTENCE = HELDOUT / "synth_test_000275.ogg"  # unseen voice espeak:en-gb-x-gbclan+m3, unseen sentence
@@ -30,7 +32,7 @@ SENTENCE_TEXT = "send a message to liam saying i will be twenty minutes late"
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 DIGIT_FILES = [HELDOUT / f"fsdd_{d}_nicolas_00.flac" for d in range(10)]
 GOFORWARD = Path(__file__).parent / "data" / "audio" / "pocketsphinx_goforward.flac"  # the README's main command
-needs_lm = pytest.mark.skipif(default_lm_for(None) is None, reason="flashlight-text is not installed")
+needs_lm = pytest.mark.skipif(importlib.util.find_spec("flashlight") is None, reason="flashlight-text is not installed")
 
 
 @pytest.fixture(scope="module")
@@ -43,17 +45,28 @@ def greedy() -> ASRModel:
     return asr.load_model(lm=None)
 
 
+def _bundled_copy(tmp_path: Path, lm) -> Path:
+    """The bundled checkpoint with its carried LM replaced (None: removed)."""
+    ckpt = load_checkpoint(BUNDLED_MODEL)
+    ckpt.pop("lm_arpa_xz")
+    if lm is not None:
+        ckpt["lm_arpa_xz"] = lm
+    path = tmp_path / "model.pt"
+    atomic_torch_save(ckpt, path)
+    return path
+
+
 def test_bundled_model_is_installed_and_small():
     assert BUNDLED_MODEL.is_file(), "asr/pretrained/model.pt is missing"
-    assert BUNDLED_LM.is_file(), "asr/pretrained/lm.arpa.xz is missing"
-    assert BUNDLED_MODEL.stat().st_size + BUNDLED_LM.stat().st_size < 25_000_000
+    assert BUNDLED_MODEL.stat().st_size < 25_000_000  # its LM included
+    assert load_inference_parts(BUNDLED_MODEL).lm_arpa_xz, "the bundled model carries no language model"
 
 
 @needs_lm
-def test_bundled_model_decodes_with_its_lm_by_default(bundled, greedy):
+def test_bundled_model_decodes_with_its_lm_by_default(bundled, greedy, tmp_path):
     assert bundled.lexicon is not None and greedy.lexicon is None
-    # any other model gets no default LM: the bundled LM is the bundled model's training text
-    assert default_lm_for(GOFORWARD) is None
+    # the default LM is the one a checkpoint carries: without it, no LM
+    assert asr.load_model(_bundled_copy(tmp_path, None)).lexicon is None
 
 
 def test_without_flashlight_the_bundled_model_decodes_greedily(monkeypatch):
@@ -62,25 +75,24 @@ def test_without_flashlight_the_bundled_model_decodes_greedily(monkeypatch):
     import asr.api
 
     monkeypatch.setattr(asr.api, "_flashlight_available", lambda: False)
-    assert default_lm_for(None) is None
     model = asr.load_model()
     assert model.lexicon is None
     assert model.transcribe(DIGIT_FILES[3]).text == "three"
 
 
 @needs_lm
-def test_a_default_lm_that_cannot_load_falls_back_to_greedy_with_one_warning(monkeypatch, tmp_path, greedy):
-    """The bundled LM was not the user's choice: if it cannot be read (damaged install, no room in
-    the temp folder), transcription goes on greedily with a one-line warning instead of failing."""
-    import asr.api
+def test_a_default_lm_that_cannot_load_falls_back_to_greedy_with_one_warning(tmp_path, greedy):
+    """The model's own LM was not the user's choice: if it cannot be read (damaged install, no room
+    in the temp folder), transcription goes on greedily with a one-line warning instead of failing."""
+    import torch
 
-    broken = tmp_path / "lm.arpa.xz"
-    broken.write_bytes(b"not xz at all")
-    monkeypatch.setattr(asr.api, "BUNDLED_LM", broken)
-    with pytest.warns(UserWarning, match="bundled language model could not be loaded"):
-        model = asr.load_model()
+    damaged = _bundled_copy(tmp_path, torch.frombuffer(bytearray(b"not xz at all"), dtype=torch.uint8))
+    with pytest.warns(UserWarning, match="language model could not be loaded .*not a readable xz file"):
+        model = asr.load_model(damaged)
     assert model.lexicon is None
     assert model.transcribe(GOFORWARD).text == greedy.transcribe(GOFORWARD).text
+    broken = tmp_path / "lm.arpa.xz"
+    broken.write_bytes(b"not xz at all")
     with pytest.raises(ValueError, match="not a readable xz file"):
         asr.load_model(lm=broken)  # an LM the caller named fails loudly
 

@@ -1,7 +1,9 @@
 """Lexicon + n-gram LM decoding (asr.decode.lexicon over torchaudio's flashlight decoder)."""
+import json
 from pathlib import Path
 
 import pytest
+import soundfile as sf
 import torch
 
 pytest.importorskip("flashlight.lib.text", reason="flashlight-text is in the dev extras")
@@ -157,6 +159,46 @@ def test_asr_live_with_a_missing_lm_is_one_line(tmp_path, capsys, keep_threads):
     rc = live.main(["--input", str(GOFORWARD), "--fast", "--lm", str(tmp_path / "none.arpa")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and err == [f"asr-live: error: language model not found: {tmp_path / 'none.arpa'}"]
+
+
+def test_a_model_carries_its_lm_through_export(commands_lm, tmp_path, capsys):
+    """tools/export_model.py --lm: the model carries the LM (as the bundled one does), decodes with
+    it by default, and asr-eval --model-lm scores exactly what --lm with the same file scores. An
+    LM that is not ARPA is refused at export, in one line."""
+    import lzma
+    import sys
+
+    import asr
+    from asr.cli import evaluate
+    from asr.train.checkpoint import load_inference_parts
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    try:
+        import export_model
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "with_commands_lm.pt"
+    assert export_model.main([str(BUNDLED), str(out), "--int8-weights", "--lm", str(commands_lm)]) == 0
+    assert lzma.decompress(load_inference_parts(out).lm_arpa_xz) == commands_lm.read_bytes()
+    assert asr.load_model(out).transcribe(GOFORWARD).text == "go forward ten meters"
+
+    manifest = tmp_path / "goforward.jsonl"
+    manifest.write_text(json.dumps({"id": "goforward", "audio": str(GOFORWARD), "text": "go forward ten meters",
+                                    "duration": sf.info(GOFORWARD).duration}) + "\n")
+    capsys.readouterr()
+    assert evaluate.main([str(out), str(manifest), "--model-lm", "--worst", "0", "--num-workers", "0"]) == 0
+    carried = capsys.readouterr().out.splitlines()[0]
+    assert evaluate.main([str(out), str(manifest), "--lm", str(commands_lm), "--worst", "0", "--num-workers", "0"]) == 0
+    assert carried == capsys.readouterr().out.splitlines()[0] and "WER 0.00%" in carried
+    plain = tmp_path / "plain.pt"
+    assert export_model.main([str(BUNDLED), str(plain)]) == 0
+    assert evaluate.main([str(plain), str(manifest), "--model-lm"]) == 2
+    assert capsys.readouterr().err.strip().endswith("carries no language model")
+
+    notes = tmp_path / "notes.arpa"
+    notes.write_text("shopping list\n")
+    assert export_model.main([str(BUNDLED), str(tmp_path / "x.pt"), "--lm", str(notes)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"export_model: error: {notes}: no unigrams found (not an ARPA file?)"]
 
 
 def test_an_xz_compressed_lm_decodes_like_the_plain_one(commands_lm, tmp_path, capsys):

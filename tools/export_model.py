@@ -2,6 +2,7 @@
 
     python tools/export_model.py CHECKPOINT_OR_RUN_DIR OUT.pt
     python tools/export_model.py CHECKPOINT_OR_RUN_DIR OUT.pt --int8-weights   # about half the size
+    python tools/export_model.py CHECKPOINT_OR_RUN_DIR OUT.pt --int8-weights --lm words.arpa
 
 Only what inference needs is kept: the model config, the weights in float16 (CMVN statistics stay
 float32: they are tiny and their precision matters), and the tokenizer. ``load_for_inference``
@@ -12,6 +13,11 @@ To export an average of the last checkpoints, run ``tools/average_checkpoints.py
 (``asr.train.checkpoint.quantize_weights_int8``); loading restores them to float32, so the model
 runs in float32 as before (this is storage, not ``--int8`` inference). The bundled model uses it to
 leave room for its language model under 25 MB.
+
+``--lm ARPA`` (plain or ``.xz``) makes the model carry its word language model, xz-compressed
+(``lm_arpa_xz``), as it carries its tokenizer: ``asr.load_model``, ``asr-transcribe`` and
+``asr-live`` then decode with it by default (``--no-lm`` / ``lm=None`` to turn it off), and
+``asr-eval --model-lm`` scores it. The bundled model is made this way.
 """
 from __future__ import annotations
 
@@ -24,7 +30,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from asr.decode.lexicon import lm_bytes_to_carry  # noqa: E402
 from asr.train.checkpoint import (  # noqa: E402
+    CheckpointError,
     atomic_torch_save,
     load_checkpoint,
     quantize_weights_int8,
@@ -32,9 +40,9 @@ from asr.train.checkpoint import (  # noqa: E402
 )
 
 
-def compact_state(ckpt: dict, int8_weights: bool = False) -> dict:
+def compact_state(ckpt: dict, int8_weights: bool = False, lm_arpa_xz: Optional[bytes] = None) -> dict:
     """The inference subset of ``ckpt``: fp16 weights (CMVN float32), or with ``int8_weights`` the
-    large matrices as int8 and the rest fp16."""
+    large matrices as int8 and the rest fp16; with ``lm_arpa_xz``, the word LM it carries."""
     model, packed = quantize_weights_int8(ckpt["model"]) if int8_weights else (ckpt["model"], {})
     state = {}
     for name, tensor in model.items():
@@ -44,6 +52,9 @@ def compact_state(ckpt: dict, int8_weights: bool = False) -> dict:
            "format": "rwkv-asr inference v1 (" + ("int8 matrices, fp16 rest" if int8_weights else "fp16 weights") + ")"}
     if packed:
         out["model_int8"] = packed
+    if lm_arpa_xz is not None:
+        # a uint8 tensor, not bytes: torch.save's pickle stores bytes as latin-1 text, ~1.5x larger
+        out["lm_arpa_xz"] = torch.frombuffer(bytearray(lm_arpa_xz), dtype=torch.uint8)
     return out
 
 
@@ -53,9 +64,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("out", type=Path)
     parser.add_argument("--int8-weights", action="store_true",
                         help="store the large matrices as int8 with a scale per row (about half the size)")
+    parser.add_argument("--lm", type=Path, default=None, metavar="ARPA",
+                        help="word LM (plain or .xz ARPA) for the model to carry and decode with by default")
     args = parser.parse_args(argv)
-    ckpt = load_checkpoint(resolve_checkpoint(args.checkpoint))
-    atomic_torch_save(compact_state(ckpt, int8_weights=args.int8_weights), args.out)
+    try:
+        ckpt = load_checkpoint(resolve_checkpoint(args.checkpoint))
+        lm = lm_bytes_to_carry(args.lm) if args.lm is not None else None
+    except (CheckpointError, OSError, ValueError) as err:
+        print(f"export_model: error: {err}", file=sys.stderr)
+        return 2
+    atomic_torch_save(compact_state(ckpt, int8_weights=args.int8_weights, lm_arpa_xz=lm), args.out)
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB)")
     return 0
 

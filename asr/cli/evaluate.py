@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--report", type=Path, default=None, help="write per-utterance results (JSON Lines) here")
     ap.add_argument("--lm", type=Path, default=None, metavar="ARPA",
                     help="decode over the LM's words with this n-gram model (tools/build_lm.py; needs flashlight-text)")
+    ap.add_argument("--model-lm", action="store_true",
+                    help="decode with the word LM the checkpoint carries, as asr-transcribe does by default "
+                         "(the bundled model's; tools/export_model.py --lm)")
     ap.add_argument("--lm-weight", type=float, default=None, help="language-model weight (default: asr.decode.lexicon's)")
     ap.add_argument("--word-score", type=float, default=None, help="score added per word (default: asr.decode.lexicon's)")
     ap.add_argument("--lm-beam", type=int, default=50, help="hypotheses kept per frame with --lm (default: %(default)s)")
@@ -40,15 +43,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
-    if args.lm is not None and args.beam_size > 1:
+    if (args.lm is not None or args.model_lm) and args.beam_size > 1:
         ap.error("--lm runs its own beam search (--lm-beam): leave out --beam-size with it")
+    if args.lm is not None and args.model_lm:
+        ap.error("--lm and --model-lm name two language models: give one")
     import torch
     from torch.utils.data import DataLoader
 
     from asr.data.dataset import ManifestDataset, collate
     from asr.data.manifest import ManifestError, read_manifests
     from asr.data.sampler import BucketingBatchSampler
-    from asr.train.checkpoint import CheckpointError, load_for_inference
+    from asr.train.checkpoint import CheckpointError, load_inference_parts
     from asr.train.trainer import evaluate_model
 
     if args.device == "auto":
@@ -59,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"asr-eval: error: --int8 runs on the CPU only (device {device})", file=sys.stderr)
         return 2
     try:
-        model, tokenizer = load_for_inference(args.checkpoint, device=device)
+        model, tokenizer, carried_lm = load_inference_parts(args.checkpoint, device=device)
         entries = read_manifests(args.manifests)
         if args.int8:
             model.prepare_for_inference(int8=True)
@@ -70,11 +75,15 @@ def main(argv: list[str] | None = None) -> int:
         print("asr-eval: error: the manifests are empty", file=sys.stderr)
         return 2
     text_decoder = None
-    if args.lm is not None:
+    lm = carried_lm if args.model_lm else args.lm
+    if args.model_lm and carried_lm is None:
+        print(f"asr-eval: error: --model-lm: {args.checkpoint} carries no language model", file=sys.stderr)
+        return 2
+    if lm is not None:
         from asr.decode.lexicon import LexiconDecoder
 
         try:
-            text_decoder = LexiconDecoder(tokenizer, args.lm, lm_weight=args.lm_weight, word_score=args.word_score,
+            text_decoder = LexiconDecoder(tokenizer, lm, lm_weight=args.lm_weight, word_score=args.word_score,
                                           beam_size=args.lm_beam)
         except (OSError, ValueError, RuntimeError) as e:
             print(f"asr-eval: error: --lm: {e}", file=sys.stderr)

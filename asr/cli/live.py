@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beam-size", type=int, default=1, help="1: greedy decoding (default); >1: CTC prefix beam search")
     p.add_argument("--lm", default=None, metavar="ARPA",
                    help="word n-gram LM (tools/build_lm.py): each final segment decoded over its words; partials stay greedy "
-                        "(default: the bundled LM with the bundled model, unless --beam-size)")
+                        "(default: the LM the model carries, as the bundled one does, unless --beam-size)")
     p.add_argument("--no-lm", action="store_true", help="no language model: final segments decoded greedily")
     p.add_argument("--int8", action="store_true",
                    help="int8 block weights (CPU): 1.1-1.8x faster steps, outputs within ~1%% of float32")
@@ -200,22 +200,23 @@ def _file_blocks(path: str, block_seconds: float = BLOCK_SECONDS) -> Iterator[np
         yield block.numpy()
 
 
-def _load_model(path: Optional[str], int8: bool = False, compile: bool = False) -> tuple[Any, Any]:
+def _load_model(path: Optional[str], int8: bool = False, compile: bool = False) -> tuple[Any, Any, Optional[bytes]]:
+    """(model, tokenizer, the word LM the checkpoint carries or None)."""
     from asr.api import BUNDLED_MODEL
-    from asr.train.checkpoint import load_for_inference
+    from asr.train.checkpoint import load_inference_parts
 
     if path is None:
         if not BUNDLED_MODEL.is_file():
             raise FileNotFoundError(f"no bundled model ({BUNDLED_MODEL} is not installed); pass --model PATH")
         path = str(BUNDLED_MODEL)
-    model, tokenizer = load_for_inference(path)
+    model, tokenizer, carried_lm = load_inference_parts(path)
     if int8 or compile:
         try:
             model.prepare_for_inference(int8=int8, compile=compile, compile_frames=COMPILED_FRAMES)
         except Exception as err:  # no C++ compiler, a model the compiled step does not take...
             what = "--compile" if compile else "--int8"
             raise RuntimeError(f"{what} failed: {' '.join(str(err).split())[:200]}") from None
-    return model, tokenizer
+    return model, tokenizer, carried_lm
 
 
 def _error(msg: str) -> int:
@@ -261,24 +262,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if args.compile:
             print("asr-live: compiling the model step (up to a minute the first time)", file=sys.stderr, flush=True)
-        model, tokenizer = _load_model(args.model, args.int8, args.compile)
-        lexicon = None
-        lm = args.lm
-        if lm is None and not args.no_lm and args.beam_size == 1:
-            from asr.api import default_lm_for
+        model, tokenizer, carried_lm = _load_model(args.model, args.int8, args.compile)
+        from asr.api import language_model_decoder
 
-            lm = default_lm_for(args.model)  # the bundled LM with the bundled model
-        if lm is not None:
-            from asr.decode.lexicon import LexiconDecoder
-
-            try:
-                lexicon = LexiconDecoder(tokenizer, lm)
-            except (OSError, RuntimeError, ValueError) as err:
-                if args.lm is not None:
-                    raise
-                # the bundled LM was not asked for: go on without it
-                print(f"asr-live: warning: the bundled language model could not be loaded "
-                      f"({' '.join(str(err).split())}); final segments decoded greedily", file=sys.stderr)
+        # the model's own LM unless --no-lm, or --beam-size asks for the prefix beam search instead
+        lm = args.lm if args.lm is not None else (None if args.no_lm or args.beam_size > 1 else "auto")
+        lexicon, _ = language_model_decoder(
+            tokenizer, lm, carried_lm, warn=lambda message: print(f"asr-live: warning: {message}", file=sys.stderr))
     except Exception as err:  # CheckpointError, FileNotFoundError: one line
         return _error(" ".join(str(err).split()))
     rec = Recognizer(model, tokenizer, beam_size=args.beam_size, keep_segments=False, lexicon=lexicon)

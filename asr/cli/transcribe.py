@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="boost a word or phrase (bonus in nats, default 2.0); repeatable; implies beam search")
     ap.add_argument("--lm", default=None, metavar="ARPA",
                     help="word n-gram language model (tools/build_lm.py): decode over its words (needs flashlight-text; "
-                         "default: the bundled LM with the bundled model)")
+                         "default: the LM the model carries, as the bundled one does)")
     ap.add_argument("--no-lm", action="store_true",
                     help="no language model: greedy decoding of the model's own pieces, any word possible")
     ap.add_argument("--lm-weight", type=float, default=None, help="language-model weight (default: tuned, see asr.decode.lexicon)")
@@ -246,7 +246,7 @@ def _run(args: argparse.Namespace, hotwords: dict[str, float], console: _Console
     from asr.train.checkpoint import CheckpointError
 
     try:
-        # "auto": the bundled LM with the bundled model (it gives way to --beam-size / --hotword)
+        # "auto": the LM the model carries, if any (it gives way to --beam-size / --hotword)
         lm = None if args.no_lm else (args.lm if args.lm is not None else "auto")
         model = load_model(args.model, device=args.device, int8=args.int8, lm=lm, lm_weight=args.lm_weight,
                            word_score=args.word_score)

@@ -15,6 +15,7 @@ flashlight-text is an optional dependency (``pip install -e ".[lm]"``).
 from __future__ import annotations
 
 import contextlib
+import io
 import lzma
 import os
 import shutil
@@ -29,7 +30,7 @@ from torch import Tensor
 from asr.decode.greedy import ctc_greedy
 from asr.tokenizer import Tokenizer
 
-__all__ = ["LexiconDecoder", "LexiconHypothesisDecoder", "arpa_vocabulary"]
+__all__ = ["LexiconDecoder", "LexiconHypothesisDecoder", "arpa_vocabulary", "lm_bytes_to_carry"]
 
 #: flashlight's decoder wants a word-separator ("silence") token. Sentencepiece marks word starts in
 #: the pieces themselves, so the separator is an extra output class the model never emits (log-prob
@@ -64,25 +65,43 @@ def arpa_vocabulary(path: str | Path) -> list[str]:
     return words
 
 
-@contextlib.contextmanager
-def _plain_arpa(path: Path) -> Iterator[Path]:
-    """``path`` itself, or for an ``.xz`` file a decompressed temporary copy, deleted afterwards.
+#: How an LM a checkpoint carries is named in messages.
+EMBEDDED_LM_NAME = "the model's own language model"
 
-    Why: KenLM reads plain ARPA files only, and the bundled LM ships xz-compressed (27 MB of text
-    in 6.5 MB). Decompressing takes ~0.4 s; the decoder keeps the model in memory once built."""
-    if path.suffix != ".xz":
-        yield path
+
+@contextlib.contextmanager
+def _plain_arpa(lm: Path | bytes) -> Iterator[Path]:
+    """A plain ARPA file for ``lm``: the file itself, or for an ``.xz`` file or xz-compressed bytes
+    (an LM a checkpoint carries) a decompressed temporary copy, deleted afterwards.
+
+    Why: KenLM reads plain ARPA files only, and the bundled model carries its LM xz-compressed
+    (27 MB of text in 6.5 MB). Decompressing takes ~0.4 s; the decoder keeps the model in memory
+    once built."""
+    if isinstance(lm, Path) and lm.suffix != ".xz":
+        yield lm
         return
+    name = lm if isinstance(lm, Path) else EMBEDDED_LM_NAME
     fd, tmp = tempfile.mkstemp(suffix=".arpa")
     try:
         try:
-            with os.fdopen(fd, "wb") as out, lzma.open(path) as src:
+            with os.fdopen(fd, "wb") as out, lzma.open(lm if isinstance(lm, Path) else io.BytesIO(lm)) as src:
                 shutil.copyfileobj(src, out, 1 << 20)
         except (lzma.LZMAError, EOFError) as e:  # damaged, or cut short
-            raise ValueError(f"{path}: not a readable xz file ({e})") from e
+            raise ValueError(f"{name}: not a readable xz file ({e})") from e
         yield Path(tmp)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def lm_bytes_to_carry(path: str | Path) -> bytes:
+    """An ARPA file (plain or ``.xz``) as the xz-compressed bytes a checkpoint carries
+    (``tools/export_model.py --lm``), after checking that it reads as an ARPA file (ValueError)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"language model not found: {path}")
+    with _plain_arpa(path) as arpa:
+        arpa_vocabulary(arpa)  # raises ValueError for a file that is not ARPA
+        return path.read_bytes() if path.suffix == ".xz" else lzma.compress(arpa.read_bytes(), preset=9)
 
 
 @contextlib.contextmanager
@@ -118,12 +137,14 @@ def _kept_frames(log_probs: Tensor) -> Tensor:
 class LexiconDecoder:
     """Decode CTC log-probabilities [T, V] of one utterance to words with a lexicon and an LM.
 
-    ``lm_weight`` / ``word_score``: None takes ``DEFAULT_LM_WEIGHT`` / ``DEFAULT_WORD_SCORE``."""
+    ``lm``: an ARPA file (plain or ``.xz``), or the xz-compressed ARPA bytes a checkpoint carries
+    (:class:`asr.train.checkpoint.InferenceParts`). ``lm_weight`` / ``word_score``: None takes
+    ``DEFAULT_LM_WEIGHT`` / ``DEFAULT_WORD_SCORE``."""
 
     def __init__(
         self,
         tokenizer: Tokenizer,
-        lm_path: str | Path,
+        lm: str | Path | bytes,
         lm_weight: Optional[float] = None,
         word_score: Optional[float] = None,
         beam_size: int = 50,
@@ -134,14 +155,15 @@ class LexiconDecoder:
         except (ImportError, RuntimeError) as e:
             raise RuntimeError("language-model decoding needs flashlight-text: pip install flashlight-text "
                                '(or pip install -e ".[lm]")') from e
-        lm_path = Path(lm_path)
-        if not lm_path.is_file():
-            raise FileNotFoundError(f"language model not found: {lm_path}")
+        if not isinstance(lm, bytes):
+            lm = Path(lm)
+            if not lm.is_file():
+                raise FileNotFoundError(f"language model not found: {lm}")
         self.tokenizer = tokenizer
         tokens = [tokenizer.id_to_piece(i) for i in range(tokenizer.vocab_size)] + [SILENCE]
         blank = tokens[0]
         pieces_known = set(tokens[1:-1])
-        with _plain_arpa(lm_path) as arpa:
+        with _plain_arpa(lm) as arpa:
             # flashlight reads the lexicon from a file, once, while the decoder is built
             with tempfile.NamedTemporaryFile("w", suffix=".lexicon", delete=False, encoding="utf-8") as f:
                 for word in arpa_vocabulary(arpa):

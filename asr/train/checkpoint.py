@@ -18,7 +18,10 @@ never executes pickled code)::
 Only ``config``, ``model`` and ``tokenizer`` are needed for inference. An exported model
 (``tools/export_model.py --int8-weights``) may hold its large matrices in ``model_int8`` instead of
 ``model`` (int8 values and a float32 scale per output row); :func:`load_checkpoint` turns them back
-into float32 entries of ``model``, so every reader sees an ordinary state_dict.
+into float32 entries of ``model``, so every reader sees an ordinary state_dict. It may also carry
+its word language model (``lm_arpa_xz``: the bytes of an xz-compressed ARPA file as a uint8
+tensor, ``--lm``), which it then
+decodes with by default, as the bundled model does.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ import re
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -258,8 +261,23 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     raise CheckpointError(f"checkpoint not found: {p}")
 
 
+class InferenceParts(NamedTuple):
+    """What a checkpoint holds for inference: the model (eval mode), its tokenizer, and the word LM
+    it carries, if any (the xz-compressed ARPA bytes ``asr.decode.lexicon.LexiconDecoder`` takes)."""
+
+    model: Any
+    tokenizer: Any
+    lm_arpa_xz: Optional[bytes]
+
+
 def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cpu"):
     """Load ``(CTCModel, Tokenizer)`` from a checkpoint file or folder, in eval mode on ``device``."""
+    model, tokenizer, _ = load_inference_parts(path, device)
+    return model, tokenizer
+
+
+def load_inference_parts(path: str | os.PathLike, device: str | torch.device = "cpu") -> InferenceParts:
+    """:func:`load_for_inference` plus the word LM the checkpoint carries (None if it has none)."""
     from asr.model import CTCModel, ModelConfig
     from asr.tokenizer import Tokenizer
 
@@ -274,7 +292,8 @@ def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cp
     except RuntimeError as e:
         raise CheckpointError(f"{file}: weights do not match its model config: {e}") from e
     model.to(device).eval()
-    return model, Tokenizer.from_bytes(ckpt["tokenizer"])
+    lm = ckpt.get("lm_arpa_xz")  # a uint8 tensor of the xz file's bytes (tools/export_model.py --lm)
+    return InferenceParts(model, Tokenizer.from_bytes(ckpt["tokenizer"]), None if lm is None else lm.numpy().tobytes())
 
 
 # ---------------------------------------------------------------------- RNG state
