@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
 from asr.data.augment import AugmentConfig, SpecAugment, SpecAugmentConfig, WaveAugment
@@ -194,17 +195,12 @@ def collate(items: list[dict]) -> Batch:
         from asr.features import num_frames
 
         wave_lengths = [it["wave"].numel() for it in items]
-        waves = torch.zeros(len(items), max(wave_lengths))
-        for i, it in enumerate(items):
-            waves[i, : wave_lengths[i]] = it["wave"]
+        waves = pad_sequence([it["wave"] for it in items], batch_first=True)  # zeros after each end
         lengths = torch.tensor([num_frames(n) for n in wave_lengths], dtype=torch.long)
         seeds = [int(it["seed"]) for it in items]
     else:
-        n_mels = items[0]["features"].shape[-1]
         lengths = torch.tensor([it["features"].shape[0] for it in items], dtype=torch.long)
-        feats = torch.zeros(len(items), int(lengths.max()), n_mels)
-        for i, it in enumerate(items):
-            feats[i, : it["features"].shape[0]] = it["features"]
+        feats = pad_sequence([it["features"] for it in items], batch_first=True)  # [B, T, 80], zero padded
     targets = target_lengths = None
     if "tokens" in items[0]:
         target_lengths = torch.tensor([it["tokens"].numel() for it in items], dtype=torch.long)
