@@ -571,6 +571,54 @@ def test_compiled_model_trains_like_the_eager_one() -> None:
         torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_activation_checkpointing_gives_the_same_gradients_from_less_saved_memory(compiled: bool) -> None:
+    """trainer.activation_checkpointing: the same loss and gradients as without (eager, and traced as
+    one graph as trainer.compile=model does), while autograd keeps under a third of the activation
+    bytes for the backward (what the option is for)."""
+    import torch._functorch.config as functorch_config
+    import copy
+
+    from asr.model import CTCModel, ModelConfig, ctc_loss
+    from asr.train.trainer import compile_model
+
+    torch.manual_seed(0)
+    plain = CTCModel(ModelConfig(vocab_size=16, n_mels=16, d_model=32, n_layers=3, head_size=16, subsample_channels=8))
+    for p in plain.parameters():
+        p.data.add_(torch.randn_like(p) * 0.05)
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.activation_checkpointing = True
+    if compiled:  # the backend with inductor's partitioner, which the memory budget steers
+        compile_model(checkpointed, "model", backend="aot_eager_decomp_partition")
+    feats, lengths = torch.randn(2, 120, 16), torch.tensor([120, 97])
+    targets, target_lengths = torch.randint(1, 16, (2, 5)), torch.tensor([5, 4])
+    saved_bytes, losses = [], []
+    try:
+        for model in (plain, checkpointed):
+            held: list[int] = []
+
+            def keep(t: torch.Tensor) -> torch.Tensor:
+                if not isinstance(t, torch.nn.Parameter):
+                    held.append(t.numel() * t.element_size())
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+                logits, out_lengths = model(feats, lengths, impl="chunked")
+                loss = ctc_loss(logits, out_lengths, targets, target_lengths)
+            loss.backward()
+            saved_bytes.append(sum(held))
+            losses.append(loss.detach())
+    finally:
+        torch._dynamo.reset()
+        functorch_config.activation_memory_budget = 1.0
+    torch.testing.assert_close(losses[1], losses[0])
+    # the compiled graph is decomposed into primitive ops (convolution backward included): rounding
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        tolerance = {"rtol": 1e-3, "atol": 1e-4 * a.grad.abs().max().item()} if compiled else {}
+        torch.testing.assert_close(b.grad, a.grad, msg=name, **tolerance)
+    assert saved_bytes[1] * 3 < saved_bytes[0], saved_bytes
+
+
 @pytest.mark.parametrize("scope", ["model", "blocks"])
 def test_compile_trains_under_ddp(scope: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """trainer.compile under DDP (world_size > 1), with gradient buckets small enough that DDP's

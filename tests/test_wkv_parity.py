@@ -108,6 +108,31 @@ def test_wkv7_op_gradients_equal_the_forms_own(impl):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.skipif(not (torch.cuda.is_available() and fla_available()), reason="needs CUDA and fla")
+@pytest.mark.parametrize("with_state", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_wkv7_op_fla_backward_equals_flas_autograd(with_state, dtype):
+    """The op's fla backward (fla's backward called on the saved inputs, no recomputed forward)
+    gives the gradients fla's own autograd gives: same kernels, so equal to rounding; float32
+    inputs get float32 gradients (cast like the forward casts them)."""
+    *inputs, state = random_inputs(B=3, T=150, H=4, N=64, seed=7, dtype=torch.float32, device="cuda")
+    weight = torch.randn(inputs[0].shape, device="cuda")
+    state_weight = torch.randn(state.shape, device="cuda")
+
+    def grads(fn):
+        leaves = [t.to(dtype).clone().requires_grad_() for t in inputs]
+        start = state.clone().requires_grad_() if with_state else None
+        y, s = fn(*leaves, start)
+        ((y.float() * weight).sum() + (s * state_weight).sum()).backward()
+        return [t.grad for t in leaves] + ([start.grad] if with_state else [])
+
+    via_op = grads(lambda *t: torch.ops.asr.wkv7(*t, "fla"))
+    via_fla = grads(lambda *t: wkv7_fla(*t[:6], state=t[6]))
+    for got, want in zip(via_op, via_fla):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=1e-3 * want.abs().max().item())
+
+
 def test_wkv7_traces_as_one_op_under_compile():
     """Under torch.compile the dispatcher emits the op (no graph break: fullgraph would raise) and
     the compiled function's values and gradients equal eager ones."""

@@ -74,8 +74,8 @@ def check_random(rows: list) -> None:
     ((y * weight).sum() + s.sum()).backward()
     for name, a, b in zip("rwkvab", leaves_fla, leaves_ref):
         rows.append((f"grad d{name}, fla vs our chunked", rel(a.grad.float(), b.grad), 5e-2))
-    # The asr::wkv7 op (what torch.compile sees): its backward recomputes fla's forward and runs
-    # fla's backward, so its gradients should equal fla's own to bf16 rounding.
+    # The asr::wkv7 op (what torch.compile sees): its backward calls fla's backward on the saved
+    # inputs, so its gradients should equal fla's own to bf16 rounding.
     leaves_op = [t.bfloat16().clone().requires_grad_(True) for t in inputs]
     state_leaf = state.clone().requires_grad_(True)
     y, s = torch.ops.asr.wkv7(*leaves_op, state_leaf, "fla")

@@ -33,8 +33,10 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--trace", default=None, help="write a Chrome trace here")
-    parser.add_argument("--compile", action="store_true",
-                        help="also time the step with the model compiled as trainer.compile=true does (same batch)")
+    parser.add_argument("--compile", nargs="?", const="blocks", default=None, choices=["blocks", "static"],
+                        help="also time the step compiled (same batch): blocks as trainer.compile=true does, or "
+                             "static: the whole model for this one shape, the kernels CUDA graphs would replay "
+                             "(bench_train.py's rwkv7_cudagraphs row without the graphs, so the profiler sees them)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("profile_train_step: needs a CUDA GPU", file=sys.stderr)
@@ -57,12 +59,15 @@ def main() -> int:
     torch.cuda.synchronize()
     step_ms = start.elapsed_time(end) / args.steps
 
-    if args.compile:  # same model and batch, compiled as trainer.compile=true does
+    if args.compile:  # same model and batch, compiled
         from asr.train.trainer import compile_model
 
         print(f"eager step {step_ms:.1f} ms; compiling the model ...", flush=True)
 
-        compile_model(model)
+        if args.compile == "static":
+            model.compile(dynamic=False, fullgraph=True)
+        else:
+            compile_model(model)
         t0 = time.perf_counter()
         for _ in range(3):  # compilation (forward and backward graphs) happens here
             step()

@@ -27,6 +27,7 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from asr.features import GlobalCMVN
@@ -105,6 +106,8 @@ class CTCModel(nn.Module):
         self.ln_out = nn.LayerNorm(config.d_model)
         self.dropout = nn.Dropout(config.dropout)
         self.head = nn.Linear(config.d_model, config.vocab_size)
+        # Training option (trainer.activation_checkpointing), not part of the model: see _checkpointed.
+        self.activation_checkpointing = False
         self._packed: Optional[tuple[list[Tensor], list[int], Optional[list[PackedBlock]]]] = None
         self._int8 = False  # prepare_for_inference(int8=True): the packed path with int8 weights
         self._compile: tuple[int, ...] = ()  # prepare_for_inference(compile=True): frames per call compiled
@@ -117,6 +120,22 @@ class CTCModel(nn.Module):
     def output_lengths(self, lengths: Tensor) -> Tensor:
         return self.subsampling.output_length(lengths)
 
+    def _run(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        """``module(*args, **kwargs)``; with activation checkpointing on (training with autograd)
+        through ``torch.utils.checkpoint``: only the inputs are kept for the backward, which runs the
+        forward again first.
+
+        Why: a block saves ~40 element-wise intermediates of [B, T, C] for its backward, and the conv
+        front end its two 256-channel feature maps at 2x and 4x the frame rate; these, not the weights,
+        are the training step's peak memory. Checkpointing trades one more forward per step for it.
+        Under torch.compile the compiler's partitioner does the recomputing instead (trainer's
+        ``compile_model`` gives it a zero activation-memory budget): dynamo's checkpoint operator
+        fails on dynamic shapes (torch 2.14: "lift_tracked_freevar_to_input")."""
+        if (self.activation_checkpointing and self.training and torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()):
+            return torch.utils.checkpoint.checkpoint(module, *args, use_reentrant=False, **kwargs)
+        return module(*args, **kwargs)
+
     def _blocks_and_head(
         self, x: Tensor, states: Optional[list[BlockState]], impl: str
     ) -> tuple[Tensor, list[BlockState]]:
@@ -124,7 +143,7 @@ class CTCModel(nn.Module):
         v_first = None
         new_states = []
         for i, block in enumerate(self.blocks):
-            x, state, v_first = block(x, None if states is None else states[i], v_first, impl=impl)
+            x, state, v_first = self._run(block, x, None if states is None else states[i], v_first, impl=impl)
             new_states.append(state)
         return self.head(self.dropout(self.ln_out(x))), new_states
 
@@ -137,7 +156,7 @@ class CTCModel(nn.Module):
         the packed int8 step over the whole sequence (``impl`` is then ignored), so one pass and
         streaming give the same int8 results.
         """
-        x = self.subsampling(self.cmvn(features))
+        x = self._run(self.subsampling, self.cmvn(features))
         packs = None
         if self.int8_inference and not torch.is_grad_enabled() and x.shape[1] > 0:
             packs = self._packed_blocks()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -154,6 +155,9 @@ def fla_available() -> bool:
     return _fla_imports()
 
 
+FLA_CHUNK_SIZE = 64  # with bounded decay fla's tensor-core path; _fla_backward must match it
+
+
 def wkv7_fla(
     r: Tensor,
     w: Tensor,
@@ -162,7 +166,7 @@ def wkv7_fla(
     a: Tensor,
     b: Tensor,
     state: Optional[Tensor] = None,
-    chunk_size: Optional[int] = 64,
+    chunk_size: Optional[int] = FLA_CHUNK_SIZE,
     bounded_decay: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """flash-linear-attention's Triton kernel: bf16 inputs (fp32 and fp64 are cast), fp32 state.
@@ -193,6 +197,46 @@ def wkv7_fla(
     return y.to(out_dtype), final.transpose(-1, -2)
 
 
+def _fla_backward(
+    r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Optional[Tensor],
+    grad_y: Tensor, grad_state: Tensor,
+) -> list[Tensor]:
+    """Gradients of :func:`wkv7_fla` (default arguments) from its inputs alone, by fla's own backward.
+
+    Why: the ``asr::wkv7`` op cannot keep fla's autograd context between its forward and backward,
+    and recomputing the forward under autograd ran fla's forward twice per backward (once there, once
+    inside fla's backward, which rebuilds its intermediates from the inputs anyway). fla's backward
+    needs only the inputs and the settings the forward resolved to, so it is called directly on a
+    stand-in for its context. This leans on fla's internals (``ChunkDPLRDeltaRuleFunction.backward``
+    and the context fields it reads, fla 0.6.0); tests/test_gpu.py checks it against fla's autograd.
+    """
+    from fla.ops.generalized_delta_rule.dplr.chunk import ChunkDPLRDeltaRuleFunction
+
+    kernel_dtype = r.dtype if r.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+    q, gk, k_, v_, a_, b_ = (t.to(kernel_dtype).contiguous() for t in (r, w, k, v, a, b))
+    initial = None if state is None else state.float().transpose(-1, -2).contiguous()
+    context = SimpleNamespace(
+        saved_tensors=(q, k_, v_, a_, b_, gk, initial),
+        chunk_size=FLA_CHUNK_SIZE,
+        safe_gate=True,  # what fla's forward resolves lower_bound=-exp(-0.5) at 64-token chunks to
+        scale=1.0,
+        cu_seqlens=None,
+        chunk_indices=None,
+        cp_context=None,
+        disable_recompute=False,
+        _fwd_used_autocast=False,
+        _dtype=kernel_dtype,
+    )
+    grads = ChunkDPLRDeltaRuleFunction.backward(
+        context, grad_y.to(kernel_dtype).contiguous(), grad_state.float().transpose(-1, -2).contiguous()
+    )
+    dq, dk, dv, da, db, dgk, dh0 = grads[0], grads[1], grads[2], grads[3], grads[4], grads[5], grads[7]
+    out = [g.to(x.dtype).contiguous() for g, x in zip((dq, dgk, dk, dv, da, db), (r, w, k, v, a, b))]
+    if state is not None:
+        out.append(torch.zeros_like(state) if dh0 is None else dh0.transpose(-1, -2).to(state.dtype).contiguous())
+    return out
+
+
 _FORMS = {"recurrent": wkv7_recurrent, "chunked": wkv7_chunked, "fla": wkv7_fla}
 
 
@@ -216,8 +260,9 @@ def _run_form(r, w, k, v, a, b, state, impl):  # noqa: ANN001, ANN202 (the op's 
 # fla's Triton autograd Function (fla marks it compiler.disable), so every block used to break into
 # two graphs around it, with Python between them. As a custom op the whole block (or model) is one
 # graph: inductor fuses the element-wise work on both sides and nothing in between runs in Python.
-# The backward recomputes the form's forward with autograd and differentiates it: an op cannot hand
-# fla's saved context to its backward, and fla's own backward recomputes most of its forward anyway.
+# The backward of the PyTorch forms recomputes the form's forward with autograd and differentiates
+# it (an op cannot hand a saved autograd graph to its backward); fla's is called on the saved inputs
+# (_fla_backward), as fla's own backward rebuilds its intermediates from them anyway.
 @torch.library.custom_op("asr::wkv7", mutates_args=())
 def _wkv7_op(
     r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Optional[Tensor], impl: str
@@ -254,6 +299,8 @@ def _wkv7_backward_op(
     r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Optional[Tensor],
     grad_y: Tensor, grad_state: Tensor, impl: str,
 ) -> list[Tensor]:
+    if impl == "fla":
+        return _fla_backward(r, w, k, v, a, b, state, grad_y, grad_state)
     inputs = [t.detach().requires_grad_() for t in (r, w, k, v, a, b)]
     if state is not None:
         inputs.append(state.detach().requires_grad_())

@@ -141,8 +141,13 @@ def compile_model(model: torch.nn.Module, scope: Union[bool, str] = "blocks", ba
     (tools/bench_train.py, BENCHMARKS.md); in training over the trainer's changing shapes (run 9,
     4x H200) they trained correctly but gave 1.02x the eager step: each new shape records again, and
     the rest of the step stays eager. ``backend``: torch.compile's (tests use ``"aot_eager"``, which traces without
-    generating code).
+    generating code). A model with ``activation_checkpointing`` on is compiled with a zero
+    activation-memory budget: the min-cut partitioner then recomputes rather than saves.
     """
+    if getattr(model, "activation_checkpointing", False):
+        # The partitioner recomputes what it can in the backward and saves only what it must (the
+        # compiled form of CTCModel's activation checkpointing; a global setting of this process).
+        torch._functorch.config.activation_memory_budget = 0.0
     options: Optional[dict] = None
     if backend == "inductor":
         options = {"triton.coalesce_tiling_analysis": False}
@@ -464,6 +469,7 @@ class Trainer:
         else:
             self.compute_cmvn(model, train_entries)
         model.to(self.device)
+        model.activation_checkpointing = bool(tc.get("activation_checkpointing", False))
         if tc.get("compile", False):
             compile_model(model, tc.compile)
         self.model = model

@@ -11,15 +11,16 @@ run() {  # run <seconds> <name> <command...>
   echo "== $name rc=$? in $(( $(date +%s) - t )) s"; tail -n 30 "$OUT/$name.txt" | cut -c1-200
 }
 if [ "${COMPILE:-0}" = 1 ]; then
-  # COMPILE=1: CUDA graphs beside eager (session 6 measured rwkv7_cudagraphs and rwkv7_compiled:
-  # BENCHMARKS.md), now also over dynamic shapes (whole model, blocks) as a trainer would need them,
-  # at 30 s and then at 10 s; the loss columns check each row against eager. Inductor compiles in
-  # the first steps (a minute or two per row), so this call does nothing else.
+  # COMPILE=1: CUDA graphs and activation checkpointing beside eager, at 30 s (LENGTHS), then the
+  # kernels a CUDA-graph step replays (the whole model compiled for the shape, profiled without the
+  # graphs). First the GPU-only tests of the wkv op (its fla backward against fla's autograd).
+  # Inductor compiles in the first steps of each compiled row (a minute or two each).
   export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
-  # rwkv7_graphed (eager model, make_graphed_callables: no compiler) first: it takes seconds to warm up.
-  run 300 bench_train python tools/bench_train.py --models conformer,rwkv7,rwkv7_graphed,rwkv7_cudagraphs_blocks,rwkv7_cudagraphs_dynamic --lengths 30
+  run 120 gpu_tests python -m pytest -q -p no:cacheprovider tests/test_wkv_parity.py -k "cuda or fla"
+  run ${BENCH_LIMIT:-330} bench_train python tools/bench_train.py --lengths ${LENGTHS:-30} \
+    --models ${MODELS:-conformer,conformer12,rwkv7,rwkv7_checkpointed,rwkv7_graphed,rwkv7_cudagraphs,rwkv7_cudagraphs_checkpointed}
   left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - T0) ))
-  [ $left -gt 60 ] && run $left bench_train_10s python tools/bench_train.py --models conformer,rwkv7,rwkv7_graphed,rwkv7_cudagraphs_blocks,rwkv7_cudagraphs --lengths 10
+  [ $left -gt 60 ] && run $left profile_static python tools/profile_train_step.py --model default --batch 21 --seconds 30 --compile static --rows 40
 else
   run 110 profile python tools/profile_train_step.py --batch 64 --seconds 4
   run 120 check_gpu python tools/check_gpu.py
