@@ -523,7 +523,7 @@ def test_fit_max_steps_fits_again_when_the_pace_changes(work: dict, tmp_path: Pa
     assert last["step"] == summary["step"] and last["train/lr"] == pytest.approx(3e-3 * 0.1)
 
 
-@pytest.mark.parametrize("scope", ["model", "blocks", "cudagraphs"])
+@pytest.mark.parametrize("scope", ["model", "blocks", "cudagraphs", "model_cudagraphs"])
 def test_compile_keeps_parameter_names(scope: str) -> None:
     """trainer.compile compiles in place: checkpoints keep their keys (no ``_orig_mod.``)."""
     from asr.model import CTCModel, ModelConfig
@@ -533,7 +533,7 @@ def test_compile_keeps_parameter_names(scope: str) -> None:
     names = list(model.state_dict())
     compile_model(model, scope)
     assert list(model.state_dict()) == names
-    compiled = [model] if scope == "model" else list(model.blocks)
+    compiled = [model] if scope.startswith("model") else list(model.blocks)
     assert all(m._compiled_call_impl is not None for m in compiled)
 
 
@@ -688,6 +688,39 @@ def test_padding_frames_for_compiled_shapes_trains_the_same_run(work: dict, tmp_
     """trainer.pad_frames_multiple (fewer batch shapes for compiled code and CUDA graphs) pads every
     batch with frames no utterance owns: the causal model and CTC make that the same run."""
     _same_run_either_way(work, tmp_path, [], "trainer.pad_frames_multiple", ("0", "64"))
+
+
+def test_padding_batches_with_empty_utterances_trains_the_same_run(work: dict, tmp_path: Path) -> None:
+    """trainer.pad_batch_multiple (fewer batch shapes for CUDA graphs) appends utterances with no
+    frames and no targets: they cost 0 and the loss counts only the real ones, so the same run."""
+    _same_run_either_way(work, tmp_path, [], "trainer.pad_batch_multiple", ("0", "7"))
+
+
+def test_pad_rows_appends_empty_rows() -> None:
+    from asr.train.trainer import pad_rows
+
+    feats, lengths = torch.randn(3, 5, 2), torch.tensor([5, 4, 2])
+    padded_feats, padded_lengths = pad_rows(4, feats, lengths)
+    assert padded_feats.shape == (4, 5, 2) and padded_lengths.tolist() == [5, 4, 2, 0]
+    assert torch.equal(padded_feats[:3], feats) and not padded_feats[3].any()
+    assert pad_rows(0, feats)[0] is feats and pad_rows(3, feats)[0] is feats
+
+
+def test_ctc_loss_of_empty_rows_is_zero_and_normalised_by_the_real_ones() -> None:
+    from asr.model import ctc_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 9, 6, requires_grad=True)
+    out_lengths, targets, target_lengths = torch.tensor([9, 6]), torch.tensor([[1, 2, 3], [4, 5, 0]]), torch.tensor([3, 2])
+    plain = ctc_loss(logits, out_lengths, targets, target_lengths)
+    padded_logits = torch.cat([logits, torch.randn(3, 9, 6)]).detach().requires_grad_()
+    padded = ctc_loss(padded_logits, torch.tensor([9, 6, 0, 0, 0]), torch.cat([targets, torch.zeros(3, 3, dtype=torch.long)]),
+                      torch.tensor([3, 2, 0, 0, 0]), utterances=2)
+    torch.testing.assert_close(padded, plain)
+    plain.backward()
+    padded.backward()
+    torch.testing.assert_close(padded_logits.grad[:2], logits.grad)
+    assert not padded_logits.grad[2:].any()
 
 
 def test_pad_frames_rounds_up_and_keeps_the_frames() -> None:

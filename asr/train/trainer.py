@@ -122,6 +122,9 @@ def _gather_objects(obj: Any) -> list:
     return [obj]
 
 
+CUDA_GRAPH_SCOPES = ("cudagraphs", "model_cudagraphs")  # trainer.compile values that replay CUDA graphs
+
+
 def compile_model(model: torch.nn.Module, scope: Union[bool, str] = "blocks", backend: str = "inductor") -> None:
     """torch.compile the encoder in place (trainer.compile), for fewer and fused GPU kernels.
 
@@ -140,7 +143,11 @@ def compile_model(model: torch.nn.Module, scope: Union[bool, str] = "blocks", ba
     shapes few). On an H100 CUDA graphs made the step 2.9x faster for one fixed shape
     (tools/bench_train.py, BENCHMARKS.md); in training over the trainer's changing shapes (run 9,
     4x H200) they trained correctly but gave 1.02x the eager step: each new shape records again, and
-    the rest of the step stays eager. ``backend``: torch.compile's (tests use ``"aot_eager"``, which traces without
+    the rest of the step stays eager. ``"model_cudagraphs"``: the whole model as ``"model"``,
+    replayed as one CUDA graph per batch shape (forward and backward each), recorded in the first
+    step of each shape; meant with ``trainer.pad_frames_multiple`` and ``trainer.pad_batch_multiple``
+    so the shapes are few. tools/bench_train.py's ``rwkv7_cudagraphs`` row is the same for one shape
+    compiled statically (1.65x the Conformer, 3.4x our eager step on an H100). ``backend``: torch.compile's (tests use ``"aot_eager"``, which traces without
     generating code). A model with ``activation_checkpointing`` on is compiled with a zero
     activation-memory budget: the min-cut partitioner then recomputes rather than saves.
     """
@@ -151,9 +158,9 @@ def compile_model(model: torch.nn.Module, scope: Union[bool, str] = "blocks", ba
     options: Optional[dict] = None
     if backend == "inductor":
         options = {"triton.coalesce_tiling_analysis": False}
-        if scope == "cudagraphs":
+        if scope in CUDA_GRAPH_SCOPES:
             options["triton.cudagraphs"] = True
-    if scope == "model":
+    if scope in ("model", "model_cudagraphs"):
         model.compile(dynamic=True, fullgraph=True, backend=backend, options=options)
     elif scope in (True, "blocks", "cudagraphs"):
         # Dynamo guards on each block's layer_id, so every block is its own graph (inductor's cache
@@ -162,7 +169,8 @@ def compile_model(model: torch.nn.Module, scope: Union[bool, str] = "blocks", ba
         for block in model.blocks:
             block.compile(dynamic=True, fullgraph=True, backend=backend, options=options)
     else:
-        raise ValueError(f"trainer.compile must be false, true, 'blocks', 'model' or 'cudagraphs', not {scope!r}")
+        raise ValueError(f"trainer.compile must be false, true, 'blocks', 'model', 'cudagraphs' or "
+                         f"'model_cudagraphs', not {scope!r}")
 
 
 FIT_AGAIN_EVERY = 500  # steps between fits of trainer.fit_max_steps after the first (at most)
@@ -189,6 +197,21 @@ def pad_frames(features: torch.Tensor, multiple: int) -> torch.Tensor:
     changes no loss or gradient (tests/test_train.py checks this)."""
     extra = (-features.shape[1]) % multiple if multiple > 1 else 0
     return torch.nn.functional.pad(features, (0, 0, 0, extra)) if extra else features
+
+
+def pad_rows(multiple: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Append all-zero rows to every tensor (dim 0) up to a multiple of ``multiple`` rows (0 or 1:
+    as they are). For a batch's features, lengths, targets and target lengths: empty utterances.
+
+    Why: with the bucketing sampler the utterance count of a batch takes many values; CUDA graphs
+    record one graph per batch shape. An empty utterance (no frames, no targets) changes nothing:
+    the model's rows are independent, its CTC loss is exactly 0 with zero gradient, and the loss is
+    normalised by the real utterances (``ctc_loss(utterances=...)``; tests/test_train.py)."""
+    rows = tensors[0].shape[0]
+    extra = (-rows) % multiple if multiple > 1 else 0
+    if not extra:
+        return tensors
+    return tuple(torch.cat([t, t.new_zeros(extra, *t.shape[1:])]) for t in tensors)
 
 
 # ---------------------------------------------------------------------- schedule
@@ -684,9 +707,10 @@ class Trainer:
         accum = max(1, int(tc.accumulate_grad_batches))
         clip = float(tc.grad_clip) if tc.grad_clip else 0.0
         pad_multiple = int(tc.get("pad_frames_multiple", 0) or 0)  # shapes for compiled code: pad_frames
+        pad_batch = int(tc.get("pad_batch_multiple", 0) or 0)  # ... and pad_rows
         # CUDA graphs reuse their output memory: tell them each forward starts a new step (no output
         # of the previous one is read after it).
-        cuda_graphs = tc.get("compile", False) == "cudagraphs" and self.device.type == "cuda"
+        cuda_graphs = tc.get("compile", False) in CUDA_GRAPH_SCOPES and self.device.type == "cuda"
         log_every, val_every, save_every = int(tc.log_every), int(tc.val_every), int(tc.save_every)
         params = [p for p in self.model.parameters() if p.requires_grad]
         bar = None
@@ -774,9 +798,12 @@ class Trainer:
                 with sync:
                     if cuda_graphs:
                         torch.compiler.cudagraph_mark_step_begin()
+                    features, feature_lens, targets, padded_out_lens, padded_target_lens = pad_rows(
+                        pad_batch, pad_frames(batch.features, pad_multiple), batch.feature_lengths,
+                        batch.targets, out_lens, target_lens)
                     with self.autocast():
-                        logits, _ = ddp_model(pad_frames(batch.features, pad_multiple), batch.feature_lengths)
-                    loss = ctc_loss(logits, out_lens, batch.targets, target_lens)
+                        logits, _ = ddp_model(features, feature_lens)
+                    loss = ctc_loss(logits, padded_out_lens, targets, padded_target_lens, utterances=len(batch))
                     (loss / len(micro)).backward()
                 loss_total = loss_total + loss.detach().float() / len(micro)
                 window[0] += loss.detach().double() * len(batch)
