@@ -21,7 +21,6 @@ its forward and backward each captured as a CUDA graph for the one shape
 (``torch.cuda.make_graphed_callables``: no compiler, so seconds instead of minutes of warm-up per
 shape, which a trainer with a few padded shapes could afford; not yet run on a GPU),
 ``rwkv7_checkpointed`` eager with activation checkpointing (``trainer.activation_checkpointing``),
-``rwkv7_cudagraphs_checkpointed`` the CUDA-graph row with it (compiled: the partitioner recomputes),
 ``conformer_compiled`` the anchor compiled too, for fairness, ``conformer12`` the issue's own anchor
 (12 layers, 20 M parameters; ``conformer``, the ratios' anchor, is matched to our size with 8). Compilation happens in the warm-up
 steps, outside the timing; their time is printed.
@@ -149,16 +148,6 @@ def builders() -> dict:
         model.compile(mode="reduce-overhead", dynamic=False, fullgraph=True)
         return model
 
-    def ours_cudagraphs_checkpointed() -> CTCModel:
-        """rwkv7_cudagraphs with activation checkpointing as trainer.activation_checkpointing compiles
-        it: the partitioner recomputes in the backward what it can (a process-wide setting, which
-        main() resets after the row)."""
-        model = CTCModel(ModelConfig(vocab_size=VOCAB))
-        model.activation_checkpointing = True
-        torch._functorch.config.activation_memory_budget = 0.0
-        model.compile(mode="reduce-overhead", dynamic=False, fullgraph=True)
-        return model
-
     def ours_checkpointed() -> CTCModel:
         model = CTCModel(ModelConfig(vocab_size=VOCAB))
         model.activation_checkpointing = True  # eager: torch.utils.checkpoint per block and front end
@@ -190,7 +179,6 @@ def builders() -> dict:
         "rwkv7_cudagraphs_blocks": ours_compiled("cudagraphs"),  # trainer.compile=cudagraphs
         "rwkv7_graphed": ours_graphed,
         "rwkv7_checkpointed": ours_checkpointed,
-        "rwkv7_cudagraphs_checkpointed": ours_cudagraphs_checkpointed,
         "conformer_compiled": conformer_compiled,
     }
 
@@ -230,7 +218,6 @@ def main() -> int:
             ratio = f"{speed / base[0]:.2f}x / {peak / base[1]:.2f}x mem" if base else ""
             print(f"{name:22s} {n:7.2f}M {utt:5.0f} {batch:6d} {speed:10.0f} {peak:9.2f} {ratio:>17s} {warmup:10.1f} {losses[0]:9.3f} {losses[2]:9.3f}")
             del model
-            torch._functorch.config.activation_memory_budget = 1.0  # the checkpointed rows set it
             torch.cuda.empty_cache()
     return 0
 

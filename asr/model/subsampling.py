@@ -26,15 +26,7 @@ class CausalConv2d(nn.Module):
         return torch.div(length + self.stride - 1, self.stride, rounding_mode="floor")
 
     def forward(self, x: Tensor) -> Tensor:
-        x = nn.functional.pad(x, (0, 0, self.kernel - 1, 0))
-        weight = self.conv.weight
-        if x.is_cuda:
-            # Channels-last (NHWC) convolutions: cuDNN's bf16 kernels work in NHWC and otherwise
-            # transpose every feature map in and out (~3 ms of a 38 ms training step on an H100 at
-            # 21 x 30 s). A channels-last weight makes the output channels-last even where the input
-            # is ambiguous (one channel); the copy of the weight is small. The CPU keeps NCHW.
-            weight = weight.to(memory_format=torch.channels_last)  # .contiguous() would keep an ambiguous one as is
-        return nn.functional.conv2d(x, weight, self.conv.bias, stride=self.stride)
+        return self.conv(nn.functional.pad(x, (0, 0, self.kernel - 1, 0)))
 
     def init_cache(self, x_like: Tensor) -> Tensor:
         """The left padding: the cache holds the inputs the next output window still needs."""

@@ -364,12 +364,5 @@ def wkv7(
     if impl not in _FORMS:
         raise ValueError(f"unknown wkv7 implementation {impl!r}")
     if torch.compiler.is_compiling():
-        if impl == "fla" and r.dtype != torch.bfloat16:
-            # fla computes in bf16 anyway; casting here, inside the traced graph, lets inductor fuse
-            # the casts (and those of the gradients coming back) into the kernels that make these
-            # tensors, instead of six separate copies in and out of the op per block.
-            out_dtype = r.dtype
-            y, s = torch.ops.asr.wkv7(*(t.to(torch.bfloat16) for t in (r, w, k, v, a, b)), state, impl)
-            return y.to(out_dtype), s
         return torch.ops.asr.wkv7(r, w, k, v, a, b, state, impl)
     return _FORMS[impl](r, w, k, v, a, b, state)

@@ -122,9 +122,6 @@ def _gather_objects(obj: Any) -> list:
     return [obj]
 
 
-CUDA_GRAPH_SCOPES = ("cudagraphs", "model_cudagraphs")  # trainer.compile values that replay CUDA graphs
-
-
 def compile_model(model: torch.nn.Module, scope: Union[bool, str] = "blocks", backend: str = "inductor") -> None:
     """torch.compile the encoder in place (trainer.compile), for fewer and fused GPU kernels.
 
@@ -138,29 +135,21 @@ def compile_model(model: torch.nn.Module, scope: Union[bool, str] = "blocks", ba
     identical ones served from inductor's cache). ``"model"`` traces the whole forward, front end to
     head, as one graph: no Python between blocks, but every block is compiled again. Inductor's
     coalescing analysis, which torch 2.11 runs on dynamic shapes and fails an assertion on with the
-    whole model, is switched off. ``"cudagraphs"``: blocks as ``"blocks"``, and inductor replays
+    whole model, is switched off; even so, on torch 2.11 (H100, session 8) compiling the whole model
+    for dynamic shapes did not finish within 5 minutes, with or without CUDA graphs on top. ``"cudagraphs"``: blocks as ``"blocks"``, and inductor replays
     each as a CUDA graph, recorded once per batch shape (``trainer.pad_frames_multiple`` keeps the
     shapes few). On an H100 CUDA graphs made the step 2.9x faster for one fixed shape
     (tools/bench_train.py, BENCHMARKS.md); in training over the trainer's changing shapes (run 9,
     4x H200) they trained correctly but gave 1.02x the eager step: each new shape records again, and
-    the rest of the step stays eager. ``"model_cudagraphs"``: the whole model as ``"model"``,
-    replayed as one CUDA graph per batch shape (forward and backward each), recorded in the first
-    step of each shape; meant with ``trainer.pad_frames_multiple`` and ``trainer.pad_batch_multiple``
-    so the shapes are few. tools/bench_train.py's ``rwkv7_cudagraphs`` row is the same for one shape
-    compiled statically (1.65x the Conformer, 3.4x our eager step on an H100). ``backend``: torch.compile's (tests use ``"aot_eager"``, which traces without
-    generating code). A model with ``activation_checkpointing`` on is compiled with a zero
-    activation-memory budget: the min-cut partitioner then recomputes rather than saves.
+    the rest of the step stays eager. ``backend``: torch.compile's (tests use ``"aot_eager"``, which traces without
+    generating code).
     """
-    if getattr(model, "activation_checkpointing", False):
-        # The partitioner recomputes what it can in the backward and saves only what it must (the
-        # compiled form of CTCModel's activation checkpointing; a global setting of this process).
-        torch._functorch.config.activation_memory_budget = 0.0
     options: Optional[dict] = None
     if backend == "inductor":
         options = {"triton.coalesce_tiling_analysis": False}
-        if scope in CUDA_GRAPH_SCOPES:
+        if scope == "cudagraphs":
             options["triton.cudagraphs"] = True
-    if scope in ("model", "model_cudagraphs"):
+    if scope == "model":
         model.compile(dynamic=True, fullgraph=True, backend=backend, options=options)
     elif scope in (True, "blocks", "cudagraphs"):
         # Dynamo guards on each block's layer_id, so every block is its own graph (inductor's cache
@@ -169,8 +158,7 @@ def compile_model(model: torch.nn.Module, scope: Union[bool, str] = "blocks", ba
         for block in model.blocks:
             block.compile(dynamic=True, fullgraph=True, backend=backend, options=options)
     else:
-        raise ValueError(f"trainer.compile must be false, true, 'blocks', 'model', 'cudagraphs' or "
-                         f"'model_cudagraphs', not {scope!r}")
+        raise ValueError(f"trainer.compile must be false, true, 'blocks', 'model' or 'cudagraphs', not {scope!r}")
 
 
 FIT_AGAIN_EVERY = 500  # steps between fits of trainer.fit_max_steps after the first (at most)
@@ -493,6 +481,11 @@ class Trainer:
             self.compute_cmvn(model, train_entries)
         model.to(self.device)
         model.activation_checkpointing = bool(tc.get("activation_checkpointing", False))
+        if model.activation_checkpointing and tc.get("compile", False):
+            # Dynamo's checkpoint operator fails on dynamic shapes (torch 2.14), and the compiled
+            # alternative (a zero activation-memory budget for the partitioner) saved no memory on an
+            # H100 (BENCHMARKS.md, session 8): refuse rather than quietly do neither.
+            raise ValueError("trainer.activation_checkpointing works with trainer.compile=false only")
         if tc.get("compile", False):
             compile_model(model, tc.compile)
         self.model = model
@@ -710,7 +703,7 @@ class Trainer:
         pad_batch = int(tc.get("pad_batch_multiple", 0) or 0)  # ... and pad_rows
         # CUDA graphs reuse their output memory: tell them each forward starts a new step (no output
         # of the previous one is read after it).
-        cuda_graphs = tc.get("compile", False) in CUDA_GRAPH_SCOPES and self.device.type == "cuda"
+        cuda_graphs = tc.get("compile", False) == "cudagraphs" and self.device.type == "cuda"
         log_every, val_every, save_every = int(tc.log_every), int(tc.val_every), int(tc.save_every)
         params = [p for p in self.model.parameters() if p.requires_grad]
         bar = None

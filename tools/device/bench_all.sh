@@ -16,7 +16,7 @@ if [ "${COMPILE:-0}" = 1 ]; then
   # graphs). First the GPU-only tests of the wkv op (its fla backward against fla's autograd).
   # Inductor compiles in the first steps of each compiled row (a minute or two each).
   export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
-  run 120 gpu_tests python -m pytest -q -p no:cacheprovider tests/test_wkv_parity.py -k "cuda or fla"
+  [ "${GPU_TESTS:-1}" = 1 ] && run 120 gpu_tests python -m pytest -q -p no:cacheprovider tests/test_wkv_parity.py -k "cuda or fla"
   run ${BENCH_LIMIT:-330} bench_train python tools/bench_train.py --lengths ${LENGTHS:-30} \
     --models ${MODELS:-conformer,conformer12,rwkv7,rwkv7_checkpointed,rwkv7_graphed,rwkv7_cudagraphs,rwkv7_cudagraphs_checkpointed}
   left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - T0) ))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# On the device, one call: the trainer's own speed on real data, eager against the whole model
-# replayed as CUDA graphs (trainer.compile=model_cudagraphs with padded batch shapes), one after the
-# other on the same GPU, with the bundled model, recipe and the real speech of .gpu/synth/bundle_small
+# On the device, one call: the trainer's own speed on real data, eager against CUDA graphs
+# (trainer.compile=cudagraphs with padded batch shapes, or GRAPH_OVERRIDES), one after the other on
+# the same GPU, with the bundled model, recipe and the real speech of .gpu/synth/bundle_small
 # (carry it with .gpu/wheels). Prints audio-seconds per second per logged window and the median
 # over each run's second half (compilation and CUDA-graph recording happen in the first).
 # Env: EAGER_S, GRAPHS_S (seconds per run, default 150 and 300), GRAPH_OVERRIDES, EXTRA (both runs)
@@ -25,7 +25,7 @@ train() {  # train <name> <seconds> <overrides...>: SIGINT at the end (the train
 }
 train eager "${EAGER_S:-150}"
 # shellcheck disable=SC2086
-train graphs "${GRAPHS_S:-300}" trainer.compile=model_cudagraphs ${GRAPH_OVERRIDES:-trainer.pad_frames_multiple=128 trainer.pad_batch_multiple=16}
+train graphs "${GRAPHS_S:-300}" ${GRAPH_OVERRIDES:-trainer.compile=cudagraphs trainer.pad_frames_multiple=128 trainer.pad_batch_multiple=16}
 python - <<'PY' | tee "$OUT/train_speed.txt"
 import json, statistics
 from pathlib import Path
