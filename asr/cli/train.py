@@ -82,7 +82,7 @@ _INTERRUPTED: list[str] = []  # signal names of runs stopped by Ctrl-C / SIGTERM
 def _task(cfg: DictConfig) -> Optional[float]:
     from hydra.core.hydra_config import HydraConfig
 
-    from asr.train.trainer import Trainer
+    from asr.train.trainer import TrainConfigError, Trainer
 
     if _rank() != 0:  # one console is enough; every rank still writes its own log file
         for h in logging.getLogger().handlers:
@@ -95,8 +95,8 @@ def _task(cfg: DictConfig) -> Optional[float]:
     out_dir = HydraConfig.get().runtime.output_dir
     try:
         summary = Trainer(cfg, out_dir).fit()
-    except (AudioError, ManifestError, CheckpointError) as err:
-        # Bad data or a bad checkpoint: one line, not a traceback. An error raised in a DataLoader
+    except (AudioError, ManifestError, CheckpointError, TrainConfigError) as err:
+        # Bad data, a bad checkpoint or settings that cannot work together: one line, not a traceback. An error raised in a DataLoader
         # worker arrives with the worker's traceback in its message; its last line is the error.
         lines = [line for line in str(err).splitlines() if line.strip()]
         sys.exit(f"asr-train: error: {lines[-1].strip() if lines else type(err).__name__}")

@@ -149,6 +149,7 @@ class LexiconDecoder:
         word_score: Optional[float] = None,
         beam_size: int = 50,
         beam_threshold: float = 25.0,
+        beam_size_token: Optional[int] = None,
     ) -> None:
         try:  # torchaudio raises RuntimeError here when flashlight-text is missing
             from torchaudio.models.decoder import ctc_decoder
@@ -174,7 +175,7 @@ class LexiconDecoder:
                 with _quiet_stderr():  # KenLM draws a progress bar on stderr while it reads an ARPA file
                     self._decoder = ctc_decoder(
                         lexicon=f.name, tokens=tokens, lm=str(arpa), nbest=1, beam_size=beam_size,
-                        beam_threshold=beam_threshold,
+                        beam_threshold=beam_threshold, beam_size_token=beam_size_token,
                         lm_weight=DEFAULT_LM_WEIGHT if lm_weight is None else lm_weight,
                         word_score=DEFAULT_WORD_SCORE if word_score is None else word_score,
                         blank_token=blank, sil_token=SILENCE, unk_word="<unk>",

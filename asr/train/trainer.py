@@ -122,6 +122,10 @@ def _gather_objects(obj: Any) -> list:
     return [obj]
 
 
+class TrainConfigError(ValueError):
+    """Settings that cannot work together; asr-train reports it in one line."""
+
+
 def compile_model(model: torch.nn.Module, scope: Union[bool, str] = "blocks", backend: str = "inductor") -> None:
     """torch.compile the encoder in place (trainer.compile), for fewer and fused GPU kernels.
 
@@ -485,7 +489,7 @@ class Trainer:
             # Dynamo's checkpoint operator fails on dynamic shapes (torch 2.14), and the compiled
             # alternative (a zero activation-memory budget for the partitioner) saved no memory on an
             # H100 (BENCHMARKS.md, session 8): refuse rather than quietly do neither.
-            raise ValueError("trainer.activation_checkpointing works with trainer.compile=false only")
+            raise TrainConfigError("trainer.activation_checkpointing works with trainer.compile=false only")
         if tc.get("compile", False):
             compile_model(model, tc.compile)
         self.model = model
