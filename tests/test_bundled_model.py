@@ -142,6 +142,20 @@ def test_default_lm_gives_way_to_a_beam_search(bundled, greedy):
     assert bundled.stream(beam_size=4).lexicon is None and bundled.stream().lexicon is bundled.lexicon
 
 
+@needs_lm
+def test_the_lm_search_tries_few_tokens_per_frame_and_finds_what_the_full_search_finds(bundled):
+    """The default LM search extends hypotheses with the likeliest 16 tokens of each frame only
+    (DEFAULT_TOKEN_BEAM, 6-10x faster): on the held-out files it must find the words the search over
+    all 256 tokens finds."""
+    from asr.decode.lexicon import DEFAULT_TOKEN_BEAM, LexiconDecoder
+
+    model, tokenizer, lm = load_inference_parts(BUNDLED_MODEL)
+    full_search = ASRModel(model, tokenizer, lexicon=LexiconDecoder(tokenizer, lm, beam_size_token=None))
+    assert DEFAULT_TOKEN_BEAM < tokenizer.vocab_size
+    files = [SENTENCE, GOFORWARD, *DIGIT_FILES]
+    assert [t.text for t in bundled.transcribe_batch(files)] == [t.text for t in full_search.transcribe_batch(files)]
+
+
 def test_bundled_model_int8_gives_the_same_words():
     int8 = asr.load_model(int8=True)
     assert int8.transcribe(SENTENCE).text == SENTENCE_TEXT

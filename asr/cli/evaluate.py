@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--lm-weight", type=float, default=None, help="language-model weight (default: asr.decode.lexicon's)")
     ap.add_argument("--word-score", type=float, default=None, help="score added per word (default: asr.decode.lexicon's)")
     ap.add_argument("--lm-beam", type=int, default=50, help="hypotheses kept per frame with --lm (default: %(default)s)")
+    ap.add_argument("--lm-token-beam", type=int, default=None,
+                    help="tokens tried per frame with --lm, 0 = all (default: the decoder's, 16)")
     ap.add_argument("--int8", action="store_true",
                     help="int8 block weights (CPU only), as asr-transcribe/asr-live --int8: score the model you deploy")
     return ap
@@ -84,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             text_decoder = LexiconDecoder(tokenizer, lm, lm_weight=args.lm_weight, word_score=args.word_score,
-                                          beam_size=args.lm_beam)
+                                          beam_size=args.lm_beam,
+                                          **({} if args.lm_token_beam is None else {"beam_size_token": args.lm_token_beam or None}))
         except (OSError, ValueError, RuntimeError) as e:
             print(f"asr-eval: error: --lm: {e}", file=sys.stderr)
             return 2
