@@ -25,8 +25,14 @@ class CausalConv2d(nn.Module):
     def output_length(self, length: Tensor) -> Tensor:
         return torch.div(length + self.stride - 1, self.stride, rounding_mode="floor")
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(nn.functional.pad(x, (0, 0, self.kernel - 1, 0)))
+    def forward(self, x: Tensor, channels_last: bool = False) -> Tensor:
+        x = nn.functional.pad(x, (0, 0, self.kernel - 1, 0))
+        if not channels_last:
+            return self.conv(x)
+        # A channels-last weight makes the output channels-last (NHWC) even where the input is
+        # ambiguous (one channel); ``.to`` restrides it where ``.contiguous`` would not.
+        weight = self.conv.weight.to(memory_format=torch.channels_last)
+        return nn.functional.conv2d(x, weight, self.conv.bias, stride=self.stride)
 
     def init_cache(self, x_like: Tensor) -> Tensor:
         """The left padding: the cache holds the inputs the next output window still needs."""
@@ -65,9 +71,15 @@ class ConvSubsampling(nn.Module):
         B, C, T, F = x.shape
         return self.proj(x.transpose(1, 2).reshape(B, T, C * F))
 
+    #: Run the convolutions channels-last (NHWC) on CUDA. Why it is a switch: cuDNN's bf16 kernels
+    #: work in NHWC, and in NCHW the profile of a training step showed ~3 ms of its ~38 ms in
+    #: transposes around them (H100, BENCHMARKS.md session 8); tools/bench_frontend.py measures both.
+    channels_last: bool = False
+
     def forward(self, features: Tensor) -> Tensor:
-        x = torch.relu(self.conv1(features.unsqueeze(1)))
-        x = torch.relu(self.conv2(x))
+        channels_last = self.channels_last and features.is_cuda
+        x = torch.relu(self.conv1(features.unsqueeze(1), channels_last))
+        x = torch.relu(self.conv2(x, channels_last))
         return self._project(x)
 
     def stream(self, features: Tensor, caches: tuple[Optional[Tensor], Optional[Tensor]]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
