@@ -48,19 +48,6 @@ def test_parity_subsampling_stream_equals_parallel(seed):
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_channels_last_convolutions_give_the_nchw_values():
-    """ConvSubsampling.channels_last (a CUDA speed switch) changes the memory layout only: the conv
-    stack run channels-last equals the NCHW one (checked here on the CPU, where the switch is
-    normally ignored, by calling the convolutions with it directly)."""
-    torch.manual_seed(0)
-    sub = ConvSubsampling(80, 16, 32)
-    x = torch.randn(2, 1, 57, 80)
-    nchw = sub.conv2(torch.relu(sub.conv1(x)))
-    nhwc = sub.conv2(torch.relu(sub.conv1(x, channels_last=True)), channels_last=True)
-    assert nhwc.is_contiguous(memory_format=torch.channels_last) and not nchw.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(nhwc, nchw, rtol=1e-5, atol=1e-5)
-
-
 def test_parity_model_step_equals_forward_on_features(seed):
     model = tiny_model(seed, torch.float64)
     feats = torch.randn(2, 97, 80, dtype=torch.float64) * 3 - 8
@@ -145,3 +132,16 @@ def test_state_size_is_constant():
         for _ in range(3):
             _, state = model.step(torch.randn(1, 37, 80), state)
             assert state.size_bytes() <= size0 + 4 * 3 * 80 * 4 + 8 * 3 * 39 * 4
+
+
+def test_channels_last_convolutions_give_the_nchw_values():
+    """ConvSubsampling.channels_last (a CUDA speed switch) changes the memory layout only: the conv
+    stack run channels-last equals the NCHW one (checked here on the CPU, where the switch is
+    normally ignored, by calling the convolutions with it directly)."""
+    torch.manual_seed(0)
+    sub = ConvSubsampling(80, 16, 32)
+    x = torch.randn(2, 1, 57, 80)
+    nchw = sub.conv2(torch.relu(sub.conv1(x)))
+    nhwc = sub.conv2(torch.relu(sub.conv1(x, channels_last=True)), channels_last=True)
+    assert nhwc.is_contiguous(memory_format=torch.channels_last) and not nchw.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(nhwc, nchw, rtol=1e-5, atol=1e-5)
