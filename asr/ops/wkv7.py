@@ -158,6 +158,16 @@ def fla_available() -> bool:
 FLA_CHUNK_SIZE = 64  # with bounded decay fla's tensor-core path; _fla_backward must match it
 
 
+def _fla_inputs(
+    r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Optional[Tensor]
+) -> tuple[list[Tensor], Optional[Tensor]]:
+    """fla's view of a call: the vectors in bf16 (fp16 kept) and contiguous, the state in float32
+    as [B, H, K, V] (the transpose of ours)."""
+    kernel_dtype = r.dtype if r.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+    vectors = [t.to(kernel_dtype).contiguous() for t in (r, w, k, v, a, b)]
+    return vectors, None if state is None else state.float().transpose(-1, -2).contiguous()
+
+
 def wkv7_fla(
     r: Tensor,
     w: Tensor,
@@ -178,9 +188,7 @@ def wkv7_fla(
     from fla.ops.rwkv7 import chunk_rwkv7
 
     out_dtype = r.dtype
-    kernel_dtype = r.dtype if r.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-    r, w, k, v, a, b = (t.to(kernel_dtype).contiguous() for t in (r, w, k, v, a, b))
-    initial = None if state is None else state.float().transpose(-1, -2).contiguous()
+    (r, w, k, v, a, b), initial = _fla_inputs(r, w, k, v, a, b, state)
     y, final = chunk_rwkv7(
         r=r,
         w=w,
@@ -212,9 +220,8 @@ def _fla_backward(
     """
     from fla.ops.generalized_delta_rule.dplr.chunk import ChunkDPLRDeltaRuleFunction
 
-    kernel_dtype = r.dtype if r.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-    q, gk, k_, v_, a_, b_ = (t.to(kernel_dtype).contiguous() for t in (r, w, k, v, a, b))
-    initial = None if state is None else state.float().transpose(-1, -2).contiguous()
+    (q, gk, k_, v_, a_, b_), initial = _fla_inputs(r, w, k, v, a, b, state)
+    kernel_dtype = q.dtype
     context = SimpleNamespace(
         saved_tensors=(q, k_, v_, a_, b_, gk, initial),
         chunk_size=FLA_CHUNK_SIZE,
