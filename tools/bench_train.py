@@ -15,15 +15,15 @@ the whole model as one graph (``trainer.compile=model``), ``rwkv7_cudagraphs`` t
 compiled for this one shape with CUDA graphs (``mode="reduce-overhead"``: what a trainer that pads
 batches to a few fixed shapes could reach), ``rwkv7_cudagraphs_dynamic`` / ``_blocks`` the whole
 model / each block compiled for any shape with CUDA graphs recorded per shape (what a trainer with
-changing batch shapes would use; not run on a GPU in this benchmark yet; in training the
-blocks' variant gave 1.02x eager, BENCHMARKS.md "Run 9"), ``rwkv7_graphed`` the *eager* model with
-its forward and backward each captured as a CUDA graph for the one shape
-(``torch.cuda.make_graphed_callables``: no compiler, so seconds instead of minutes of warm-up per
-shape, which a trainer with a few padded shapes could afford; not yet run on a GPU),
-``rwkv7_checkpointed`` eager with activation checkpointing (``trainer.activation_checkpointing``),
-``conformer_compiled`` the anchor compiled too, for fairness, ``conformer12`` the issue's own anchor
-(12 layers, 20 M parameters; ``conformer``, the ratios' anchor, is matched to our size with 8). Compilation happens in the warm-up
-steps, outside the timing; their time is printed.
+changing batch shapes would use; on torch 2.11 the whole model's did not finish compiling within 5
+minutes, session 8; in training the blocks' variant gave 1.02x eager, BENCHMARKS.md "Run 9"),
+``rwkv7_graphed`` the *eager* model with its forward and backward each captured as a CUDA graph for
+the one shape (``torch.cuda.make_graphed_callables``: no compiler, 0.2 s of warm-up per shape
+instead of minutes; 1.79x eager on an H100), ``rwkv7_checkpointed`` eager with activation
+checkpointing (``trainer.activation_checkpointing``), ``conformer_compiled`` the anchor compiled
+too, for fairness, ``conformer12`` the issue's own anchor (12 layers, 20 M parameters;
+``conformer``, the ratios' anchor, is matched to our size with 8). Compilation happens in the
+warm-up steps, outside the timing; their time is printed.
 """
 from __future__ import annotations
 

@@ -96,8 +96,9 @@ def _task(cfg: DictConfig) -> Optional[float]:
     try:
         summary = Trainer(cfg, out_dir).fit()
     except (AudioError, ManifestError, CheckpointError, TrainConfigError) as err:
-        # Bad data, a bad checkpoint or settings that cannot work together: one line, not a traceback. An error raised in a DataLoader
-        # worker arrives with the worker's traceback in its message; its last line is the error.
+        # Bad data, a bad checkpoint or settings that cannot work together: one line, not a
+        # traceback. An error raised in a DataLoader worker arrives with the worker's traceback in
+        # its message; its last line is the error.
         lines = [line for line in str(err).splitlines() if line.strip()]
         sys.exit(f"asr-train: error: {lines[-1].strip() if lines else type(err).__name__}")
     if summary.get("interrupted_by"):

@@ -106,7 +106,7 @@ class CTCModel(nn.Module):
         self.ln_out = nn.LayerNorm(config.d_model)
         self.dropout = nn.Dropout(config.dropout)
         self.head = nn.Linear(config.d_model, config.vocab_size)
-        # Training option (trainer.activation_checkpointing), not part of the model: see _checkpointed.
+        # Training option (trainer.activation_checkpointing), not part of the model: see _run.
         self.activation_checkpointing = False
         self._packed: Optional[tuple[list[Tensor], list[int], Optional[list[PackedBlock]]]] = None
         self._int8 = False  # prepare_for_inference(int8=True): the packed path with int8 weights
@@ -126,7 +126,7 @@ class CTCModel(nn.Module):
         forward again first.
 
         Why: a block saves ~40 element-wise intermediates of [B, T, C] for its backward, and the conv
-        front end its two 256-channel feature maps at 2x and 4x the frame rate; these, not the weights,
+        front end its wide feature maps at 2x and 4x the frame rate; these, not the weights,
         are the training step's peak memory. Checkpointing trades one more forward per step for it
         (on an H100 at 21 x 30 s: 0.61x the speed for 0.36x the peak memory, BENCHMARKS.md). The
         trainer allows it only uncompiled: dynamo fails to trace it for dynamic shapes (torch 2.14)."""

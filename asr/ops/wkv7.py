@@ -216,7 +216,8 @@ def _fla_backward(
     inside fla's backward, which rebuilds its intermediates from the inputs anyway). fla's backward
     needs only the inputs and the settings the forward resolved to, so it is called directly on a
     stand-in for its context. This leans on fla's internals (``ChunkDPLRDeltaRuleFunction.backward``
-    and the context fields it reads, fla 0.6.0); tests/test_gpu.py checks it against fla's autograd.
+    and the context fields it reads, fla 0.6.0); tests/test_wkv_parity.py checks it against fla's
+    autograd on a GPU.
     """
     from fla.ops.generalized_delta_rule.dplr.chunk import ChunkDPLRDeltaRuleFunction
 

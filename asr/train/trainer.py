@@ -140,13 +140,14 @@ def compile_model(model: torch.nn.Module, scope: Union[bool, str] = "blocks", ba
     head, as one graph: no Python between blocks, but every block is compiled again. Inductor's
     coalescing analysis, which torch 2.11 runs on dynamic shapes and fails an assertion on with the
     whole model, is switched off; even so, on torch 2.11 (H100, session 8) compiling the whole model
-    for dynamic shapes did not finish within 5 minutes, with or without CUDA graphs on top. ``"cudagraphs"``: blocks as ``"blocks"``, and inductor replays
-    each as a CUDA graph, recorded once per batch shape (``trainer.pad_frames_multiple`` keeps the
-    shapes few). On an H100 CUDA graphs made the step 2.9x faster for one fixed shape
+    for dynamic shapes did not finish within 5 minutes, with or without CUDA graphs on top.
+    ``"cudagraphs"``: blocks as ``"blocks"``, and inductor replays each as a CUDA graph, recorded
+    once per batch shape (``trainer.pad_frames_multiple`` and ``pad_batch_multiple`` keep the shapes
+    few). On an H100 CUDA graphs made the step 2.9-3.4x faster for one fixed shape
     (tools/bench_train.py, BENCHMARKS.md); in training over the trainer's changing shapes (run 9,
     4x H200) they trained correctly but gave 1.02x the eager step: each new shape records again, and
-    the rest of the step stays eager. ``backend``: torch.compile's (tests use ``"aot_eager"``, which traces without
-    generating code).
+    the rest of the step stays eager. ``backend``: torch.compile's (tests use ``"aot_eager"``, which
+    traces without generating code).
     """
     options: Optional[dict] = None
     if backend == "inductor":
