@@ -452,6 +452,11 @@ class Trainer:
     def fit(self) -> dict:
         cfg, env = self.cfg, self.env
         tc, dc, oc = cfg.trainer, cfg.data, cfg.optim
+        if tc.get("activation_checkpointing", False) and tc.get("compile", False):
+            # Dynamo's checkpoint operator fails on dynamic shapes (torch 2.14), and the compiled
+            # alternative (a zero activation-memory budget for the partitioner) saved no memory on an
+            # H100 (BENCHMARKS.md, session 8): refuse at the start rather than quietly do neither.
+            raise TrainConfigError("trainer.activation_checkpointing works with trainer.compile=false only")
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._seed_everything(self.seed)
 
@@ -486,11 +491,6 @@ class Trainer:
             self.compute_cmvn(model, train_entries)
         model.to(self.device)
         model.activation_checkpointing = bool(tc.get("activation_checkpointing", False))
-        if model.activation_checkpointing and tc.get("compile", False):
-            # Dynamo's checkpoint operator fails on dynamic shapes (torch 2.14), and the compiled
-            # alternative (a zero activation-memory budget for the partitioner) saved no memory on an
-            # H100 (BENCHMARKS.md, session 8): refuse rather than quietly do neither.
-            raise TrainConfigError("trainer.activation_checkpointing works with trainer.compile=false only")
         if tc.get("compile", False):
             compile_model(model, tc.compile)
         self.model = model
