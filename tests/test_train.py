@@ -688,6 +688,10 @@ def test_activation_checkpointing_trains_the_same_run_and_refuses_compile(work: 
     """trainer.activation_checkpointing trains the run it would without (recomputing changes no
     value); with trainer.compile it stops at the start instead of silently doing neither."""
     _same_run_either_way(work, tmp_path, [], "trainer.activation_checkpointing", ("false", "true"))
+    trainer = _in_process_trainer(work, tmp_path / "on", "trainer.max_steps=1", "data.dev_manifests=[]",
+                                  "trainer.activation_checkpointing=true")
+    trainer.fit()
+    assert trainer.model.activation_checkpointing  # the run above really recomputed
     with pytest.raises(ValueError, match="activation_checkpointing works with trainer.compile=false only"):
         _in_process_trainer(work, tmp_path / "both", "trainer.max_steps=1", "data.dev_manifests=[]",
                             "trainer.activation_checkpointing=true", "trainer.compile=true").fit()
