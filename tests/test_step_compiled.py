@@ -213,32 +213,3 @@ def test_compiled_multi_frame_step_equals_packed_path(int8, monkeypatch):
         assert rel_err(got, run(model, feats, sizes, fast=False)) < 1e-5
     with pytest.raises(ValueError, match="compile_frames"):
         model.prepare_for_inference(compile=True, compile_frames=(0,))
-
-
-@needs_compile
-def test_many_streams_take_the_compiled_wkv_update_and_equal_the_packed_path(monkeypatch):
-    """With ``compile=True`` a packed step of ``COMPILED_WKV_MIN_STREAMS`` or more streams runs its
-    wkv update compiled (fewer passes over the [B, H, N, N] state); it equals the uncompiled packed
-    path to float rounding, cut at random, one and several frames per call, and fewer streams keep
-    the uncompiled update."""
-    from asr.model import rwkv7
-
-    model = compiled_model(7)
-    taken = []
-    compiled = rwkv7.compiled_wkv_token()
-
-    def counting(*args):
-        taken.append(args[0].shape[0])
-        return compiled(*args)
-
-    monkeypatch.setattr(rwkv7, "compiled_wkv_token", lambda: counting)
-    B = rwkv7.COMPILED_WKV_MIN_STREAMS + 3
-    feats = torch.randn(B, 60, 80) * 3 - 8
-    sizes = [4, 4, 8, 12, 4, 16, 12]
-    got = run(model, feats, sizes, fast=True)
-    assert taken and set(taken) == {B}
-    run(model, feats[:2], sizes, fast=True)
-    assert set(taken) == {B}  # two streams: the uncompiled update
-    model.prepare_for_inference(compile=False)
-    want = run(model, feats, sizes, fast=True)
-    assert rel_err(got, want) < 1e-5

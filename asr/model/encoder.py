@@ -31,15 +31,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from asr.features import GlobalCMVN
-from asr.model.rwkv7 import (
-    COMPILED_WKV_MIN_STREAMS,
-    Block,
-    BlockState,
-    PackedBlock,
-    compiled_wkv_token,
-    default_lora_ranks,
-    packed_step,
-)
+from asr.model.rwkv7 import Block, BlockState, PackedBlock, default_lora_ranks, packed_step
 from asr.model.subsampling import ConvSubsampling
 from asr.model.token_step import CompiledTokenStep
 
@@ -241,7 +233,7 @@ class CTCModel(nn.Module):
         v_first = None
         new_states = []
         for pack, state in zip(packs, states):
-            x, state, v_first = packed_step(pack, x, state, v_first, B, T, compiled_wkv=self.compiled_step)
+            x, state, v_first = packed_step(pack, x, state, v_first, B, T)
             new_states.append(state)
         ln = self.ln_out
         x = F.layer_norm(x, (C,), ln.weight, ln.bias, ln.eps)
@@ -291,9 +283,7 @@ class CTCModel(nn.Module):
         LayerNorm and the head as one function compiled by ``torch.compile``'s inductor backend
         (:mod:`asr.model.token_step`): ~2x faster per frame on one CPU thread, same results to float
         rounding (int8: to int8 rounding, as streaming vs one pass). Other calls keep the packed
-        path; in it, calls of ``COMPILED_WKV_MIN_STREAMS`` (32) or more streams run the wkv state
-        update compiled (:func:`asr.model.rwkv7.compiled_wkv_token`: 1.17-1.22x for 64-128 streams
-        through ``step_batch`` at 40 ms per call, 2 threads). It compiles here, now: ~10-30 s and a working C++ compiler (inductor caches it on disk,
+        path. It compiles here, now: ~10-30 s and a working C++ compiler (inductor caches it on disk,
         so later processes take a few seconds); compile with the thread count you will run with
         (``torch.set_num_threads``), the generated code keeps it. Memory: one more copy of the block
         weights (float32 packs; int8: one byte per weight).
@@ -327,17 +317,7 @@ class CTCModel(nn.Module):
         packs = self._packed_blocks()
         if compile and packs is not None:
             self._compiled_token_step(packs)  # compile now, not on the first frame of a stream
-            self._compile_batched_wkv(packs[0])
         return packs is not None
-
-    @staticmethod
-    def _compile_batched_wkv(pack: PackedBlock) -> None:
-        """Compile the batched wkv update (:func:`asr.model.rwkv7.compiled_wkv_token`) now, on
-        dummy rows of ``COMPILED_WKV_MIN_STREAMS`` streams, not on the first batched call."""
-        B, H, N = COMPILED_WKV_MIN_STREAMS, pack.n_heads, pack.head_size
-        rows = [torch.zeros(B, H * N) for _ in range(6)]
-        with torch.inference_mode():
-            compiled_wkv_token()(torch.zeros(B, H, N, N), *rows, B, H, N)
 
     def _compiled_token_step(self, packs: list[PackedBlock]) -> CompiledTokenStep:
         """The compiled one-token step on these packs (created, or its weights rebuilt, as needed)."""

@@ -11,10 +11,9 @@ weights and the golden test vectors load without renaming; per-channel vectors a
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -470,22 +469,6 @@ def _wkv_token(
     return y, S
 
 
-#: From this many streams in one packed step, with the compiled step on
-#: (``prepare_for_inference(compile=True)``), the token loop runs :func:`_wkv_token` compiled by
-#: inductor: its multiplies, sums and rank-1 updates over the [B, H, N, N] state fused into fewer
-#: passes, without a fresh 8 MB temporary per pass at 100 streams of the bundled model. Measured on
-#: the 2-core dev box, 2 threads, the whole ``model.step`` of one frame (BENCHMARKS.md session 8):
-#: 1.05x at 32 streams, 1.17x at 64, 1.16x at 100 (45.2 -> 39.1 ms), 1.28x at 128; below 32 the
-#: uncompiled one is as fast or faster (0.90x at 1 stream, 0.97x at 8).
-COMPILED_WKV_MIN_STREAMS = 32
-
-
-@functools.lru_cache(maxsize=1)
-def compiled_wkv_token() -> Callable[..., tuple[Tensor, Tensor]]:
-    """:func:`_wkv_token` compiled for any number of streams (one compile per process, ~5 s)."""
-    return torch.compile(_wkv_token, dynamic=True, fullgraph=True)
-
-
 #: Up to this many tokens per call the packed step loops over _wkv_token; beyond, the chunked form
 #: wins. Measured on the 2-core x86 dev box, one thread, 4 heads of 64: at 4 tokens the loop takes
 #: 0.16 / 2.5 / 4.6 / 11 ms for 1 / 16 / 32 / 64 streams against 0.23 / 5.2 / 13 / 28 ms for the
@@ -495,13 +478,11 @@ _TOKEN_LOOP_MAX_T = 4
 
 
 def packed_step(
-    p: PackedBlock, x: Tensor, state: BlockState, v_first: Optional[Tensor], B: int, T: int,
-    compiled_wkv: bool = False,
+    p: PackedBlock, x: Tensor, state: BlockState, v_first: Optional[Tensor], B: int, T: int
 ) -> tuple[Tensor, BlockState, Tensor]:
     """``Block.forward`` for inference on rows x [B * T, C] with a carried state; same results.
 
     Returns (x [B * T, C], new state, v_first [B * T, C]). The input state is not modified.
-    ``compiled_wkv``: take :func:`compiled_wkv_token` from ``COMPILED_WKV_MIN_STREAMS`` streams on.
     """
     C, H, N = p.channels, p.n_heads, p.head_size
     M = B * T
@@ -540,13 +521,12 @@ def packed_step(
     b = kk * a.view(M, H, N)
     S = state.wkv
     if T <= _TOKEN_LOOP_MAX_T and S.dtype == x.dtype:
-        token = compiled_wkv_token() if compiled_wkv and B >= COMPILED_WKV_MIN_STREAMS else _wkv_token
         if T == 1:
-            y, S = token(S, r, w_sig, k, v, kk, b, B, H, N)
+            y, S = _wkv_token(S, r, w_sig, k, v, kk, b, B, H, N)
         else:
             ys = []
             for rows in zip(*(z.view(B, T, C).unbind(1) for z in (r, w_sig, k, v, kk, b))):
-                y_t, S = token(S, *rows, B, H, N)
+                y_t, S = _wkv_token(S, *rows, B, H, N)
                 ys.append(y_t)
             y = torch.stack(ys, dim=1).view(M, C)
     else:
