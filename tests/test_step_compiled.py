@@ -213,3 +213,42 @@ def test_compiled_multi_frame_step_equals_packed_path(int8, monkeypatch):
         assert rel_err(got, run(model, feats, sizes, fast=False)) < 1e-5
     with pytest.raises(ValueError, match="compile_frames"):
         model.prepare_for_inference(compile=True, compile_frames=(0,))
+
+
+@needs_compile
+def test_several_streams_take_the_compiled_wkv_update_and_equal_the_packed_path(monkeypatch):
+    """With ``compile=True`` a packed step of several streams runs its wkv update compiled (one
+    compile for any stream count); it equals the uncompiled packed path to float rounding, cut at
+    random (one and several frames per call), for 2 and 35 streams, also when torch's thread count
+    changes between calls (a torch.compile'd version failed there: dynamo guards on it); one
+    stream keeps the uncompiled update."""
+    model = compiled_model(7)
+    taken = []
+    compiled = token_step.wkv_token_compiled
+
+    def counting(S, *args):
+        taken.append(S.shape[0])
+        return compiled(S, *args)
+
+    monkeypatch.setattr(token_step, "wkv_token_compiled", counting)
+    sizes = [4, 4, 8, 12, 4, 16, 12]
+    threads = torch.get_num_threads()
+    try:
+        for streams in (35, 2):
+            feats = torch.randn(streams, 60, 80) * 3 - 8
+            model.prepare_for_inference(compile=True)
+            got = []
+            for n in (1, 2, 1):  # a thread count per pass: the compiled code must not care
+                torch.set_num_threads(n)
+                got.append(run(model, feats, sizes, fast=True))
+            model.prepare_for_inference(compile=False)
+            want = run(model, feats, sizes, fast=True)
+            for g in got:
+                assert rel_err(g, want) < 1e-5
+        assert set(taken) == {35, 2}
+        taken.clear()
+        model.prepare_for_inference(compile=True)
+        run(model, torch.randn(1, 60, 80), [8, 12, 40], fast=True)  # one stream, several frames
+        assert not taken
+    finally:
+        torch.set_num_threads(threads)

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from asr.features import GlobalCMVN
 from asr.model.rwkv7 import Block, BlockState, PackedBlock, default_lora_ranks, packed_step
 from asr.model.subsampling import ConvSubsampling
-from asr.model.token_step import CompiledTokenStep
+from asr.model.token_step import CompiledTokenStep, compiled_wkv_update
 
 FRAME_SHIFT_SECONDS = 0.04  # one encoder frame: 4 feature frames of 10 ms
 
@@ -233,7 +233,7 @@ class CTCModel(nn.Module):
         v_first = None
         new_states = []
         for pack, state in zip(packs, states):
-            x, state, v_first = packed_step(pack, x, state, v_first, B, T)
+            x, state, v_first = packed_step(pack, x, state, v_first, B, T, compiled_wkv=self.compiled_step)
             new_states.append(state)
         ln = self.ln_out
         x = F.layer_norm(x, (C,), ln.weight, ln.bias, ln.eps)
@@ -283,7 +283,9 @@ class CTCModel(nn.Module):
         LayerNorm and the head as one function compiled by ``torch.compile``'s inductor backend
         (:mod:`asr.model.token_step`): ~2x faster per frame on one CPU thread, same results to float
         rounding (int8: to int8 rounding, as streaming vs one pass). Other calls keep the packed
-        path. It compiles here, now: ~10-30 s and a working C++ compiler (inductor caches it on disk,
+        path; in it, calls of several streams run the wkv state update compiled
+        (:func:`asr.model.token_step.wkv_token_compiled`: 1.17-1.25x for 64-128 streams through
+        ``step_batch`` at 40 ms per call, 2 threads). It compiles here, now: ~10-30 s and a working C++ compiler (inductor caches it on disk,
         so later processes take a few seconds); compile with the thread count you will run with
         (``torch.set_num_threads``), the generated code keeps it. Memory: one more copy of the block
         weights (float32 packs; int8: one byte per weight).
@@ -317,6 +319,7 @@ class CTCModel(nn.Module):
         packs = self._packed_blocks()
         if compile and packs is not None:
             self._compiled_token_step(packs)  # compile now, not on the first frame of a stream
+            compiled_wkv_update(packs[0].n_heads, packs[0].head_size)  # and the batched wkv update
         return packs is not None
 
     def _compiled_token_step(self, packs: list[PackedBlock]) -> CompiledTokenStep:

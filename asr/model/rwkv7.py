@@ -469,6 +469,15 @@ def _wkv_token(
     return y, S
 
 
+#: From this many streams in one packed step, with the compiled step on
+#: (``prepare_for_inference(compile=True)``), the token loop runs the wkv update compiled
+#: (:func:`asr.model.token_step.wkv_token_compiled`). Measured on the 2-core dev box, 2 threads,
+#: the whole ``model.step`` of the bundled model for one frame, interleaved with the uncompiled
+#: update (BENCHMARKS.md session 8): 1.03x at 2 streams, 1.09x at 16 and 32, 1.13x at 64, 1.23x at
+#: 100 (52.5 -> 42.7 ms), 1.36x at 128.
+COMPILED_WKV_MIN_STREAMS = 2
+
+
 #: Up to this many tokens per call the packed step loops over _wkv_token; beyond, the chunked form
 #: wins. Measured on the 2-core x86 dev box, one thread, 4 heads of 64: at 4 tokens the loop takes
 #: 0.16 / 2.5 / 4.6 / 11 ms for 1 / 16 / 32 / 64 streams against 0.23 / 5.2 / 13 / 28 ms for the
@@ -478,11 +487,13 @@ _TOKEN_LOOP_MAX_T = 4
 
 
 def packed_step(
-    p: PackedBlock, x: Tensor, state: BlockState, v_first: Optional[Tensor], B: int, T: int
+    p: PackedBlock, x: Tensor, state: BlockState, v_first: Optional[Tensor], B: int, T: int,
+    compiled_wkv: bool = False,
 ) -> tuple[Tensor, BlockState, Tensor]:
     """``Block.forward`` for inference on rows x [B * T, C] with a carried state; same results.
 
     Returns (x [B * T, C], new state, v_first [B * T, C]). The input state is not modified.
+    ``compiled_wkv``: from ``COMPILED_WKV_MIN_STREAMS`` streams on, the wkv update compiled.
     """
     C, H, N = p.channels, p.n_heads, p.head_size
     M = B * T
@@ -521,12 +532,15 @@ def packed_step(
     b = kk * a.view(M, H, N)
     S = state.wkv
     if T <= _TOKEN_LOOP_MAX_T and S.dtype == x.dtype:
+        token = _wkv_token
+        if compiled_wkv and B >= COMPILED_WKV_MIN_STREAMS and S.dtype == torch.float32:
+            from asr.model.token_step import wkv_token_compiled as token
         if T == 1:
-            y, S = _wkv_token(S, r, w_sig, k, v, kk, b, B, H, N)
+            y, S = token(S, r, w_sig, k, v, kk, b, B, H, N)
         else:
             ys = []
             for rows in zip(*(z.view(B, T, C).unbind(1) for z in (r, w_sig, k, v, kk, b))):
-                y_t, S = _wkv_token(S, *rows, B, H, N)
+                y_t, S = token(S, *rows, B, H, N)
                 ys.append(y_t)
             y = torch.stack(ys, dim=1).view(M, C)
     else:

@@ -34,15 +34,16 @@ one buffer keeps the compiled function's input checks (dynamo guards) cheap.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from asr.model.rwkv7 import NEG_EXP_HALF, BlockState, Int8Matrix, PackedBlock
+from asr.model.rwkv7 import NEG_EXP_HALF, BlockState, Int8Matrix, PackedBlock, _wkv_token
 from asr.model.rwkv7 import _shift as _packed_shift
 
 
@@ -334,21 +335,76 @@ def _compiled_step(layout: _Layout, frames: int) -> Callable[..., tuple[Tensor, 
     shapes = [(frames, C), (layout.f32_size,), (layout.i8_size,)] + [s for _ in layout.blocks for s in ((C,), (H, N, N), (C,))]
     dtypes = [torch.float32, torch.float32, torch.int8] + [torch.float32] * (3 * len(layout.blocks))
     fake_mode = FakeTensorMode(shape_env=ShapeEnv())
-    # Inductor's C++ build imports torch.utils.cpp_extension, which warns "No CUDA runtime is found"
-    # on every CPU-only machine: noise for someone starting asr-live, so quiet for the compile.
+    with _quiet_cpp_build(), torch.no_grad():
+        example = [fake_mode.from_tensor(torch.empty(s, dtype=d), static_shapes=True)  # untouched memory
+                   for s, d in zip(shapes, dtypes)]
+        gm = make_fx(_make_step(layout))(*example)
+        fn = inductor_compile(gm, example)
+    _COMPILED[(layout, frames)] = fn
+    return fn
+
+
+@contextlib.contextmanager
+def _quiet_cpp_build() -> Iterator[None]:
+    """Inductor's C++ build imports torch.utils.cpp_extension, which warns "No CUDA runtime is
+    found" on every CPU-only machine: noise for someone starting asr-live, so quiet for a compile."""
     cpp_log = logging.getLogger("torch.utils.cpp_extension")
     level = cpp_log.level
     cpp_log.setLevel(logging.ERROR)
     try:
-        with torch.no_grad():
-            example = [fake_mode.from_tensor(torch.empty(s, dtype=d), static_shapes=True)  # untouched memory
-                       for s, d in zip(shapes, dtypes)]
-            gm = make_fx(_make_step(layout))(*example)
-            fn = inductor_compile(gm, example)
+        yield
     finally:
         cpp_log.setLevel(level)
-    _COMPILED[(layout, frames)] = fn
+
+
+# ---------------------------------------------------------------------------------------------
+# The wkv update of several streams at once (the packed path's token loop, for step_batch).
+#
+# At 100 streams of the bundled model the packed step's wkv update makes several passes over each
+# block's [100, 5, 64, 64] state (8 MB), each into a fresh tensor; compiled, inductor fuses them.
+# Unlike the one-stream step above the stream count changes from call to call, so it is traced
+# with a symbolic batch dimension: one compile per head layout serves any number of streams.
+# Without dynamo on purpose: a torch.compile'd function is guarded on torch's thread count, and
+# code that changes it (the test suite; asr-live sets one thread) recompiled it until dynamo's
+# recompile limit failed the call (session 8).
+# ---------------------------------------------------------------------------------------------
+
+_COMPILED_WKV: dict[tuple[int, int], Callable[..., tuple[Tensor, Tensor]]] = {}
+_TRACE_STREAMS = 32  # the example batch of the symbolic trace (any count >= 2 runs the result)
+
+
+def _wkv_rows(S: Tensor, r: Tensor, w_sig: Tensor, k: Tensor, v: Tensor, kk: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    B, H, N, _ = S.shape
+    return _wkv_token(S, r, w_sig, k, v, kk, b, B, H, N)
+
+
+def compiled_wkv_update(heads: int, head_size: int) -> Callable[..., tuple[Tensor, Tensor]]:
+    """:func:`asr.model.rwkv7._wkv_token` for ``heads`` heads of ``head_size``, compiled by inductor
+    for any number of streams (``make_fx`` with symbolic shapes, then inductor; ~4 s once per
+    process and layout). Call it through :func:`wkv_token_compiled`."""
+    fn = _COMPILED_WKV.get((heads, head_size))
+    if fn is None:
+        from torch._inductor import compile as inductor_compile
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        B, H, N = _TRACE_STREAMS, heads, head_size
+        example = [torch.zeros(B, H, N, N)] + [torch.zeros(B, H * N) for _ in range(6)]
+        with _quiet_cpp_build(), torch.no_grad():
+            gm = make_fx(_wkv_rows, tracing_mode="symbolic")(*example)
+            fn = inductor_compile(gm, [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"])
+        _COMPILED_WKV[(heads, head_size)] = fn
     return fn
+
+
+def wkv_token_compiled(
+    S: Tensor, r: Tensor, w_sig: Tensor, k: Tensor, v: Tensor, kk: Tensor, b: Tensor, B: int, H: int, N: int
+) -> tuple[Tensor, Tensor]:
+    """:func:`asr.model.rwkv7._wkv_token` (same arguments and results, to float rounding) through
+    :func:`compiled_wkv_update`, for B >= 2 streams. The compiled code checks only the shapes and
+    strides it was traced with, so the rows come as contiguous [B, H * N]."""
+    rows = (t.reshape(B, H * N).contiguous() for t in (r, w_sig, k, v, kk, b))
+    y, S_new = compiled_wkv_update(H, N)(S.contiguous(), *rows)
+    return y, S_new
 
 
 class CompiledTokenStep:
