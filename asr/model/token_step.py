@@ -373,7 +373,10 @@ _COMPILED_WKV: dict[tuple[int, int], Callable[..., tuple[Tensor, Tensor]]] = {}
 _TRACE_STREAMS = 32  # the example batch of the symbolic trace (any count >= 2 runs the result)
 
 
-def _wkv_rows(S: Tensor, r: Tensor, w_sig: Tensor, k: Tensor, v: Tensor, kk: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+def _wkv_rows(
+    S: Tensor, r: Tensor, w_sig: Tensor, k: Tensor, v: Tensor, kk: Tensor, b: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``_wkv_token`` with its sizes read off the state, so a symbolic trace keeps them symbolic."""
     B, H, N, _ = S.shape
     return _wkv_token(S, r, w_sig, k, v, kk, b, B, H, N)
 
