@@ -449,20 +449,25 @@ class ASRModel:
         from asr.stream.recognizer import Recognizer  # lazy: streaming pulls in its own extras
 
         kwargs.setdefault("device", self.device)
-        wants_beam = int(kwargs.get("beam_size", 1) or 1) > 1 or bool(kwargs.get("hotwords"))
-        kwargs.setdefault("lexicon", None if (wants_beam and self.lexicon_optional) else self.lexicon)
+        kwargs.setdefault("lexicon", self._lexicon_for(int(kwargs.get("beam_size", 1) or 1), kwargs.get("hotwords")))
         return Recognizer(self.model, self.tokenizer, **kwargs)
 
     # ---------------------------------------------------------------- internals
+    def _lexicon_for(self, beam_size: int, hotwords: Optional[Mapping[str, float]]) -> Any:
+        """The LM search a call decodes with: this model's, except that the default LM gives way
+        to a beam search or hotwords asked for (an LM the caller chose stays, and the decoder then
+        refuses the combination)."""
+        if self.lexicon_optional and (beam_size > 1 or hotwords):
+            return None
+        return self.lexicon
+
     def _options(self, beam_size: int, hotwords: Optional[Mapping[str, float]], pause_seconds: Optional[float]) -> dict:
         if beam_size < 1:
             raise ValueError(f"beam_size must be >= 1, got {beam_size}")
-        lexicon = self.lexicon
+        lexicon = self._lexicon_for(beam_size, hotwords)
         if lexicon is not None and (beam_size > 1 or hotwords):
-            if not self.lexicon_optional:
-                raise ValueError("this model decodes with a language model (load_model(lm=...)), which runs its own "
-                                 "beam search: leave out beam_size and hotwords")
-            lexicon = None  # the default LM gives way to the beam search asked for
+            raise ValueError("this model decodes with a language model (load_model(lm=...)), which runs its own "
+                             "beam search: leave out beam_size and hotwords")
         hot: Optional[Hotwords] = None
         hot_map = dict(hotwords) if hotwords else None
         if hot_map:
