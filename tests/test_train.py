@@ -741,3 +741,76 @@ def test_unknown_compile_scope_is_an_error() -> None:
     model = CTCModel(ModelConfig(vocab_size=16, d_model=32, n_layers=1, head_size=16, subsample_channels=8))
     with pytest.raises(ValueError, match="trainer.compile must be"):
         compile_model(model, "everything")
+
+
+def _graph_stand_in(captured: list[tuple]) -> Callable:
+    """A CPU stand-in for ``torch.cuda.make_graphed_callables`` with the behaviour the trainer must
+    cope with: each recorded shape returns its weight gradients in buffers of its own that every
+    later backward of that shape overwrites (a graph's static outputs). ``captured`` collects the
+    recorded shapes."""
+
+    def make_graphed(module: torch.nn.Module, sample: tuple, pool=None) -> Callable:
+        captured.append(tuple(sample[0].shape))
+        params = tuple(p for p in module.parameters() if p.requires_grad)
+        buffers = [torch.zeros_like(p) for p in params]
+
+        class Replay(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, features, lengths, *weights):
+                with torch.enable_grad():
+                    ctx.logits, out_lengths = module(features, lengths)
+                return ctx.logits.detach(), out_lengths
+
+            @staticmethod
+            def backward(ctx, grad_logits, _):
+                grads = torch.autograd.grad(ctx.logits, params, grad_logits, allow_unused=True)
+                for buf, g in zip(buffers, grads):
+                    buf.copy_(g if g is not None else torch.zeros_like(buf))
+                return (None, None, *(b.detach() for b in buffers))
+
+        return lambda features, lengths: Replay.apply(features, lengths, *params)
+
+    return make_graphed
+
+
+def test_cuda_graphs_train_the_eager_run_with_gradient_accumulation(work: dict, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """trainer.cuda_graphs, with a CPU stand-in for the graph recorder that hands back reused
+    gradient buffers as a CUDA graph does: the same losses and weights as the eager run, also when
+    two micro-batches add into one step's gradients (autograd must not adopt a buffer as .grad),
+    and one recording per batch shape."""
+    from asr.train import cuda_graphs
+    from asr.train.trainer import Trainer
+
+    captured: list[tuple] = []
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", _graph_stand_in(captured))
+    monkeypatch.setattr(Trainer, "_check_cuda_graphs", lambda self: None)  # it refuses the CPU
+    _same_run_either_way(work, tmp_path, ["trainer.accumulate_grad_batches=2", "trainer.pad_frames_multiple=32"],
+                         "trainer.cuda_graphs", ("false", "true"))
+    assert captured and len(set(captured)) == len(captured)  # one recording per shape ...
+    assert len(captured) < 12  # ... and 12 micro-batches reused some of them
+    assert all(shape[1] % 32 == 0 for shape in captured)
+    assert cuda_graphs.MAX_SHAPES >= 16
+
+
+def test_cuda_graphs_beyond_max_shapes_run_eagerly() -> None:
+    """Past ``max_shapes`` recorded shapes a new shape runs the eager model (memory stays bounded)
+    and a known shape still replays its recording."""
+    from asr.model import CTCModel, ModelConfig
+    from asr.train.cuda_graphs import GraphedTrainForward
+
+    model = CTCModel(ModelConfig(vocab_size=16, n_mels=16, d_model=32, n_layers=1, head_size=16, subsample_channels=8))
+    captured: list[tuple] = []
+    forward = GraphedTrainForward(model, None, max_shapes=2, capture=_graph_stand_in(captured))
+    for frames in (32, 64, 32, 96, 64, 96):
+        logits, out_lengths = forward(torch.randn(2, frames, 16), torch.full((2,), frames))
+        assert logits.shape[:2] == (2, frames // 4) and out_lengths.tolist() == [frames // 4] * 2
+    assert captured == [(2, 32, 16), (2, 64, 16)]
+    assert forward.eager_batches == 2
+
+
+def test_cuda_graphs_refuse_the_cpu_and_compile(work: dict, tmp_path: Path) -> None:
+    """trainer.cuda_graphs stops at the start, in one line, where it cannot run."""
+    with pytest.raises(ValueError, match="trainer.cuda_graphs needs a CUDA device"):
+        _in_process_trainer(work, tmp_path / "cpu", "trainer.max_steps=1", "trainer.cuda_graphs=true").fit()
+    assert not (tmp_path / "cpu" / "checkpoints").exists()

@@ -18,9 +18,11 @@ model / each block compiled for any shape with CUDA graphs recorded per shape (w
 changing batch shapes would use; on torch 2.11 the whole model's did not finish compiling within 5
 minutes, session 8; in training the blocks' variant gave 1.02x eager, BENCHMARKS.md "Run 9"),
 ``rwkv7_graphed`` the *eager* model with its forward and backward each captured as a CUDA graph for
-the one shape (``torch.cuda.make_graphed_callables``: no compiler, 0.2 s of warm-up per shape
-instead of minutes; 1.79x eager on an H100), ``rwkv7_checkpointed`` eager with activation
-checkpointing (``trainer.activation_checkpointing``), ``conformer_compiled`` the anchor compiled
+the one shape, as ``trainer.cuda_graphs`` trains (``asr.train.cuda_graphs``, on
+``torch.cuda.make_graphed_callables``: no compiler, 0.2 s of warm-up per shape instead of minutes;
+1.79x eager on an H100), ``rwkv7_checkpointed`` eager with activation
+checkpointing (``trainer.activation_checkpointing``), ``rwkv7_cudagraphs_checkpointed`` both the
+static compile with CUDA graphs and checkpointing, ``conformer_compiled`` the anchor compiled
 too, for fairness, ``conformer12`` the issue's own anchor (12 layers, 20 M parameters;
 ``conformer``, the ratios' anchor, is matched to our size with 8). Compilation happens in the
 warm-up steps, outside the timing; their time is printed.
@@ -39,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from asr.model import CTCModel, ModelConfig, ctc_loss  # noqa: E402
 from asr.model.subsampling import ConvSubsampling  # noqa: E402
+from asr.train.cuda_graphs import GraphedTrainForward, keep_grads_allocated  # noqa: E402
 
 VOCAB = 256
 
@@ -83,21 +86,23 @@ def training_step(model: nn.Module, batch: int, frames: int, vocab: int = VOCAB,
     target_lengths = torch.full((batch,), U, device="cuda")
     params = model.param_groups(0.01, 1e-3) if isinstance(model, CTCModel) else model.parameters()
     opt = torch.optim.AdamW(params, lr=1e-3, fused=True)
-    if getattr(model, "graph_for_shape", False):
-        # Forward and backward captured once for this batch (their warm-up runs use
-        # autograd.grad, so the weights are untouched and loss@1 stays comparable with eager);
-        # autocast inside a graph needs its cast cache off. The loss, clipping and AdamW stay eager.
-        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-            model = torch.cuda.make_graphed_callables(model, (feats, lengths), num_warmup_iters=3)
+    forward = model
+    graphed = getattr(model, "graph_for_shape", False)
+    if graphed:
+        # The trainer's trainer.cuda_graphs path: forward and backward recorded at the first step
+        # (warm-up runs use autograd.grad, so the weights are untouched and loss@1 stays comparable
+        # with eager); gradients added into kept .grad buffers. Loss, clipping and AdamW stay eager.
+        forward = GraphedTrainForward(model, torch.bfloat16)
+        keep_grads_allocated([p for p in model.parameters() if p.requires_grad])
 
     def step() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits, out_lengths = model(feats, lengths)
+            logits, out_lengths = forward(feats, lengths)
         loss = ctc_loss(logits, out_lengths, targets, target_lengths)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=not graphed)
         return loss.detach()
 
     return step
@@ -148,6 +153,14 @@ def builders() -> dict:
         model.compile(mode="reduce-overhead", dynamic=False, fullgraph=True)
         return model
 
+    def ours_cudagraphs_checkpointed() -> CTCModel:
+        """rwkv7_cudagraphs with torch.utils.checkpoint per block and front end, traced by dynamo
+        for the one shape (for any shape dynamo fails on it, torch 2.14): the memory a compiled
+        step could reach by recomputing."""
+        model = ours_cudagraphs()
+        model.activation_checkpointing = True
+        return model
+
     def ours_checkpointed() -> CTCModel:
         model = CTCModel(ModelConfig(vocab_size=VOCAB))
         model.activation_checkpointing = True  # eager: torch.utils.checkpoint per block and front end
@@ -177,6 +190,7 @@ def builders() -> dict:
         "rwkv7_cudagraphs": ours_cudagraphs,
         "rwkv7_cudagraphs_dynamic": ours_cudagraphs_dynamic_model,
         "rwkv7_cudagraphs_blocks": ours_compiled("cudagraphs"),  # trainer.compile=cudagraphs
+        "rwkv7_cudagraphs_checkpointed": ours_cudagraphs_checkpointed,
         "rwkv7_graphed": ours_graphed,
         "rwkv7_checkpointed": ours_checkpointed,
         "conformer_compiled": conformer_compiled,

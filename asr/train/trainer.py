@@ -55,6 +55,7 @@ from asr.train.checkpoint import (
     resolve_checkpoint,
     restore_rng_state,
 )
+from asr.train.cuda_graphs import GraphedTrainForward, keep_grads_allocated
 from asr.train.metrics import ErrorCounts, error_counts
 
 log = logging.getLogger("asr.train")
@@ -341,6 +342,7 @@ class Trainer:
         self.best_wer: Optional[float] = None
         self.skipped_steps = 0
         self.writer = None
+        self.graphed_forward: Optional[GraphedTrainForward] = None  # trainer.cuda_graphs, set up in fit
         self.metrics_file = self.out_dir / "metrics.jsonl"
 
     # ------------------------------------------------------------------ helpers
@@ -457,6 +459,7 @@ class Trainer:
             # alternative (a zero activation-memory budget for the partitioner) saved no memory on an
             # H100 (BENCHMARKS.md, session 8): refuse at the start rather than quietly do neither.
             raise TrainConfigError("trainer.activation_checkpointing works with trainer.compile=false only")
+        self._check_cuda_graphs()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._seed_everything(self.seed)
 
@@ -494,6 +497,8 @@ class Trainer:
         if tc.get("compile", False):
             compile_model(model, tc.compile)
         self.model = model
+        self.graphed_forward = (GraphedTrainForward(model, torch.bfloat16 if self.autocast_enabled else None)
+                                if tc.get("cuda_graphs", False) else None)
         if env.is_main:
             log.info("model: %s, %.2fM parameters, vocabulary %d", model.config, model.num_parameters() / 1e6,
                      self.tokenizer.vocab_size)
@@ -571,6 +576,21 @@ class Trainer:
         if self.writer is not None:
             self.writer.close()
         return result
+
+    def _check_cuda_graphs(self) -> None:
+        """Refuse, before any data is read, what trainer.cuda_graphs cannot do (asr.train.cuda_graphs)."""
+        tc = self.cfg.trainer
+        if not tc.get("cuda_graphs", False):
+            return
+        if self.device.type != "cuda":
+            raise TrainConfigError("trainer.cuda_graphs needs a CUDA device (this run trains on the CPU)")
+        if tc.get("compile", False) or tc.get("activation_checkpointing", False):
+            raise TrainConfigError("trainer.cuda_graphs records the eager model: use it with trainer.compile=false "
+                                   "and trainer.activation_checkpointing=false")
+        if self.env.world_size > 1:
+            # DDP's gradient hooks around a replayed backward are untested here: refuse rather than guess.
+            raise TrainConfigError("trainer.cuda_graphs works on one GPU only for now (this run has "
+                                   f"{self.env.world_size} processes)")
 
     # ------------------------------------------------------------------ the loop
     def _train_batches(self, loader: DataLoader) -> Iterator[Batch]:
@@ -711,6 +731,9 @@ class Trainer:
         cuda_graphs = tc.get("compile", False) == "cudagraphs" and self.device.type == "cuda"
         log_every, val_every, save_every = int(tc.log_every), int(tc.val_every), int(tc.save_every)
         params = [p for p in self.model.parameters() if p.requires_grad]
+        forward = ddp_model if self.graphed_forward is None else self.graphed_forward
+        if self.graphed_forward is not None:
+            keep_grads_allocated(params)  # graphed backwards add into .grad, never hand over their buffer
         bar = None
         if env.is_main and tc.get("progress_bar", True):
             from tqdm.auto import tqdm
@@ -800,7 +823,7 @@ class Trainer:
                         pad_batch, pad_frames(batch.features, pad_multiple), batch.feature_lengths,
                         batch.targets, out_lens, target_lens)
                     with self.autocast():
-                        logits, _ = ddp_model(features, feature_lens)
+                        logits, _ = forward(features, feature_lens)
                     loss = ctc_loss(logits, padded_out_lens, targets, padded_target_lens, utterances=len(batch))
                     (loss / len(micro)).backward()
                 loss_total = loss_total + loss.detach().float() / len(micro)
@@ -814,7 +837,7 @@ class Trainer:
             self.optimizer.step()
             skipped_window += found_inf
             window.copy_(torch.where(found_inf > 0, torch.zeros_like(window), window))  # no NaN in the log
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad(set_to_none=self.graphed_forward is None)
             self.scheduler.step()
             self.step += 1
             window_steps += 1
