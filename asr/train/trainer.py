@@ -447,8 +447,12 @@ class Trainer:
         kwargs: dict[str, Any] = {}
         if workers > 0:
             kwargs["prefetch_factor"] = int(self.cfg.data.get("prefetch_factor", 2))
+        # No pinned batches with trainer.cuda_graphs: the DataLoader's pinning thread queries CUDA
+        # events while it allocates, and on torch 2.11 make_graphed_callables records in "global"
+        # mode, where such a call from any thread invalidates the recording (H100, session 9).
+        pin = self.use_cuda and not self.cfg.trainer.get("cuda_graphs", False)
         return DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
-                          pin_memory=self.use_cuda, generator=g, **kwargs)
+                          pin_memory=pin, generator=g, **kwargs)
 
     # ------------------------------------------------------------------ main entry
     def fit(self) -> dict:
