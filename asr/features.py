@@ -130,6 +130,31 @@ def compute_fbank_batch(waves: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [feats[f : f + t] for f, t in zip(first_frame, counts)]
 
 
+def compute_fbank_padded(waves: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+    """:func:`compute_fbank` of each row of zero-padded waveforms ``[B, N]`` (row ``b`` has
+    ``lengths[b]`` samples), as one zero-padded batch ``[B, T, 80]`` (T: the longest row's frames),
+    in one ``kaldi.fbank`` call and a few tensor operations, whatever B.
+
+    Why: the trainer's ``data.features_on_device`` batches hold hundreds of short utterances;
+    :func:`compute_fbank_batch` slices, pads and splits them one by one (~2,000 small GPU launches
+    per batch). Here the rows, each padded to a multiple of the 160-sample shift, *are* the
+    waveforms laid end to end: the frames of row ``b`` start at a known frame index, and its valid
+    frames read its own samples only (as in :func:`compute_fbank_batch`); frames past a row's
+    length, which read padding or the next row, are zeroed."""
+    B = waves.shape[0]
+    counts = [num_frames(int(n)) for n in lengths]
+    T = max(counts, default=0)
+    if B == 0 or T == 0:
+        return torch.zeros(B, T, NUM_MEL_BINS, dtype=torch.float32, device=waves.device)
+    row = -(-waves.shape[1] // FRAME_SHIFT) * FRAME_SHIFT  # samples per row, a multiple of the shift
+    flat = torch.nn.functional.pad(waves.to(torch.float32), (0, row - waves.shape[1])).reshape(-1)
+    feats = compute_fbank(flat)  # frame f of row b is frame b * row / shift + f of the whole
+    per_row = row // FRAME_SHIFT
+    feats = torch.nn.functional.pad(feats, (0, 0, 0, B * per_row - feats.shape[0])).reshape(B, per_row, -1)[:, :T]
+    valid = torch.arange(T, device=waves.device)[None, :] < torch.tensor(counts, device=waves.device)[:, None]
+    return torch.where(valid[:, :, None], feats, 0.0)
+
+
 class StreamingFbank:
     """Incremental :func:`compute_fbank`: feed sample blocks of any size, get the new frames.
 

@@ -1,5 +1,6 @@
 """``data.features_on_device``: fbank and SpecAugment for a whole batch where the batch is
 (asr/data/device_features.py) give the features the DataLoader workers would have made."""
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -30,9 +31,13 @@ def test_device_features_equal_the_workers_features(spec):
     batch = collate([on_device[r] for r in refs])
     assert batch.features is None and batch.waves is not None
     assert batch.feature_lengths.tolist() == want.feature_lengths.tolist()
+    assert (batch.spec_masks is not None) == spec.enabled  # the workers drew them
     got = batch.with_device_features(spec)
     assert got.waves is None and got.features.shape == want.features.shape
     torch.testing.assert_close(got.features, want.features, rtol=1e-5, atol=1e-4)
+    # a batch without the workers' masks draws the same ones itself
+    redrawn = replace(batch, spec_masks=None).with_device_features(spec)
+    torch.testing.assert_close(redrawn.features, want.features, rtol=1e-5, atol=1e-4)
     if spec.enabled:  # the masks were there to match: without them the features differ
         plain = collate([ManifestDataset(entries(), augment=AugmentConfig(
             spec_augment=SpecAugmentConfig(enabled=False), speed=SpeedConfig(enabled=True)))[r] for r in refs])

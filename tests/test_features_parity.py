@@ -22,6 +22,7 @@ from asr.features import (
     compute_cmvn_stats,
     compute_fbank,
     compute_fbank_batch,
+    compute_fbank_padded,
     num_frames,
 )
 
@@ -329,3 +330,22 @@ def test_accept_waveforms_equals_separate_streams():
         torch.testing.assert_close(torch.cat(outs[i]), compute_fbank(signals[i]), rtol=0, atol=ATOL)
         assert batched[i].buffered_samples == alone[i].buffered_samples
         assert batched[i].num_frames == alone[i].num_frames and batched[i].num_samples == alone[i].num_samples
+
+
+def test_fbank_of_padded_rows_equals_one_call_per_waveform():
+    """compute_fbank_padded (the trainer's features_on_device): rows of every awkward length, padded
+    with zeros to one width (not a multiple of the shift), give each row's own frames, zero past
+    its end, and nothing of the next row."""
+    g = torch.Generator().manual_seed(4)
+    lengths = [0, 399, 400, 401, 559, 560, 1600, 2963, 17, 3001]
+    waves = torch.zeros(len(lengths), 3001)
+    for i, n in enumerate(lengths):
+        waves[i, :n] = torch.randn(n, generator=g) * (0.05 + 0.1 * i)
+    waves[0, :] = 0.0
+    got = compute_fbank_padded(waves, lengths)
+    assert got.shape == (len(lengths), num_frames(3001), 80)
+    for i, n in enumerate(lengths):
+        ref = compute_fbank(waves[i, :n])
+        torch.testing.assert_close(got[i, : ref.shape[0]], ref, rtol=0, atol=ATOL)
+        assert not got[i, ref.shape[0]:].any()
+    assert compute_fbank_padded(torch.zeros(2, 100), [100, 50]).shape == (2, 0, 80)

@@ -814,3 +814,25 @@ def test_cuda_graphs_refuse_the_cpu_and_compile(work: dict, tmp_path: Path) -> N
     with pytest.raises(ValueError, match="trainer.cuda_graphs needs a CUDA device"):
         _in_process_trainer(work, tmp_path / "cpu", "trainer.max_steps=1", "trainer.cuda_graphs=true").fit()
     assert not (tmp_path / "cpu" / "checkpoints").exists()
+
+
+def test_padded_size_rounds_to_few_values_per_octave() -> None:
+    """trainer.pad_per_octave: every count lands on one of ``per_octave`` values per octave, never
+    more than 1/per_octave above itself; a multiple applies after."""
+    from asr.train.trainer import check_per_octave, padded_size
+
+    for per_octave in (4, 8):
+        sizes = {padded_size(n, 0, per_octave) for n in range(1, 4097)}
+        for n in range(1, 4097):
+            size = padded_size(n, 0, per_octave)
+            assert n <= size <= n * (1 + 1 / per_octave) and size in sizes
+        assert len([s for s in sizes if 512 < s <= 1024]) == per_octave
+    assert padded_size(100, 0, 4) == 112 and padded_size(100, 64, 4) == 128 and padded_size(100, 64) == 128
+    assert padded_size(3, 0, 4) == 3 and padded_size(100) == 100
+    with pytest.raises(ValueError, match="power of two"):
+        check_per_octave(6)
+
+
+def test_padding_to_few_values_per_octave_trains_the_same_run(work: dict, tmp_path: Path) -> None:
+    """trainer.pad_per_octave pads frames and utterances like the two pad_* multiples: same run."""
+    _same_run_either_way(work, tmp_path, [], "trainer.pad_per_octave", ("0", "4"))

@@ -127,6 +127,11 @@ class ManifestDataset(Dataset):
                 wave = self.wave_augment(wave, rng)
             if self.features_on_device and seed is not None:
                 item: dict = {"wave": wave, "seed": seed}
+                if self.spec_augment is not None:  # drawn here, off the training loop
+                    from asr.data.device_features import utterance_masks
+                    from asr.features import num_frames
+
+                    item["spec_masks"] = utterance_masks(self.spec_augment, num_frames(wave.numel()), seed)
             else:
                 feats = self._fbank(wave, dither=self.dither if seed is not None else 0.0)
                 if self.spec_augment is not None and seed is not None:
@@ -156,11 +161,13 @@ class Batch:
     waves: torch.Tensor | None = None  # [B, N] float32, zero padded: features_on_device only
     wave_lengths: list[int] | None = None
     seeds: list[int] | None = None  # the sampler's per-utterance seeds (SpecAugment's masks)
+    spec_masks: tuple[torch.Tensor, torch.Tensor] | None = None  # the workers' SpecAugment masks (device_features)
 
     def _map(self, fn) -> "Batch":
         opt = lambda t: None if t is None else fn(t)  # noqa: E731
         return replace(self, features=opt(self.features), feature_lengths=fn(self.feature_lengths),
-                       targets=opt(self.targets), target_lengths=opt(self.target_lengths), waves=opt(self.waves))
+                       targets=opt(self.targets), target_lengths=opt(self.target_lengths), waves=opt(self.waves),
+                       spec_masks=None if self.spec_masks is None else (fn(self.spec_masks[0]), fn(self.spec_masks[1])))
 
     def to(self, device: torch.device | str) -> "Batch":
         nb = torch.device(device).type == "cuda"
@@ -178,7 +185,7 @@ class Batch:
 
         assert self.waves is not None and self.wave_lengths is not None and self.seeds is not None
         # feature_lengths stay collate's num_frames(wave length): compute_fbank_batch makes exactly those
-        feats, _ = batch_features(self.waves, self.wave_lengths, spec_augment, self.seeds)
+        feats, _ = batch_features(self.waves, self.wave_lengths, spec_augment, self.seeds, self.spec_masks)
         return replace(self, features=feats, waves=None)
 
     def __len__(self) -> int:
@@ -190,7 +197,7 @@ def collate(items: list[dict]) -> Batch:
     a :class:`Batch`."""
     if not items:
         raise ValueError("empty batch")
-    waves = wave_lengths = seeds = feats = None
+    waves = wave_lengths = seeds = feats = spec_masks = None
     if "wave" in items[0]:
         from asr.features import num_frames
 
@@ -198,6 +205,10 @@ def collate(items: list[dict]) -> Batch:
         waves = pad_sequence([it["wave"] for it in items], batch_first=True)  # zeros after each end
         lengths = torch.tensor([num_frames(n) for n in wave_lengths], dtype=torch.long)
         seeds = [int(it["seed"]) for it in items]
+        if "spec_masks" in items[0]:
+            from asr.data.device_features import stack_masks
+
+            spec_masks = stack_masks([it["spec_masks"] for it in items])
     else:
         lengths = torch.tensor([it["features"].shape[0] for it in items], dtype=torch.long)
         feats = pad_sequence([it["features"] for it in items], batch_first=True)  # [B, T, 80], zero padded
@@ -218,4 +229,5 @@ def collate(items: list[dict]) -> Batch:
         waves=waves,
         wave_lengths=wave_lengths,
         seeds=seeds,
+        spec_masks=spec_masks,
     )

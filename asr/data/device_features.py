@@ -3,8 +3,9 @@
 Why: on the 4x H100 runs of session 5 each GPU waited 7 to 41 % of its steps for the DataLoader
 workers, and fbank is the largest share of a worker's time (46 %, ``tools/bench_loader.py``). With
 this option the workers only decode and speed-perturb; the trainer computes the log-mel features
-of the whole batch in one ``kaldi.fbank`` call (:func:`asr.features.compute_fbank_batch`) on the
-GPU, then applies SpecAugment to the padded batch with a few tensor operations.
+of the whole batch in one ``kaldi.fbank`` call (:func:`asr.features.compute_fbank_padded`) on the
+GPU, then applies SpecAugment to the padded batch with a few tensor operations; the workers draw
+its masks (:func:`spec_masks`), so the training loop runs no Python per utterance.
 
 Same features as the workers would make: the same fbank frames, and the same SpecAugment masks
 (:meth:`asr.data.augment.SpecAugment.masks`), drawn from a generator seeded with the utterance's
@@ -21,34 +22,59 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
 from asr.data.augment import SpecAugment, SpecAugmentConfig
-from asr.features import compute_fbank_batch
+from asr.features import NUM_MEL_BINS, compute_fbank_padded, num_frames
+
+
+def utterance_masks(spec: SpecAugment, frames: int, seed: int, num_bins: int = NUM_MEL_BINS) -> tuple[Tensor, Tensor]:
+    """SpecAugment's masks of one utterance of ``frames`` frames as booleans, frequency
+    ``[num_bins]`` and time ``[frames]``, drawn from a generator seeded with ``seed``: the draws
+    the workers' own features make, as they seed torch's global generator with it first. The
+    DataLoader workers call this (:class:`asr.data.dataset.ManifestDataset`), so the training loop
+    runs no Python per utterance."""
+    freq_masked = torch.zeros(num_bins, dtype=torch.bool)
+    time_masked = torch.zeros(frames, dtype=torch.bool)
+    freq, time = spec.masks(int(frames), num_bins, torch.Generator().manual_seed(int(seed)))
+    for lo, hi in freq:
+        freq_masked[lo:hi] = True
+    for lo, hi in time:
+        time_masked[lo:hi] = True
+    return freq_masked, time_masked
+
+
+def spec_masks(spec: SpecAugment, frames: Sequence[int], seeds: Sequence[int],
+               num_bins: int = NUM_MEL_BINS) -> tuple[Tensor, Tensor]:
+    """:func:`utterance_masks` of a batch: frequency ``[B, num_bins]``, time ``[B, max(frames)]``."""
+    per_utterance = [utterance_masks(spec, n, seed, num_bins) for n, seed in zip(frames, seeds)]
+    return stack_masks(per_utterance, num_bins)
+
+
+def stack_masks(per_utterance: Sequence[tuple[Tensor, Tensor]], num_bins: int = NUM_MEL_BINS) -> tuple[Tensor, Tensor]:
+    """Batch :func:`utterance_masks`' pairs: ``[B, num_bins]`` and ``[B, T]`` (False past an end)."""
+    if not per_utterance:
+        return torch.zeros(0, num_bins, dtype=torch.bool), torch.zeros(0, 0, dtype=torch.bool)
+    freq = torch.stack([f for f, _ in per_utterance])
+    time = pad_sequence([t for _, t in per_utterance], batch_first=True, padding_value=False)
+    return freq, time
 
 
 def batch_features(
-    waves: Tensor, wave_lengths: Sequence[int], spec: Optional[SpecAugmentConfig], seeds: Sequence[int]
+    waves: Tensor, wave_lengths: Sequence[int], spec: Optional[SpecAugmentConfig], seeds: Sequence[int],
+    masks: Optional[tuple[Tensor, Tensor]] = None,
 ) -> tuple[Tensor, Tensor]:
     """Log-mel features [B, T, 80] (zero padded) and their lengths [B] of padded waveforms
-    [B, N] (on any device), with SpecAugment masks filled with each utterance's mean."""
-    waves_list = [waves[i, : int(n)] for i, n in enumerate(wave_lengths)]
-    feats_list = compute_fbank_batch(waves_list)
-    lengths = torch.tensor([f.shape[0] for f in feats_list], dtype=torch.long)
-    feats = pad_sequence(feats_list, batch_first=True)
+    [B, N] (on any device), with SpecAugment masks filled with each utterance's mean. ``masks``:
+    :func:`spec_masks` already drawn (by the workers), else drawn here."""
+    lengths = torch.tensor([num_frames(int(n)) for n in wave_lengths], dtype=torch.long)
+    feats = compute_fbank_padded(waves, wave_lengths)
     B, T, F = feats.shape
     if spec is None or not spec.enabled or T == 0:
         return feats, lengths
-    augment = SpecAugment(spec)
-    freq_masked = torch.zeros(B, F, dtype=torch.bool)  # drawn on the CPU, two small copies
-    time_masked = torch.zeros(B, T, dtype=torch.bool)
-    for i, (n, seed) in enumerate(zip(lengths.tolist(), seeds)):
-        # the worker seeds torch's global generator with the seed before SpecAugment draws
-        freq, time = augment.masks(n, F, torch.Generator().manual_seed(int(seed)))
-        for lo, hi in freq:
-            freq_masked[i, lo:hi] = True
-        for lo, hi in time:
-            time_masked[i, lo:hi] = True
+    if masks is None:
+        masks = spec_masks(SpecAugment(spec), lengths.tolist(), seeds, F)
+    freq_masked, time_masked = masks
     dev = feats.device
     lens = lengths.to(dev)
     valid = torch.arange(T, device=dev)[None, :] < lens[:, None]  # [B, T]
-    masked = (freq_masked.to(dev)[:, None, :] & valid[:, :, None]) | time_masked.to(dev)[:, :, None]
+    masked = (freq_masked.to(dev)[:, None, :] & valid[:, :, None]) | time_masked[:, :T].to(dev)[:, :, None]
     fill = (feats * valid[:, :, None]).sum(dim=(1, 2)) / (lens.clamp(min=1) * F)
     return torch.where(masked, fill[:, None, None], feats), lengths
