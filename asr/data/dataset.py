@@ -184,7 +184,7 @@ class Batch:
         from asr.data.device_features import batch_features
 
         assert self.waves is not None and self.wave_lengths is not None and self.seeds is not None
-        # feature_lengths stay collate's num_frames(wave length): compute_fbank_batch makes exactly those
+        # feature_lengths stay collate's num_frames(wave length): compute_fbank_padded makes exactly those
         feats, _ = batch_features(self.waves, self.wave_lengths, spec_augment, self.seeds, self.spec_masks)
         return replace(self, features=feats, waves=None)
 

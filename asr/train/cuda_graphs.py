@@ -6,8 +6,8 @@ Python that launches them. ``torch.cuda.make_graphed_callables`` records the mod
 its backward once for a shape and then replays each with one launch: 1.79x the eager step on an
 H100 at 21 x 30 s (tools/bench_train.py, ``rwkv7_graphed``), with no compiler, so a new shape
 costs a few eager steps of warm-up instead of minutes of compilation. The trainer's batch shapes
-change with the bucketing sampler; ``trainer.pad_frames_multiple`` and ``pad_batch_multiple``
-round them so that a few dozen graphs cover a run.
+change with the bucketing sampler; ``trainer.pad_per_octave`` (or ``pad_frames_multiple`` and
+``pad_batch_multiple``) rounds them so that a few dozen graphs cover a run.
 
 How the graphs share memory: all of them are recorded into one memory pool, so the activations
 cost the largest shape's, not the sum. That is safe because a shape's forward and its backward
@@ -83,7 +83,7 @@ class GraphedTrainForward:
             if len(self.graphs) >= self.max_shapes:
                 if self.eager_batches == 0:
                     log.warning("trainer.cuda_graphs: %d batch shapes recorded, further new shapes run eagerly; "
-                                "raise trainer.pad_frames_multiple / pad_batch_multiple for fewer shapes",
+                                "a smaller trainer.pad_per_octave makes fewer shapes",
                                 self.max_shapes)
                 self.eager_batches += 1
                 return self._eager(features, lengths)

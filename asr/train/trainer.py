@@ -192,7 +192,7 @@ def padded_size(n: int, multiple: int = 0, per_octave: int = 0) -> int:
     over (real speech of 0.5 s padded to 128 frames is 2.5x the work), while rounding to a few
     values per octave wastes at most 1/per_octave of any batch (25 % at 4, 12.5 % at 8)."""
     if per_octave > 1 and n > per_octave:
-        step = 1 << (n.bit_length() - per_octave.bit_length())  # n in [2^k, 2^k+1): 2^k / per_octave
+        step = 1 << (n.bit_length() - per_octave.bit_length())  # n in [2^k, 2^(k+1)): 2^k / per_octave
         n = -(-n // step) * step
     if multiple > 1:
         n = -(-n // multiple) * multiple
@@ -471,9 +471,10 @@ class Trainer:
         kwargs: dict[str, Any] = {}
         if workers > 0:
             kwargs["prefetch_factor"] = int(self.cfg.data.get("prefetch_factor", 2))
-        # No pinned batches with trainer.cuda_graphs: the DataLoader's pinning thread queries CUDA
-        # events while it allocates, and on torch 2.11 make_graphed_callables records in "global"
-        # mode, where such a call from any thread invalidates the recording (H100, session 9).
+        # No pinned batches with trainer.cuda_graphs: the DataLoader's pinning thread makes CUDA calls
+        # (pinned allocations) as it runs, and on torch 2.11 make_graphed_callables records in
+        # "global" mode, where such a call from any thread invalidates the recording (an H100 run
+        # failed so at its 12th shape, session 9; none since, over 64 shapes).
         pin = self.use_cuda and not self.cfg.trainer.get("cuda_graphs", False)
         return DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
                           pin_memory=pin, generator=g, **kwargs)
