@@ -836,3 +836,51 @@ def test_padded_size_rounds_to_few_values_per_octave() -> None:
 def test_padding_to_few_values_per_octave_trains_the_same_run(work: dict, tmp_path: Path) -> None:
     """trainer.pad_per_octave pads frames and utterances like the two pad_* multiples: same run."""
     _same_run_either_way(work, tmp_path, [], "trainer.pad_per_octave", ("0", "4"))
+
+
+def test_cuda_graphs_under_ddp_all_reduce_the_replayed_gradients(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """trainer.cuda_graphs on several GPUs wraps the replayer in DDP: DDP's forward prepares its
+    reducer and every gradient a replayed backward hands to autograd goes through DDP's all-reduce
+    (counted by a communication hook), giving the eager gradients. One process on gloo with the CPU
+    stand-in recorder; with a real recorder the hooks see the same autograd calls."""
+    import copy
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from asr.model import CTCModel, ModelConfig, ctc_loss
+    from asr.train.cuda_graphs import GraphedTrainForward, keep_grads_allocated
+
+    torch.manual_seed(0)
+    eager = CTCModel(ModelConfig(vocab_size=16, n_mels=16, d_model=32, n_layers=2, head_size=16, subsample_channels=8))
+    for p in eager.parameters():
+        p.data.add_(torch.randn_like(p) * 0.05)
+    graphed_model = copy.deepcopy(eager)
+    captured: list[tuple] = []
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = DDP(GraphedTrainForward(graphed_model, None, capture=_graph_stand_in(captured)))
+        reduced: list[int] = []  # parameters in each bucket DDP all-reduced
+
+        def count(state, bucket):  # no annotations: DDP checks them, and they are strings here
+            reduced.append(len(bucket.parameters()))
+            future: torch.futures.Future = torch.futures.Future()
+            future.set_result(bucket.buffer())  # one process: the all-reduce is the identity
+            return future
+
+        ddp.register_comm_hook(None, count)
+        keep_grads_allocated(list(graphed_model.parameters()))
+        for frames in (64, 96, 64):
+            reduced.clear()
+            feats, lengths = torch.randn(2, frames, 16), torch.tensor([frames, frames - 9])
+            targets, target_lengths = torch.randint(1, 16, (2, 4)), torch.tensor([4, 3])
+            for model, forward in ((eager, eager), (graphed_model, ddp)):
+                model.zero_grad(set_to_none=model is eager)
+                logits, out_lengths = forward(feats, lengths)
+                ctc_loss(logits, out_lengths, targets, target_lengths).backward()
+            for (name, a), b in zip(eager.named_parameters(), graphed_model.parameters()):
+                torch.testing.assert_close(b.grad, a.grad, msg=name)
+            assert sum(reduced) == len(list(eager.parameters()))  # every gradient went through DDP, once
+        assert captured == [(2, 64, 16), (2, 96, 16)]
+    finally:
+        dist.destroy_process_group()
