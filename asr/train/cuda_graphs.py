@@ -56,13 +56,9 @@ def keep_grads_allocated(params: list[nn.Parameter]) -> None:
             p.grad = torch.zeros_like(p)
 
 
-class GraphedTrainForward(nn.Module):
+class GraphedTrainForward:
     """Call like the model in training (``features [B, T, F], lengths [B] -> (logits, lengths)``);
     the first batch of each shape records a CUDA graph pair, later ones replay it.
-
-    A module around the model (its parameters are the model's), so that DDP can wrap it: DDP's
-    forward prepares its gradient reducer, and the replayed backward hands each weight gradient to
-    autograd, whose accumulation fires DDP's all-reduce hooks as in an eager backward.
 
     ``autocast_dtype``: the trainer's autocast (bf16) or None; recording needs autocast's weight
     cache off, replay needs no autocast at all (the casts are inside the graph). ``capture`` is
@@ -72,7 +68,6 @@ class GraphedTrainForward(nn.Module):
 
     def __init__(self, model: nn.Module, autocast_dtype: Optional[torch.dtype], max_shapes: int = MAX_SHAPES,
                  capture: Optional[Capture] = None):
-        super().__init__()
         self.model = model
         self.autocast_dtype = autocast_dtype
         self.max_shapes = max_shapes
@@ -81,7 +76,7 @@ class GraphedTrainForward(nn.Module):
         self.eager_batches = 0  # batches past max_shapes, run eagerly
         self._pool = None
 
-    def forward(self, features: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+    def __call__(self, features: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         key = (tuple(features.shape), features.dtype, tuple(lengths.shape), lengths.dtype)
         graphed = self.graphs.get(key)
         if graphed is None:
