@@ -618,7 +618,8 @@ class Trainer:
             raise TrainConfigError("trainer.cuda_graphs records the eager model: use it with trainer.compile=false "
                                    "and trainer.activation_checkpointing=false")
         if self.env.world_size > 1:
-            # DDP's gradient hooks around a replayed backward are untested here: refuse rather than guess.
+            # Tried (session 9, 2x H100): with the replayer wrapped in DDP, recording the first backward
+            # failed (cudaErrorStreamCaptureImplicit: work on the legacy stream during the recording).
             raise TrainConfigError("trainer.cuda_graphs works on one GPU only for now (this run has "
                                    f"{self.env.world_size} processes)")
 
