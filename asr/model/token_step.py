@@ -19,12 +19,9 @@ The arithmetic is that of ``packed_step`` (same operations, same order of the el
 built from the same packs (:class:`asr.model.rwkv7.PackedBlock`), so the two agree to float
 rounding (float32: summation order in the products only). With int8 packs the weights are the
 packs' own int8 values and per-channel scales, activations are quantized per row as there, and the
-int8 products of one frame are summed as integer-valued float32 (exact while partial sums stay below 2**24: always
-for rows of up to 1040 inputs; for longer rows, such as the FFN value's 4C, only if most products
-were at full scale with one sign, and then off by one float rounding; int32 sums would be exact
-but inductor's int32 loops are ~2.4x slower). So it equals the int8 packed path up to where float
-rounding moves a value across an int8 rounding step (as streaming vs one pass does,
-tests/test_step_int8.py).
+int8 products go through ``torch._int_mm`` (oneDNN, exact int32 sums) as in the packed path, at any
+frame count. So it equals the int8 packed path up to where float rounding moves a value across an
+int8 rounding step (as streaming vs one pass does, tests/test_step_int8.py).
 
 Costs: compiling takes ~10-30 s (a C compiler must be installed; inductor caches the result on
 disk, later processes take a few seconds), and the weights are copied once more into one flat
@@ -216,17 +213,18 @@ def _rows_dot(w: Tensor, x: Tensor) -> Tensor:
 def _mv(m: _Mat, x: Tensor, f32: Tensor, i8: Tensor, q: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
     """x [T, K] @ W for a weight in [out, in] layout (:func:`_rows_dot`). int8 weights: x quantized
     per row (or given quantized, ``q``), the sum of integer products, then scaled per row and per
-    column as :func:`asr.model.rwkv7._mm8`. One frame sums in float32 in inductor's own loop (see
-    the module docstring); several frames call ``torch._int_mm`` (oneDNN, int32 sums, as the packed
-    path), which reads each int8 weight once for all of them: 0.61 ms per frame at T = 4 against
-    1.75 ms with inductor's loops, whose int8-to-float conversion is repeated per frame."""
+    column as :func:`asr.model.rwkv7._mm8`, the products in ``torch._int_mm`` (oneDNN, int32 sums,
+    as the packed path) at any T. Inductor's own loops for them (int8 converted to float, summed
+    in float32) were slower. At T = 4 they took 1.75 ms per frame against 0.61, converting each
+    weight once per frame. At T = 1 the generated C++ recomputed each product's quantized input
+    (layer norm, token shift, scale, rounding) inside the product loop, once per output row;
+    ``_int_mm`` takes it computed once. Session 9, A/B inside one process, both orders:
+    ``model.step`` per frame took 0.81x and 0.86x the time (2.10 against 2.58 and 2.45 ms)."""
     if m.scale is None:
         return _rows_dot(m.w.get(f32), x)
     qx, amax = q if q is not None else _quant(x)
-    if x.shape[0] > 1:
-        acc = torch._int_mm(qx.to(torch.int8), m.w.get(i8).t()).to(torch.float32)
-        return (acc * amax) * m.scale.get(f32)
-    return (_rows_dot(m.w.get(i8).to(torch.float32), qx) * amax) * m.scale.get(f32)
+    acc = torch._int_mm(qx.to(torch.int8), m.w.get(i8).t()).to(torch.float32)
+    return (acc * amax) * m.scale.get(f32)
 
 
 def _shift(u: Tensor, prev: Tensor) -> Tensor:
