@@ -475,7 +475,7 @@ class Trainer:
         # (pinned allocations) as it runs, and on torch 2.11 make_graphed_callables records in
         # "global" mode, where such a call from any thread invalidates the recording (an H100 run
         # failed so at its 12th shape, session 9; none since, over 64 shapes).
-        pin = self.use_cuda and not self.cfg.trainer.get("cuda_graphs", False)
+        pin = self.use_cuda and self.graphed_forward is None  # set in fit before the loaders
         return DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
                           pin_memory=pin, generator=g, **kwargs)
 
