@@ -219,7 +219,11 @@ def test_stack_split_states_roundtrip_and_batched_step(overfit):
         stacked = stack_states(model, states)
         parts = split_state(stacked, [s.frames_in for s in states], [s.frames_out for s in states])
         for a, b in zip(parts[1:], states[1:]):
+            assert len(a.blocks) == len(b.blocks)  # the rows' block states are made when read
             torch.testing.assert_close(a.blocks[1].wkv, b.blocks[1].wkv, rtol=0, atol=0)
+            torch.testing.assert_close(a.blocks[-1].tmix_prev, b.blocks[-1].tmix_prev, rtol=0, atol=0)
+            torch.testing.assert_close([blk.cmix_prev for blk in a.blocks[2:]], [blk.cmix_prev for blk in b.blocks[2:]],
+                                       rtol=0, atol=0)
             torch.testing.assert_close(a.subsampling[1], b.subsampling[1], rtol=0, atol=0)
             assert (a.frames_in, a.frames_out) == (b.frames_in, b.frames_out)
         x = torch.randn(4, 8, 80) * 3 + 5

@@ -27,9 +27,13 @@ Tables (markdown), all on ``--threads`` intra-op threads (default 1, as ``asr-li
 3. State memory per stream: ours (``EncoderState.size_bytes()`` + frontend buffers) and Emformer's.
 4. Concurrent streams: B streams stepped as one batch with ``asr.stream.step_batch`` (every call
    gives each stream ``--batch-block`` seconds of audio), and ``model.step`` on the batched state
-   alone (what a server that keeps the states stacked would pay). The largest B whose step takes
-   less than the audio it processes keeps real time; found by doubling, then bisection. Float32
-   packed path, then int8.
+   alone (what a server that keeps the states stacked would pay). The largest B whose *mean* time
+   per call (garbage collections and all) stays under the audio it processes keeps real time;
+   found by doubling, then bisection. Float32 packed path, then int8, then (unless ``--skip
+   compile``) both with ``prepare_for_inference(compile=True)``, which compiles the batched wkv
+   update. The process calls ``gc.freeze()`` after loading, as a server should (see
+   :func:`asr.stream.step_batch`): otherwise the interpreter's full collections, which walk every
+   object torch and the model created at start-up, take ~150-300 ms every few dozen calls.
 
 Weights are random (the default) or a checkpoint's; speed does not depend on their values. The
 numbers depend on the machine and its load: the 1-minute load average is printed with them.
@@ -37,6 +41,7 @@ numbers depend on the machine and its load: the 1-minute load average is printed
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import os
 import platform
@@ -243,7 +248,7 @@ def batch_capacity(model: CTCModel, tok: Tokenizer, block: float, reps: int, max
             for i in range(b):
                 pos[i] = (pos[i] + hop) % (len(audio) - hop)
 
-        full = statistics.median(timeit(call, reps, warmup=2))
+        full = statistics.mean(timeit(call, reps, warmup=2))
         feats = torch.randn(b, int(round(block / 0.01)), 80) * 3 + 5
         with torch.inference_mode():
             state = stack_states(model, [r.state for r in recs])
@@ -252,7 +257,7 @@ def batch_capacity(model: CTCModel, tok: Tokenizer, block: float, reps: int, max
                 nonlocal state
                 _, state = model.step(feats, state)
 
-            step_only = statistics.median(timeit(step, reps, warmup=2))
+            step_only = statistics.mean(timeit(step, reps, warmup=2))
         cache[b] = (full, step_only)
         return cache[b]
 
@@ -367,14 +372,17 @@ def main(argv=None) -> int:
         print(f"| Emformer: infer states (left context 32 frames) | {emf['state_bytes']:,} |")
 
     if "batch" not in args.skip:
-        for block, int8 in [(b, i) for b in args.batch_block for i in (False, True)]:
+        gc.freeze()  # what a long-running server does after start-up (module docstring, item 4)
+        compiled = (False, True) if "compile" not in args.skip else (False,)
+        for block, comp, int8 in [(b, c, i) for b in args.batch_block for c in compiled for i in (False, True)]:
             with torch.no_grad():
-                model.prepare_for_inference(int8=int8)
-            res = batch_capacity(model, tok, block, max(5, reps // 20), args.max_streams)
-            print(f"\nBatched streams, {'int8' if int8 else 'float32'} packed path, {1000 * block:.0f} ms of "
-                  f"audio per stream per call ({args.threads} thread(s)): real time while the call takes "
+                model.prepare_for_inference(int8=int8, compile=comp)
+            res = batch_capacity(model, tok, block, max(10, reps // 20), args.max_streams)
+            print(f"\nBatched streams, {'int8' if int8 else 'float32'} "
+                  f"{'packed path with `compile=True`' if comp else 'packed path'}, {1000 * block:.0f} ms of "
+                  f"audio per stream per call ({args.threads} thread(s)): real time while the mean call takes "
                   f"< {1000 * block:.0f} ms")
-            print("| streams | step_batch ms/call | x real time | model.step on stacked state ms/call |")
+            print("| streams | step_batch mean ms/call | x real time | model.step on stacked state mean ms/call |")
             print("|---:|---:|---:|---:|")
             for b, (full, step) in res["table"]:
                 print(f"| {b} | {1000 * full:.1f} | {full / block:.3f} | {1000 * step:.1f} |")

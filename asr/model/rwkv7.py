@@ -307,8 +307,12 @@ def _quant_rows(x: Tensor) -> tuple[Tensor, Tensor]:
 
     One scale per row (per frame of each stream), never per call: a row's product depends on that
     row alone, so outputs do not depend on how the audio is cut into calls or which streams
-    share a batch."""
-    amax = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).clamp_(min=1e-30)
+    share a batch.
+
+    The row maximum is ``x.abs().amax``, not ``linalg.vector_norm(x, inf)`` (the same value): on
+    the 2-core dev box, 2 threads, [6, 100, 320] rows took 20 us against 287 us that way, which at
+    100 streams was ~5 ms of a 33 ms step (session 10)."""
+    amax = x.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-30)
     return torch.mul(x, 127.0 / amax).round_().to(torch.int8), amax
 
 
