@@ -130,3 +130,31 @@ def test_load_model_int8_and_cli_flags(overfit_checkpoint, capsys, tmp_path):
                                "--output", str(out)], capture_output=True, text=True, env=env_for_child(), timeout=120)
     assert r.returncode == 0, r.stderr
     assert out.read_text().splitlines() == ["go forward ten meters"]
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_int8_front_end_streams_as_one_pass_and_stays_near_float32(seed):
+    """int8 mode also runs the subsampling's conv2 and projection in int8 (``Int8Frontend``).
+    Streamed in random pieces (small calls take the unfolded-window path, large ones nn.Conv2d
+    for conv1) it gives one int8 pass to quantization noise, and stays near the float32 front end."""
+    model = int8_model(seed, subsample_channels=32)
+    model._packed_blocks()
+    pack = model._int8_frontend()
+    assert pack is not None and pack.proj.q.dtype == torch.int8
+    sub = model.subsampling
+    feats = model.cmvn(torch.randn(2, 301, 80) * 3 - 8)
+    with torch.no_grad():
+        one = sub(feats, int8=pack)
+        assert rel_err(one, sub(feats)) < 0.03  # int8 against float32
+        for sizes in (cuts(301, random.Random(seed)), [4] * 75 + [1], [200, 101]):
+            outs, caches, pos = [], (None, None), 0
+            for n in sizes:
+                y, caches = sub.stream(feats[:, pos : pos + n], caches, int8=pack)
+                outs.append(y)
+                pos += n
+            got = torch.cat(outs, dim=1)
+            assert got.shape == one.shape
+            assert rel_err(got, one) < 1e-3  # 0 on the dev box: the same windows, quantized alike
+    model.prepare_for_inference(int8=False)
+    model._packed_blocks()
+    assert model._int8_frontend() is None

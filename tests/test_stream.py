@@ -10,7 +10,10 @@ only cost and memory matter.
 from __future__ import annotations
 
 import math
+import platform
 import random
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -435,3 +438,12 @@ def test_thirty_minute_stream_has_flat_state_and_memory():
     assert growth < 16 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB over 27 minutes of audio"
     assert rec.finalize().duration == pytest.approx(30 * 60)
     print(f"30 min of audio in {elapsed:.1f} s, {n_segments} segments, RSS growth {growth / 2**20:.2f} MiB")
+
+
+def test_tune_for_streaming_freezes_the_collector_and_tunes_glibc_malloc():
+    """In a child process: it changes process-wide settings that tests should not inherit."""
+    code = ("import gc, sys; from asr.stream import tune_for_streaming; tuned = tune_for_streaming(); "
+            "print(tuned, gc.get_freeze_count() > 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert out == [str(glibc), "True"]

@@ -31,9 +31,9 @@ Tables (markdown), all on ``--threads`` intra-op threads (default 1, as ``asr-li
    per call (garbage collections and all) stays under the audio it processes keeps real time;
    found by doubling, then bisection. Float32 packed path, then int8, then (unless ``--skip
    compile``) both with ``prepare_for_inference(compile=True)``, which compiles the batched wkv
-   update. The process calls ``gc.freeze()`` after loading, as a server should (see
-   :func:`asr.stream.step_batch`): otherwise the interpreter's full collections, which walk every
-   object torch and the model created at start-up, take ~150-300 ms every few dozen calls.
+   update. Before it the process calls :func:`asr.stream.tune_for_streaming`, as a server should
+   (``gc.freeze()`` and glibc malloc settings: without them, garbage-collection stalls of
+   ~150-300 ms every few dozen calls, and the states' memory mapped and zeroed again every call).
 
 Weights are random (the default) or a checkpoint's; speed does not depend on their values. The
 numbers depend on the machine and its load: the 1-minute load average is printed with them.
@@ -41,7 +41,6 @@ numbers depend on the machine and its load: the 1-minute load average is printed
 from __future__ import annotations
 
 import argparse
-import gc
 import math
 import os
 import platform
@@ -56,7 +55,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from asr.model import CTCModel, ModelConfig  # noqa: E402
-from asr.stream import Recognizer, stack_states, step_batch  # noqa: E402
+from asr.stream import Recognizer, stack_states, step_batch, tune_for_streaming  # noqa: E402
 from asr.tokenizer import Tokenizer  # noqa: E402
 
 SR = 16000
@@ -372,7 +371,7 @@ def main(argv=None) -> int:
         print(f"| Emformer: infer states (left context 32 frames) | {emf['state_bytes']:,} |")
 
     if "batch" not in args.skip:
-        gc.freeze()  # what a long-running server does after start-up (module docstring, item 4)
+        tune_for_streaming()  # what a long-running server does after start-up (module docstring, item 4)
         compiled = (False, True) if "compile" not in args.skip else (False,)
         for block, comp, int8 in [(b, c, i) for b in args.batch_block for c in compiled for i in (False, True)]:
             with torch.no_grad():

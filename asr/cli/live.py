@@ -37,7 +37,6 @@ machine they stall waiting for each other (measured: slower than 1 thread).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import shutil
@@ -204,6 +203,7 @@ def _file_blocks(path: str, block_seconds: float = BLOCK_SECONDS) -> Iterator[np
 def _load_model(path: Optional[str], int8: bool = False, compile: bool = False) -> tuple[Any, Any, Optional[bytes]]:
     """(model, tokenizer, the word LM the checkpoint carries or None)."""
     from asr.api import BUNDLED_MODEL
+    from asr.stream.process import tune_for_streaming
     from asr.train.checkpoint import load_inference_parts
 
     if path is None:
@@ -217,10 +217,9 @@ def _load_model(path: Optional[str], int8: bool = False, compile: bool = False) 
         except Exception as err:  # no C++ compiler, a model the compiled step does not take...
             what = "--compile" if compile else "--int8"
             raise RuntimeError(f"{what} failed: {' '.join(str(err).split())[:200]}") from None
-    # Torch's and the model's ~330k Python objects live as long as the process: frozen, the
-    # interpreter's full garbage collections stop walking them (~150 ms each on the 2-core dev box,
-    # every few dozen steps: a stall in the middle of a stream).
-    gc.freeze()
+    # No garbage-collection stalls mid-stream (asr.stream.process); one stream's states are small,
+    # so malloc keeps its defaults.
+    tune_for_streaming(keep_freed_memory=False)
     return model, tokenizer, carried_lm
 
 

@@ -13,6 +13,7 @@ frame indices. That makes streaming partial results consistent with batch transc
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -116,7 +117,10 @@ class IncrementalGreedyDecoder:
     def num_frames(self) -> int:
         return self.state.num_frames
 
-    def accept(self, logits_chunk: Tensor) -> list[tuple[int, int]]:
+    def accept(self, logits_chunk: Tensor, best: Optional[list[int]] = None) -> list[tuple[int, int]]:
+        """``best``: the chunk's arg-max ids if the caller has them already (``step_batch`` takes
+        them for all streams at once). Collapsing runs is plain Python: a live stream brings one
+        or a few frames per call, where tensor ops cost more than the loop."""
         if logits_chunk.dim() == 3 and logits_chunk.shape[0] == 1:
             logits_chunk = logits_chunk[0]
         if logits_chunk.dim() != 2:
@@ -125,14 +129,17 @@ class IncrementalGreedyDecoder:
         T = logits_chunk.shape[0]
         if T == 0:
             return []
-        best = logits_chunk.argmax(dim=-1)
-        prev = torch.tensor([st.prev], dtype=best.dtype, device=best.device)
-        mask = _emit_mask(best, prev, self.blank)
-        best_l, mask_l = best.tolist(), mask.tolist()
-        out = [(best_l[t], st.num_frames + t) for t in range(T) if mask_l[t]]
+        best_l = logits_chunk.argmax(dim=-1).tolist() if best is None else best
+        if len(best_l) != T:
+            raise ValueError(f"{len(best_l)} arg-max ids for a chunk of {T} frames")
+        out, prev = [], st.prev
+        for t, tok in enumerate(best_l):
+            if tok != prev and tok != self.blank:  # a new non-blank run starts: _emit_mask
+                out.append((tok, st.num_frames + t))
+            prev = tok
         for tok, fr in out:
             st.tokens.append(tok)
             st.frames.append(fr)
-        st.prev = best_l[-1]
+        st.prev = prev
         st.num_frames += T
         return out

@@ -60,13 +60,14 @@ class HypothesisDecoder:
         """Tokens emitted so far in this segment (greedy; beam hypotheses can still change)."""
         return len(self._tokens)
 
-    def accept(self, log_probs: Tensor) -> None:
-        """Consume [T, V] log-probs of the next T frames (T may be 0)."""
+    def accept(self, log_probs: Tensor, best: Optional[list[int]] = None) -> None:
+        """Consume [T, V] log-probs of the next T frames (T may be 0); ``best``: their arg-max
+        ids, if the caller has them (greedy only uses them)."""
         if log_probs.shape[0] == 0:
             return
         lp = log_probs.detach().float().cpu()
         if self._greedy is not None:
-            for tok, frame in self._greedy.accept(lp):
+            for tok, frame in self._greedy.accept(lp, best):
                 self._tokens.append(tok)
                 self._frames.append(frame)
                 self._logprobs.append(float(lp[frame - self.num_frames, tok]))

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from asr.features import GlobalCMVN
 from asr.model.rwkv7 import Block, BlockState, PackedBlock, default_lora_ranks, packed_step
-from asr.model.subsampling import ConvSubsampling
+from asr.model.subsampling import ConvSubsampling, Int8Frontend
 from asr.model.token_step import CompiledTokenStep, compiled_wkv_update
 
 FRAME_SHIFT_SECONDS = 0.04  # one encoder frame: 4 feature frames of 10 ms
@@ -108,7 +108,8 @@ class CTCModel(nn.Module):
         self.head = nn.Linear(config.d_model, config.vocab_size)
         # Training option (trainer.activation_checkpointing), not part of the model: see _run.
         self.activation_checkpointing = False
-        self._packed: Optional[tuple[list[Tensor], list[int], Optional[list[PackedBlock]]]] = None
+        # (parameters, their versions, block packs, int8 front end): see _packed_blocks
+        self._packed: Optional[tuple[list[Tensor], list[int], Optional[list[PackedBlock]], Optional[Int8Frontend]]] = None
         self._int8 = False  # prepare_for_inference(int8=True): the packed path with int8 weights
         self._compile: tuple[int, ...] = ()  # prepare_for_inference(compile=True): frames per call compiled
         self._token_step: Optional[CompiledTokenStep] = None
@@ -154,11 +155,14 @@ class CTCModel(nn.Module):
         the packed int8 step over the whole sequence (``impl`` is then ignored), so one pass and
         streaming give the same int8 results.
         """
-        x = self._run(self.subsampling, self.cmvn(features))
         packs = None
-        if self.int8_inference and not torch.is_grad_enabled() and x.shape[1] > 0:
+        if self.int8_inference and not torch.is_grad_enabled() and features.shape[1] > 0:
             packs = self._packed_blocks()
-        if packs is not None:
+        if packs is not None:  # the front end's products in int8 too
+            x = self.subsampling(self.cmvn(features), int8=self._int8_frontend())
+        else:
+            x = self._run(self.subsampling, self.cmvn(features))
+        if packs is not None and x.shape[1] > 0:
             logits, _ = self._packed_blocks_and_head(x, self.init_state(x.shape[0], x.device).blocks, packs)
         else:
             logits, _ = self._blocks_and_head(x, None, impl)
@@ -196,19 +200,20 @@ class CTCModel(nn.Module):
         or a number of frames in ``compile_frames``, run the compiled step
         (:mod:`asr.model.token_step`).
         """
-        x, caches = self.subsampling.stream(self.cmvn(features), state.subsampling)
+        packs = None
+        if fast is not False and impl == "auto" and not torch.is_grad_enabled() and not (
+            self.training and self.config.dropout > 0
+        ):
+            packs = self._packed_blocks()
+        if fast and packs is None:
+            raise RuntimeError("the packed inference path does not apply here (autograd on, impl "
+                               "given, active dropout, or weights that are not float nn.Linear)")
+        int8_front = self._int8_frontend() if packs is not None else None
+        x, caches = self.subsampling.stream(self.cmvn(features), state.subsampling, int8=int8_front)
         if x.shape[1] == 0:
             logits = x.new_zeros(x.shape[0], 0, self.config.vocab_size)
             blocks = state.blocks
         else:
-            packs = None
-            if fast is not False and impl == "auto" and not torch.is_grad_enabled() and not (
-                self.training and self.config.dropout > 0
-            ):
-                packs = self._packed_blocks()
-            if fast and packs is None:
-                raise RuntimeError("the packed inference path does not apply here (autograd on, impl "
-                                   "given, active dropout, or weights that are not float nn.Linear)")
             if packs is not None and x.shape[0] == 1 and x.shape[1] in self._compile \
                     and x.dtype == torch.float32 and x.device.type == "cpu":
                 logits, blocks = self._compiled_token_step(packs)(x[0], state.blocks)
@@ -261,8 +266,10 @@ class CTCModel(nn.Module):
         v, output, FFN key and value, the LoRA factors) get int8 weights with one scale per output
         channel; activations are quantized dynamically with one scale per row (frame), products
         run in ``torch._int_mm`` (oneDNN, exact int32 sums) and are scaled back to float32.
-        Norms, biases, the wkv state and all element-wise math stay float32, as do the
-        subsampling and the CTC head. Outputs then differ from float32 by the quantization error
+        So do the subsampling's second convolution and its projection, with one scale per
+        output position and per frame (:class:`asr.model.subsampling.Int8Frontend`). Norms,
+        biases, the wkv state and all element-wise math stay float32, as do the first convolution
+        and the CTC head. Outputs then differ from float32 by the quantization error
         (about 1 % of the logits' range). Per-row scales keep a stream independent of the others in
         a batch, but streaming equals one pass only to that quantization noise, not to float
         rounding: float sums that differ in the last bit with the cut can round to different int8
@@ -354,11 +361,11 @@ class CTCModel(nn.Module):
         """
         cached = self._packed
         if cached is not None:
-            params, versions, packs = cached
+            params, versions, packs, _ = cached
             if [p._version for p in params] == versions:
                 return packs
         params = list(self.parameters())
-        packs = None
+        packs, front = None, None
         linears = [m for b in self.blocks for m in (b.att.receptance, b.att.key, b.att.value, b.att.output,
                                                       b.ffn.key, b.ffn.value)] + [self.head]
         if all(type(m) is nn.Linear and m.weight.dtype in (torch.float32, torch.float64) for m in linears):
@@ -368,8 +375,15 @@ class CTCModel(nn.Module):
                                    "prepare_for_inference(int8=False) before moving or casting it")
             with torch.no_grad():
                 packs = [block.pack(int8=int8) for block in self.blocks]
-        self._packed = (params, [p._version for p in params], packs)
+            if int8 and type(self.subsampling.proj) is nn.Linear:  # not a torch.ao-quantized one
+                front = self.subsampling.pack_int8()
+        self._packed = (params, [p._version for p in params], packs, front)
         return packs
+
+    def _int8_frontend(self) -> Optional[Int8Frontend]:
+        """The front end's int8 weights when the int8 packed path runs; call right after
+        :meth:`_packed_blocks` (which builds them and checks they are current)."""
+        return None if self._packed is None else self._packed[3]
 
     # ------------------------------------------------------------------ training helpers
     def param_groups(self, weight_decay: float, lr: float) -> list[dict[str, Any]]:

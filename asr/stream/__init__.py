@@ -10,6 +10,7 @@
 machines without audio hardware or PortAudio.
 """
 from asr.stream.endpoint import EndpointConfig, Endpointer, EndpointRule
+from asr.stream.process import tune_for_streaming
 from asr.stream.recognizer import Partial, Recognizer, step_batch
 from asr.stream.state import split_state, stack_states
 
@@ -22,4 +23,5 @@ __all__ = [
     "split_state",
     "stack_states",
     "step_batch",
+    "tune_for_streaming",
 ]

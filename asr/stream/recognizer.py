@@ -262,24 +262,25 @@ class Recognizer:
         logits, self._state = self.model.step(feats.to(self.device)[None], self._state)
         return logits[0]
 
-    def _consume(self, logits: Tensor) -> Partial:
-        """Decode new encoder frames [t', V]; cut segments where an endpoint fires."""
+    def _consume(self, logits: Tensor, decoded: Optional[tuple[Tensor, list[int]]] = None) -> Partial:
+        """Decode new encoder frames [t', V]; cut segments where an endpoint fires. ``decoded``:
+        their log-probs (on the CPU) and arg-max ids, when the caller computed them already."""
         new: list[Segment] = []
         T = logits.shape[0]
         if T:
-            lp = logits.detach().float().cpu().log_softmax(dim=-1)
-            silent = (lp.argmax(dim=-1) == self.blank).tolist()
+            lp, best = decoded if decoded is not None else _log_probs_and_best(logits)
+            silent = [tok == self.blank for tok in best]
             if self._energy is not None:
                 silent = self._gate_by_energy(silent)
             start = 0
             for t in range(T):
                 if self._endpointer.update(bool(silent[t])):
-                    self._decode(lp[start : t + 1])
+                    self._decode(lp[start : t + 1], best[start : t + 1])
                     start = t + 1
                     seg = self._end_segment()
                     if seg is not None:
                         self._emit(seg, new)
-            self._decode(lp[start:])
+            self._decode(lp[start:], best[start:])
         words = self._current_words()
         return Partial(text=" ".join(w.word for w in words), segments=new, words=words, duration=self.duration)
 
@@ -300,9 +301,9 @@ class Recognizer:
         self._energy_base += drop
         return out
 
-    def _decode(self, lp: Tensor) -> None:
-        """Feed log-probs [t, V] of the current segment to the decoder."""
-        self._decoder.accept(lp)
+    def _decode(self, lp: Tensor, best: list[int]) -> None:
+        """Feed log-probs [t, V] of the current segment (and their arg-max ids) to the decoder."""
+        self._decoder.accept(lp, best)
         self._num_frames += lp.shape[0]
 
     def _words(self, tokens: Sequence[int], frames: Sequence[int], logprobs: Optional[Sequence[float]]) -> list[Word]:
@@ -365,11 +366,11 @@ def step_batch(
     features of all streams come from one fbank call. Bad samples in any block (NaN, wrong shape)
     raise :class:`asr.audio.AudioError` before any stream has taken its block.
 
-    A server that calls this for many streams should call ``gc.freeze()`` once after loading the
-    model: each call leaves a few thousand new Python objects alive until the next, and every few
-    dozen calls the interpreter then runs a full collection over all of torch's and the model's
-    objects (~150-300 ms at 100 streams on the 2-core dev box, against 40 ms of audio per call).
-    Frozen objects are not walked. ``asr-live`` and ``tools/bench_stream.py`` do it.
+    A server that calls this for many streams should call
+    :func:`asr.stream.tune_for_streaming` once after loading the model (garbage-collection stalls
+    of ~150-300 ms every few dozen calls, and ~4-8 ms per call of memory mapped and zeroed again
+    at 100 streams, otherwise; :mod:`asr.stream.process`). ``asr-live`` and
+    ``tools/bench_stream.py`` do.
     """
     if len(recognizers) != len(blocks):
         raise ValueError(f"{len(recognizers)} recognizers but {len(blocks)} blocks")
@@ -390,10 +391,11 @@ def step_batch(
         rec._record_levels(wave)
     new_feats = accept_waveforms([r._fbank for r in recognizers], waves)  # one fbank call for all
     feats = [r._split_for_batch(f) for r, f in zip(recognizers, new_feats)]
-    logits: list[list[Tensor]] = [[] for _ in recognizers]
+    # per stream: (logits, (log-probs, arg-max ids) or None) of each model call it took part in
+    logits: list[list[tuple[Tensor, Optional[tuple[Tensor, list[int]]]]]] = [[] for _ in recognizers]
     for i, rec in enumerate(recognizers):
         if not stackable[i]:
-            logits[i].append(rec._run(feats[i]))
+            logits[i].append((rec._run(feats[i]), None))
     # Packed stepping: all streams for the frames every one has, then the longer ones, and so on.
     pending = sorted((i for i, ok in enumerate(stackable) if ok and feats[i].shape[0]), key=lambda i: feats[i].shape[0])
     done = 0
@@ -404,10 +406,25 @@ def step_batch(
         parts = split_state(state,
                             [recognizers[i]._state.frames_in + (n - done) for i in pending],
                             [recognizers[i]._state.frames_out + out.shape[1] for i in pending])
+        lp, best = _log_probs_and_best(out)
         for j, i in enumerate(pending):
             recognizers[i]._state = parts[j]
-            logits[i].append(out[j])
+            logits[i].append((out[j], (lp[j], best[j])))
         done = n
         pending = [i for i in pending if feats[i].shape[0] > n]
     vocab = model.config.vocab_size
-    return [rec._consume(torch.cat(lg) if lg else torch.zeros(0, vocab)) for rec, lg in zip(recognizers, logits)]
+    results = []
+    for rec, lg in zip(recognizers, logits):
+        if len(lg) == 1:  # the usual case: one row of one batched call
+            results.append(rec._consume(*lg[0]))
+        else:
+            joined = torch.cat([part[0] for part in lg]) if lg else torch.zeros(0, vocab)
+            results.append(rec._consume(joined))
+    return results
+
+
+def _log_probs_and_best(logits: Tensor) -> tuple[Tensor, list[int]]:
+    """Log-softmax on the CPU and the arg-max ids of logits [..., T, V] (for all streams at once in
+    :func:`step_batch`: one call instead of one per stream, ~4 ms at 100 streams on the dev box)."""
+    lp = logits.detach().float().cpu().log_softmax(dim=-1)
+    return lp, lp.argmax(dim=-1).tolist()
