@@ -237,7 +237,9 @@ class LexiconHypothesisDecoder:
     def num_tokens(self) -> int:
         return 0
 
-    def accept(self, log_probs: Tensor) -> None:
+    def accept(self, log_probs: Tensor, best: Optional[list[int]] = None) -> None:
+        """Keep [T, V] log-probs for the search; ``best`` (their arg-max ids, which the streaming
+        recognizer hands every decoder) is not needed here."""
         if log_probs.shape[0]:
             self._chunks.append(log_probs.detach().float().cpu())
             self.num_frames += log_probs.shape[0]

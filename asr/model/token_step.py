@@ -344,15 +344,20 @@ def _compiled_step(layout: _Layout, frames: int) -> Callable[..., tuple[Tensor, 
 
 @contextlib.contextmanager
 def _quiet_cpp_build() -> Iterator[None]:
-    """Inductor's C++ build imports torch.utils.cpp_extension, which warns "No CUDA runtime is
-    found" on every CPU-only machine: noise for someone starting asr-live, so quiet for a compile."""
-    cpp_log = logging.getLogger("torch.utils.cpp_extension")
-    level = cpp_log.level
-    cpp_log.setLevel(logging.ERROR)
+    """Quiet two warnings of a compile that are noise for someone starting asr-live: inductor's C++
+    build imports torch.utils.cpp_extension, which warns "No CUDA runtime is found" on every
+    CPU-only machine; and for the symbolically traced wkv update, inductor's disk cache fails to
+    pickle a cache key and logs it with a traceback (torch 2.14: the graph is then compiled
+    without that cache, ~4 s per process)."""
+    loggers = [logging.getLogger(name) for name in ("torch.utils.cpp_extension", "torch._inductor.codecache")]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        cpp_log.setLevel(level)
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)
 
 
 # ---------------------------------------------------------------------------------------------
