@@ -159,7 +159,8 @@ def test_compiled_int8_step_equals_packed_int8_to_quantization_noise(monkeypatch
     """int8: the same int8 weights, per-row activation scales and exact integer sums; only float
     rounding in the element-wise math differs, which can move a value across an int8 rounding
     step (as streaming vs one pass does, test_step_int8.py): one token from the same state agrees
-    to float rounding, a stream to the quantization noise."""
+    to float rounding unless such a step moved (about 1 token in 12 in this model), a stream to the
+    quantization noise."""
     model = compiled_model(4, int8=True)
     calls = CountCalls(monkeypatch)
     feats = torch.randn(1, 160, 80) * 3 - 8
@@ -170,13 +171,15 @@ def test_compiled_int8_step_equals_packed_int8_to_quantization_noise(monkeypatch
     want = run(model, feats, sizes, fast=True)
     assert rel_err(got, want) < 0.03
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
+    starts = range(40, 160, 12)  # one token from each of 10 states along the stream
     with torch.inference_mode():
-        _, state = model.step(feats[:, :80], model.init_state(1))
-        b, _ = model.step(feats[:, 80:84], state)
+        states = [model.step(feats[:, :t], model.init_state(1))[1] for t in starts]
+        packed = [model.step(feats[:, t : t + 4], s)[0] for t, s in zip(starts, states)]
         model.prepare_for_inference(int8=True, compile=True)
-        a, _ = model.step(feats[:, 80:84], state)
-    assert calls.n == 41
-    assert rel_err(a, b) < 1e-5
+        compiled = [model.step(feats[:, t : t + 4], s)[0] for t, s in zip(starts, states)]
+    assert calls.n == 40 + len(starts)
+    errs = sorted(rel_err(a, b) for a, b in zip(compiled, packed))
+    assert errs[-1] < 0.03 and errs[len(errs) // 2] < 1e-5 and sum(e < 1e-5 for e in errs) >= 7, errs
 
 
 @needs_compile
