@@ -78,11 +78,11 @@ def test_token_step_uncompiled_equals_packed_step(int8):
     state = model.init_state(1).blocks
     with torch.inference_mode():
         for chunk in xs.split([1, 4, 2, 1, 3, 4, 1, 4]):
-            flat = [t.reshape(t.shape[1:]) for s in state for t in (s.tmix_prev, s.wkv, s.cmix_prev)]
+            flat = [t for s in state for t in (s.tmix_prev, s.wkv, s.cmix_prev)]  # one stream: [1, ...]
             got, *new = step(chunk, f32, i8, *flat)
             want, state = model._packed_blocks_and_head(chunk.unsqueeze(0), state, packs)
             assert got.shape == want.shape[1:] and rel_err(got, want[0]) < 1e-5
-            want_new = [t.reshape(t.shape[1:]) for s in state for t in (s.tmix_prev, s.wkv, s.cmix_prev)]
+            want_new = [t for s in state for t in (s.tmix_prev, s.wkv, s.cmix_prev)]
             assert len(new) == len(want_new) == 3 * len(packs)
             for a, b in zip(new, want_new):
                 assert a.shape == b.shape and rel_err(a, b) < 1e-5

@@ -288,16 +288,17 @@ def _block_frames(
 
 def _make_step(layout: _Layout) -> Callable[..., tuple[Tensor, ...]]:
     """The whole stack for T frames of one stream, the layout baked in: (x [T, C], f32, i8, *states)
-    -> (logits [T, V], *new states), states flat as (tmix_prev [C], S [H, N, N], cmix_prev [C]) per
-    block."""
+    -> (logits [T, V], *new states), states flat as (tmix_prev [1, C], S [1, H, N, N], cmix_prev
+    [1, C]) per block: the shapes of a :class:`BlockState` of one stream, so that the caller passes
+    and keeps them without reshaping (~50 ATen calls per frame fewer)."""
 
     def step(x: Tensor, f32: Tensor, i8: Tensor, *states: Tensor) -> tuple[Tensor, ...]:
         v_first = None
         new: list[Tensor] = []
         for i, L in enumerate(layout.blocks):
-            x, tp, S, cp, v_first = _block_frames(L, f32, i8, x, states[3 * i], states[3 * i + 1],
-                                                  states[3 * i + 2], v_first)
-            new += [tp, S, cp]
+            x, tp, S, cp, v_first = _block_frames(L, f32, i8, x, states[3 * i].view(L.C), states[3 * i + 1][0],
+                                                  states[3 * i + 2].view(L.C), v_first)
+            new += [tp.view(1, L.C), S.unsqueeze(0), cp.view(1, L.C)]
         w, b, eps = layout.ln_out
         x = F.layer_norm(x, (x.shape[-1],), w.get(f32), b.get(f32), eps)
         return (_rows_dot(layout.head_w.get(f32), x) + layout.head_b.get(f32), *new)
@@ -336,7 +337,7 @@ def _compiled_step(layout: _Layout, frames: int) -> Callable[..., tuple[Tensor, 
 
     L0 = layout.blocks[0]
     C, H, N = L0.C, L0.H, L0.N
-    shapes = [(frames, C), (layout.f32_size,), (layout.i8_size,)] + [s for _ in layout.blocks for s in ((C,), (H, N, N), (C,))]
+    shapes = [(frames, C), (layout.f32_size,), (layout.i8_size,)] + [s for _ in layout.blocks for s in ((1, C), (1, H, N, N), (1, C))]
     dtypes = [torch.float32, torch.float32, torch.int8] + [torch.float32] * (3 * len(layout.blocks))
     fake_mode = FakeTensorMode(shape_env=ShapeEnv())
     with _quiet_cpp_build(), torch.no_grad():
@@ -453,12 +454,8 @@ class CompiledTokenStep:
         """x [T, C] (T frames of one stream, T in ``frames``) and its block states -> logits [T, V],
         new states."""
         assert self._layout is not None, "update() first"
-        T, C = x.shape
-        flat = []
-        for s, L in zip(states, self._layout.blocks):  # the compiled code takes contiguous inputs
-            flat += [s.tmix_prev.reshape(C).contiguous(), s.wkv.reshape(L.H, L.N, L.N).contiguous(),
-                     s.cmix_prev.reshape(C).contiguous()]
+        T = x.shape[0]
+        # the compiled code takes contiguous inputs of the shapes it was traced with (no-ops here)
+        flat = [t.contiguous() for s in states for t in (s.tmix_prev, s.wkv, s.cmix_prev)]
         logits, *new = self._fns[T](x.contiguous(), self._f32, self._i8, *flat)
-        blocks = [BlockState(new[i].view(1, C), new[i + 1].unsqueeze(0), new[i + 2].view(1, C))
-                  for i in range(0, len(new), 3)]
-        return logits, blocks
+        return logits, [BlockState(*new[i : i + 3]) for i in range(0, len(new), 3)]
