@@ -92,7 +92,7 @@ def load_model(
     :meth:`asr.model.CTCModel.prepare_for_inference`): faster streaming, outputs within about 1 %
     of float32 (not bit-identical). Off by default.
     ``compile``: compile the streaming step for one and for four encoder frames per call (40 and
-    160 ms of audio; CPU only, needs a C++ compiler, up to a minute the first time; see
+    160 ms of audio; CPU only, needs a C++ compiler, up to a minute or two the first time; see
     :meth:`asr.model.CTCModel.prepare_for_inference`): a :meth:`ASRModel.stream` fed 160 ms chunks
     then runs ~2.5x faster with ``int8``. File transcription does not use it. Off by default.
     ``lm``: an ARPA word n-gram model (``tools/build_lm.py``): final hypotheses then come from a

@@ -28,7 +28,7 @@ counts.
 ``--compile`` records in 160 ms blocks instead of 100 ms and runs the model's step for them
 compiled into one C++ function (``CTCModel.prepare_for_inference(compile=True,
 compile_frames=(4,))``): with ``--int8``, ~2.5x less compute per 40 ms than without ``--compile``
-(tools/bench_stream.py). It needs a C++ compiler; the first start compiles for up to a minute
+(tools/bench_stream.py). It needs a C++ compiler; the first start compiles for up to a minute or two
 (inductor caches the result on disk, so later starts take seconds). Words appear up to 60 ms later.
 
 One intra-op thread: per-frame operations are tiny, and with 2 OpenMP threads on a busy 2-core
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int8 block weights (CPU): 1.1-1.8x faster steps, outputs within ~1%% of float32")
     p.add_argument("--compile", action="store_true",
                    help="160 ms blocks through a step compiled with torch.compile (needs a C++ compiler; "
-                        "the first start takes up to a minute): with --int8 ~2.5x less CPU per 40 ms")
+                        "the first start takes up to a minute or two): with --int8 ~2.5x less CPU per 40 ms")
     return p
 
 
@@ -265,7 +265,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return _error(f"{args.input}: file not found")
     try:
         if args.compile:
-            print("asr-live: compiling the model step (up to a minute the first time)", file=sys.stderr, flush=True)
+            print("asr-live: compiling the model step (up to a minute or two the first time)", file=sys.stderr, flush=True)
         model, tokenizer, carried_lm = _load_model(args.model, args.int8, args.compile)
         from asr.api import language_model_decoder
 

@@ -292,7 +292,7 @@ class CTCModel(nn.Module):
         rounding (int8: to int8 rounding, as streaming vs one pass). Other calls keep the packed
         path; in it, calls of several streams run the wkv state update compiled
         (:func:`asr.model.token_step.wkv_token_compiled`: 1.17-1.25x for 64-128 streams through
-        ``step_batch`` at 40 ms per call, 2 threads). It compiles here, now: ~10-30 s and a working C++ compiler (inductor caches it on disk,
+        ``step_batch`` at 40 ms per call, 2 threads). It compiles here, now: ~10-80 s and a working C++ compiler (inductor caches it on disk,
         so later processes take a few seconds); compile with the thread count you will run with
         (``torch.set_num_threads``), the generated code keeps it. Memory: one more copy of the block
         weights (float32 packs; int8: one byte per weight).

@@ -23,7 +23,7 @@ int8 products go through ``torch._int_mm`` (oneDNN, exact int32 sums) as in the 
 frame count. So it equals the int8 packed path up to where float rounding moves a value across an
 int8 rounding step (as streaming vs one pass does, tests/test_step_int8.py).
 
-Costs: compiling takes ~10-30 s (a C compiler must be installed; inductor caches the result on
+Costs: compiling takes ~10-80 s (a C++ compiler must be installed; inductor caches the result on
 disk, later processes take a few seconds), and the weights are copied once more into one flat
 buffer in the order the step reads them (float32: ~+100 % of the block weights; int8: one byte
 per weight), because a single run streams from memory faster than separate matrices and passing
