@@ -255,3 +255,53 @@ def test_several_streams_take_the_compiled_wkv_update_and_equal_the_packed_path(
         assert not taken
     finally:
         torch.set_num_threads(threads)
+
+
+@needs_compile
+@pytest.mark.parametrize("int8", [False, True])
+def test_compiled_front_end_equals_the_eager_one_in_both_phases(int8, monkeypatch):
+    """With ``compile=True`` a call of one stream that brings 4 or 16 feature frames runs CMVN and
+    the subsampling as a compiled function (asr/model/frontend_step.py), in either phase of
+    conv2's cache: a stream that began with 2 feature frames (asr-live's first call) or with 4.
+    Calls of other sizes run the eager front end on the same caches. Its outputs and caches
+    equal the eager front end's along the whole stream, and CMVN statistics changed after the
+    compile are used."""
+    from asr.model.frontend_step import CompiledFrontend
+
+    model = random_model(8, **SIZES)
+    try:
+        assert model.prepare_for_inference(int8=int8, compile=True, compile_frames=(1, 4))
+    except Exception as err:
+        if "ASR_TEST_COMPILE_STRICT" in os.environ:
+            raise
+        pytest.skip(f"torch.compile's inductor is not usable here: {str(err).splitlines()[0][:200]}")
+    with torch.no_grad():  # after the compile: read on every call, not baked in
+        model.cmvn.mean.copy_(torch.randn(80))
+        model.cmvn.istd.copy_(torch.rand(80) + 0.5)
+    compiled_calls = []
+    original = CompiledFrontend.__call__
+    monkeypatch.setattr(CompiledFrontend, "__call__",
+                        lambda obj, f, *a: compiled_calls.append(f.shape[1]) or original(obj, f, *a))
+    feats = torch.randn(1, 260, 80) * 3 - 8
+    packs = model._packed_blocks()
+    front = model._compiled_frontend(packs)
+    int8_front = model._int8_frontend()
+    assert (int8_front is not None) == int8
+    for cuts in ([2] + [4] * 20 + [16] * 4 + [3] + [4] * 5 + [1] + [16] * 3 + [4] * 3,
+                 [4] * 10 + [16] * 5 + [5] + [4] * 5 + [16] * 4 + [7] + [4] * 10):
+        compiled_calls.clear()
+        eager, mixed = (None, None), (None, None)
+        with torch.inference_mode():
+            for chunk in feats[:, : sum(cuts)].split(cuts, dim=1):
+                want, eager = model.subsampling.stream(model.cmvn(chunk), eager, int8=int8_front)
+                if front.applies(chunk, mixed):
+                    got, mixed = front(chunk, mixed, model.cmvn.mean, model.cmvn.istd)
+                else:
+                    got, mixed = model.subsampling.stream(model.cmvn(chunk), mixed, int8=int8_front)
+                for a, b in [(got, want), *zip(mixed, eager)]:
+                    assert a.shape == b.shape and (b.numel() == 0 or rel_err(a, b) < 1e-6)
+        # after an odd call the conv1 cache holds 1 frame: eager until an odd call evens it again
+        assert sorted(set(compiled_calls)) == [4, 16] and len(compiled_calls) >= 25
+    compiled_calls.clear()  # and model.step takes it
+    run(model, feats[:, :64], [4] * 16, fast=True)
+    assert compiled_calls == [4] * 16

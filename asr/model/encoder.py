@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from asr.features import GlobalCMVN
 from asr.model.rwkv7 import Block, BlockState, PackedBlock, default_lora_ranks, packed_step
+from asr.model.frontend_step import CompiledFrontend
 from asr.model.subsampling import ConvSubsampling, Int8Frontend
 from asr.model.token_step import CompiledTokenStep, compiled_wkv_update
 
@@ -113,6 +114,7 @@ class CTCModel(nn.Module):
         self._int8 = False  # prepare_for_inference(int8=True): the packed path with int8 weights
         self._compile: tuple[int, ...] = ()  # prepare_for_inference(compile=True): frames per call compiled
         self._token_step: Optional[CompiledTokenStep] = None
+        self._front_step: Optional[CompiledFrontend] = None  # the front end of those calls, compiled
         # load_state_dict(assign=True) swaps Parameter objects: drop the pack (in-place loads are
         # caught by the parameters' version counters, see _packed_blocks)
         self.register_load_state_dict_post_hook(CTCModel._drop_packed_hook)
@@ -208,8 +210,12 @@ class CTCModel(nn.Module):
         if fast and packs is None:
             raise RuntimeError("the packed inference path does not apply here (autograd on, impl "
                                "given, active dropout, or weights that are not float nn.Linear)")
-        int8_front = self._int8_frontend() if packs is not None else None
-        x, caches = self.subsampling.stream(self.cmvn(features), state.subsampling, int8=int8_front)
+        front = self._compiled_frontend(packs) if packs is not None and self._compile else None
+        if front is not None and front.applies(features, state.subsampling):
+            x, caches = front(features, state.subsampling, self.cmvn.mean, self.cmvn.istd)
+        else:
+            int8_front = self._int8_frontend() if packs is not None else None
+            x, caches = self.subsampling.stream(self.cmvn(features), state.subsampling, int8=int8_front)
         if x.shape[1] == 0:
             logits = x.new_zeros(x.shape[0], 0, self.config.vocab_size)
             blocks = state.blocks
@@ -319,13 +325,16 @@ class CTCModel(nn.Module):
         if int8 != self.int8_inference:
             self._int8 = int8
             self._packed = None
-        if frames != self._compile and getattr(self, "_token_step", None) is not None:
-            self._token_step.release()  # its weight copy (the compiled code stays for a later compile=True)
-            self._token_step = None
+        if frames != self._compile:  # drop the weight copies (the compiled code stays for a later compile=True)
+            for name in ("_token_step", "_front_step"):
+                if getattr(self, name, None) is not None:
+                    getattr(self, name).release()
+                    setattr(self, name, None)
         self._compile = frames
         packs = self._packed_blocks()
         if compile and packs is not None:
             self._compiled_token_step(packs)  # compile now, not on the first frame of a stream
+            self._compiled_frontend(packs)
             compiled_wkv_update(packs[0].n_heads, packs[0].head_size)  # and the batched wkv update
         return packs is not None
 
@@ -335,6 +344,16 @@ class CTCModel(nn.Module):
             self._token_step = CompiledTokenStep(self._compile)
         self._token_step.update(packs, self.ln_out, self.head)
         return self._token_step
+
+    def _compiled_frontend(self, packs: list[PackedBlock]) -> Optional[CompiledFrontend]:
+        """The compiled streaming front end on the current weights (created, or its weights
+        collected again, as needed), or None where the front end is not of the compiled form."""
+        if not CompiledFrontend.supports(self.subsampling) or self.cmvn.mean.dtype != torch.float32:
+            return None
+        if getattr(self, "_front_step", None) is None:
+            self._front_step = CompiledFrontend(self._compile)
+        self._front_step.update(packs, self.subsampling, self.config.n_mels, self._int8_frontend())
+        return self._front_step
 
     def drop_inference_cache(self) -> None:
         """Forget the packed weights (rebuilt on the next fast ``step``)."""
@@ -352,6 +371,7 @@ class CTCModel(nn.Module):
         state = dict(super().__getstate__())
         state["_packed"] = None
         state["_token_step"] = None  # compiled code is per process; rebuilt on the next compiled step
+        state["_front_step"] = None
         return state
 
     def _packed_blocks(self) -> Optional[list[PackedBlock]]:
