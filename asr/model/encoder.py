@@ -17,8 +17,9 @@ built lazily and rebuilt when a parameter changes). Same arithmetic, ~5x fewer P
 ``step(..., fast=False)`` is the general path it is tested against. ``prepare_for_inference(int8=True)``
 gives the packed path int8 weights (per output channel) and per-frame dynamic activation scales;
 ``prepare_for_inference(compile=True)`` serves calls of one stream that bring one encoder frame (or
-as many as ``compile_frames`` lists) with the whole step compiled into one C++ function
-(:mod:`asr.model.token_step`, ~2x faster per frame, opt-in).
+as many as ``compile_frames`` lists) with the blocks and head compiled into one C++ function
+(:mod:`asr.model.token_step`, ~2x faster per frame, opt-in) and the front end into another
+(:mod:`asr.model.frontend_step`).
 """
 from __future__ import annotations
 
@@ -295,7 +296,10 @@ class CTCModel(nn.Module):
         frame of one stream (40 ms of audio, what a live recognizer sends) run the blocks, the final
         LayerNorm and the head as one function compiled by ``torch.compile``'s inductor backend
         (:mod:`asr.model.token_step`): ~2x faster per frame on one CPU thread, same results to float
-        rounding (int8: to int8 rounding, as streaming vs one pass). Other calls keep the packed
+        rounding (int8: to int8 rounding, as streaming vs one pass). When such a call brings exactly
+        4 feature frames per encoder frame and the stream's caches are in one of the two phases
+        an even number of feature frames leaves, CMVN and the subsampling run compiled too
+        (:mod:`asr.model.frontend_step`, the same results: 0.8x the time of the whole int8 step). Other calls keep the packed
         path; in it, calls of several streams run the wkv state update compiled
         (:func:`asr.model.token_step.wkv_token_compiled`: 1.17-1.25x for 64-128 streams through
         ``step_batch`` at 40 ms per call, 2 threads). It compiles here, now: ~10-80 s and a working C++ compiler (inductor caches it on disk,
