@@ -139,6 +139,36 @@ def test_fast_step_follows_weight_changes():
     assert rel_err(run(model, feats, sizes, True), run(model, feats, sizes, False)) < 1e-12
 
 
+def test_frozen_model_skips_the_version_check_but_not_loads_or_training():
+    """``prepare_for_inference(freeze=True)`` is a promise that the weights stay as they are: an
+    edit by hand is then not seen (the documented cost) until ``drop_inference_cache``; a
+    ``load_state_dict`` still is, and ``train()`` ends the promise."""
+    model = random_model(8)
+    feats = torch.randn(1, 40, 80) * 3 - 8
+    sizes = [4] * 10
+    assert model.prepare_for_inference(freeze=True)
+    before = run(model, feats, sizes, True)
+    with torch.no_grad():
+        model.blocks[1].ffn.value.weight.mul_(2)
+    assert torch.equal(run(model, feats, sizes, True), before)  # the pack was not checked
+    model.drop_inference_cache()
+    assert rel_err(run(model, feats, sizes, True), run(model, feats, sizes, False)) < 1e-5
+    assert rel_err(run(model, feats, sizes, True), before) > 1e-3
+    other = random_model(9)
+    model.load_state_dict(other.state_dict())
+    assert torch.equal(run(model, feats, sizes, True), run(other, feats, sizes, True))
+    model.train()
+    model.eval()
+    with torch.no_grad():
+        model.blocks[1].ffn.value.weight.mul_(2)
+    assert rel_err(run(model, feats, sizes, True), run(model, feats, sizes, False)) < 1e-5
+    model.prepare_for_inference(freeze=True)
+    model.prepare_for_inference()  # a call without it ends it too
+    with torch.no_grad():
+        model.blocks[1].ffn.value.weight.mul_(2)
+    assert rel_err(run(model, feats, sizes, True), run(model, feats, sizes, False)) < 1e-5
+
+
 @pytest.mark.filterwarnings("ignore")
 def test_fast_path_only_without_autograd_and_not_for_quantized_linears():
     model = random_model(8)

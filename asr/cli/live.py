@@ -213,7 +213,7 @@ def _load_model(path: Optional[str], int8: bool = False, compile: bool = False) 
     model, tokenizer, carried_lm = load_inference_parts(path)
     if int8 or compile:
         try:
-            model.prepare_for_inference(int8=int8, compile=compile, compile_frames=COMPILED_FRAMES)
+            model.prepare_for_inference(int8=int8, compile=compile, compile_frames=COMPILED_FRAMES, freeze=True)
         except Exception as err:  # no C++ compiler, a model the compiled step does not take...
             what = "--compile" if compile else "--int8"
             raise RuntimeError(f"{what} failed: {' '.join(str(err).split())[:200]}") from None

@@ -109,6 +109,10 @@ class CompiledFrontend:
         return type(sub.proj) is torch.nn.Linear and all(c.kernel == _KERNEL and c.stride == _STRIDE for c in convs) \
             and sub.conv1.conv.in_channels == 1 and sub.proj.weight.dtype == torch.float32
 
+    def current(self, key: object) -> bool:
+        """Whether the weights were collected for ``key`` (the packs)."""
+        return key is self._key
+
     def update(self, key: object, sub: ConvSubsampling, n_mels: int, int8: Optional[Int8Frontend]) -> None:
         """Collect the weights (and compile what is missing) unless ``key`` (the packs) is unchanged."""
         if key is self._key:
