@@ -16,7 +16,9 @@ Tables (markdown), all on ``--threads`` intra-op threads (default 1, as ``asr-li
    and, unless ``--skip compile``, with the step compiled by ``torch.compile``'s inductor for one
    and for four encoder frames per call (``prepare_for_inference(compile=True,
    compile_frames=(1, 4))``, float32 and int8; the compile time is printed), all in the same
-   alternating rounds; the recognizer is also timed with the compiled step.
+   alternating rounds; the recognizer is also timed with the compiled step. The int8 and compiled
+   modes run with frozen weights (``freeze=True``: no per-step check of the parameters' versions),
+   as ``asr.load_model`` and ``asr-live`` load them.
    The floor the issue sets: one fp32 matrix-vector product over as many weights as the model has
    (reading every weight once per frame), measured in the same run, and the int8 floor: one int8
    mat-vec over as many weights with the kernel the int8 path uses (``torch._int_mm``); and the
@@ -133,7 +135,8 @@ def single_stream(model: CTCModel, tok: Tokenizer, frames: int, compile: bool = 
     with torch.inference_mode():
         for rnd in range(4):  # alternate the paths so load drift on a shared machine hits all alike
             for key, (fast, int8, comp) in modes.items():
-                model.prepare_for_inference(int8=int8, compile=comp, compile_frames=(1, 4))
+                # int8 and compiled: frozen weights, as asr.load_model and asr-live load them
+                model.prepare_for_inference(int8=int8, compile=comp, compile_frames=(1, 4), freeze=int8 or comp)
                 state = model.init_state(1)
                 _, state = model.step(feats, state, fast=fast)
 
