@@ -27,10 +27,10 @@ needs_compile = pytest.mark.skipif(
 SIZES = dict(d_model=128, n_layers=3, head_size=64)
 
 
-def compiled_model(seed: int, int8: bool = False):
+def compiled_model(seed: int, int8: bool = False, frames: tuple[int, ...] = (1,)):
     model = random_model(seed, **SIZES)
     try:
-        assert model.prepare_for_inference(int8=int8, compile=True)
+        assert model.prepare_for_inference(int8=int8, compile=True, compile_frames=frames)
     except Exception as err:  # no C++ compiler, unsupported platform...
         if "ASR_TEST_COMPILE_STRICT" in os.environ:
             raise
@@ -189,13 +189,7 @@ def test_compiled_multi_frame_step_equals_packed_path(int8, monkeypatch):
     steps, any other size the packed path, handing the state back and forth; a stream cut at
     random equals the packed path cut the same way (float32: to float rounding; int8: to the
     quantization noise, as above) and the general path (float32)."""
-    model = random_model(6, **SIZES)
-    try:
-        assert model.prepare_for_inference(int8=int8, compile=True, compile_frames=(1, 4))
-    except Exception as err:
-        if "ASR_TEST_COMPILE_STRICT" in os.environ:
-            raise
-        pytest.skip(f"torch.compile's inductor is not usable here: {str(err).splitlines()[0][:200]}")
+    model = compiled_model(6, int8, frames=(1, 4))
     calls = CountCalls(monkeypatch)
     feats = torch.randn(1, 400, 80) * 3 - 8
     rng = random.Random(int8)
@@ -268,13 +262,7 @@ def test_compiled_front_end_equals_the_eager_one_in_both_phases(int8, monkeypatc
     compile are used."""
     from asr.model.frontend_step import CompiledFrontend
 
-    model = random_model(8, **SIZES)
-    try:
-        assert model.prepare_for_inference(int8=int8, compile=True, compile_frames=(1, 4))
-    except Exception as err:
-        if "ASR_TEST_COMPILE_STRICT" in os.environ:
-            raise
-        pytest.skip(f"torch.compile's inductor is not usable here: {str(err).splitlines()[0][:200]}")
+    model = compiled_model(8, int8, frames=(1, 4))
     with torch.no_grad():  # after the compile: read on every call, not baked in
         model.cmvn.mean.copy_(torch.randn(80))
         model.cmvn.istd.copy_(torch.rand(80) + 0.5)

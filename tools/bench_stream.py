@@ -26,6 +26,8 @@ Tables (markdown), all on ``--threads`` intra-op threads (default 1, as ``asr-li
 2. torchaudio's Emformer at about the same size (d=256, 12 layers, 4 heads, FFN 1024, segments of
    4 frames + 1 right-context frame, 32 frames of left context) through ``Emformer.infer``: the
    encoder only, per 160 ms segment and per 40 ms.
+   Then (unless ``--skip compile`` or ``emformer``) the two head to head: our compiled int8 step,
+   frame by frame and 160 ms per call, and Emformer's segment, in short alternating runs.
 3. State memory per stream: ours (``EncoderState.size_bytes()`` + frontend buffers) and Emformer's.
 4. Concurrent streams: B streams stepped as one batch with ``asr.stream.step_batch`` (every call
    gives each stream ``--batch-block`` seconds of audio), and ``model.step`` on the batched state
@@ -229,7 +231,40 @@ def emformer(reps: int) -> Optional[dict]:
 
         times = timeit(one, reps)
     state_bytes = sum(t.numel() * t.element_size() for layer in states for t in layer)
-    return {"params": n_params, "segment": times, "frames_per_call": seg, "state_bytes": state_bytes}
+    return {"params": n_params, "segment": times, "frames_per_call": seg, "state_bytes": state_bytes,
+            "call": one}
+
+
+def head_to_head(model: CTCModel, emformer_segment: Callable[[], object], reps: int, block: int = 20) -> dict:
+    """Our compiled int8 step against Emformer's 160 ms segment, in short alternating runs, so
+    that this box's load swings (up to 2x between processes, minutes apart) hit both alike: per
+    round, ``block`` Emformer segments, then the same audio as one-frame calls of ours, then as
+    4-frame calls. Runs, not single calls: each model keeps its weights in the caches through its
+    run, as a stream stepping alone would (one Emformer segment streams 38 MB of weights through
+    them, and ours is memory-bound). Times per 160 ms of audio."""
+    model.prepare_for_inference(int8=True, compile=True, compile_frames=(1, 4), freeze=True)
+    feats, feats4 = torch.randn(1, 4, 80) * 3 + 5, torch.randn(1, 16, 80) * 3 + 5
+    out: dict[str, list[float]] = {"emformer": [], "frames": [], "block": []}
+    with torch.inference_mode():
+        s1, s4 = model.init_state(1), model.init_state(1)
+        for _ in range(max(1, reps // block)):
+            for _ in range(block + 2):  # two calls of warm-up, not timed
+                t = time.perf_counter()
+                emformer_segment()
+                out["emformer"].append(time.perf_counter() - t)
+            del out["emformer"][-block - 2 : -block]
+            for i in range(block + 2):
+                t = time.perf_counter()
+                for _ in range(4):
+                    _, s1 = model.step(feats, s1)
+                if i >= 2:
+                    out["frames"].append(time.perf_counter() - t)
+            for i in range(block + 2):
+                t = time.perf_counter()
+                _, s4 = model.step(feats4, s4)
+                if i >= 2:
+                    out["block"].append(time.perf_counter() - t)
+    return out
 
 
 def batch_capacity(model: CTCModel, tok: Tokenizer, block: float, reps: int, max_b: int) -> dict:
@@ -372,6 +407,19 @@ def main(argv=None) -> int:
     print(f"| ours: recognizer (model state + frontend buffers) | {single['state_bytes']:,} |")
     if emf is not None:
         print(f"| Emformer: infer states (left context 32 frames) | {emf['state_bytes']:,} |")
+
+    if emf is not None and "compile_s" in single:
+        h2h = head_to_head(model, emf["call"], reps)
+        e = statistics.median(h2h["emformer"])
+        print("\nHead to head, alternating runs of 20 calls (per 160 ms of audio: one Emformer segment, 4 one-frame "
+              "calls of ours, one 4-frame call of ours; compiled int8, frozen weights):")
+        print("| per 160 ms of audio | median ms | per 40 ms | real-time factor | Emformer / this |")
+        print("|---|---:|---:|---:|---:|")
+        for name, key in (("torchaudio Emformer, one segment (4 + 1 right context)", "emformer"),
+                          ("ours, 4 calls of 40 ms (frame by frame)", "frames"), ("ours, one call of 160 ms", "block")):
+            med = statistics.median(h2h[key])
+            print(f"| {name} | {1000 * med:.2f} | {250 * med:.2f} | {med / (4 * FRAME):.4f} | {e / med:.2f}x |")
+        model.prepare_for_inference(int8=False)
 
     if "batch" not in args.skip:
         tune_for_streaming()  # what a long-running server does after start-up (module docstring, item 4)
