@@ -25,7 +25,9 @@ checkpointing (``trainer.activation_checkpointing``), ``rwkv7_cudagraphs_checkpo
 static compile with CUDA graphs and checkpointing, ``rwkv7_cudagraphs_budget50`` / ``_budget25`` /
 ``_budget20`` the static compile with CUDA graphs under the compiler's activation memory budget
 (0.5 / 0.25 / 0.2: it recomputes what it chooses in the backward), ``conformer_compiled`` the anchor compiled
-too, for fairness, ``conformer12`` the issue's own anchor (12 layers, 20 M parameters;
+too, for fairness, ``rwkv7_d320x8_cudagraphs`` / ``_budget25`` the same two with the bundled
+model's blocks (d=320 x 8: fewer, wider blocks at about the same size, 12.9 M, the Conformer's
+depth), ``conformer12`` the issue's own anchor (12 layers, 20 M parameters;
 ``conformer``, the ratios' anchor, is matched to our size with 8). Compilation happens in the
 warm-up steps, outside the timing; their time is printed.
 """
@@ -35,6 +37,7 @@ import argparse
 import contextlib
 import sys
 import time
+from typing import Optional
 from pathlib import Path
 
 import torch
@@ -47,6 +50,8 @@ from asr.model.subsampling import ConvSubsampling  # noqa: E402
 from asr.train.cuda_graphs import GraphedTrainForward, keep_grads_allocated  # noqa: E402
 
 VOCAB = 256
+#: the bundled model's block sizes; its front end has 128 channels, here the anchors' 256 (12.9 M)
+D320X8 = dict(d_model=320, n_layers=8)
 
 
 class AnchorCTC(nn.Module):
@@ -155,8 +160,8 @@ def builders() -> dict:
             return model
         return build
 
-    def ours_cudagraphs() -> CTCModel:
-        model = CTCModel(ModelConfig(vocab_size=VOCAB))
+    def ours_cudagraphs(**sizes: int) -> CTCModel:
+        model = CTCModel(ModelConfig(vocab_size=VOCAB, **sizes))
         model.compile(mode="reduce-overhead", dynamic=False, fullgraph=True)
         return model
 
@@ -168,14 +173,14 @@ def builders() -> dict:
         model.activation_checkpointing = True
         return model
 
-    def ours_cudagraphs_budget(budget: float):
+    def ours_cudagraphs_budget(budget: Optional[float], **sizes: int):
         def build() -> CTCModel:
             """rwkv7_cudagraphs with the compiler's activation memory budget
             (``torch._functorch.config.activation_memory_budget``): the partitioner chooses which
             activations to recompute in the backward so that at most this fraction of what the
-            default saves is kept, cheapest recomputation first."""
+            default saves is kept, cheapest recomputation first (None: no budget, the plain row)."""
             torch._dynamo.reset()  # else dynamo reuses an earlier row's compiled code for this shape
-            model = ours_cudagraphs()
+            model = ours_cudagraphs(**sizes)
             model.memory_budget = budget
             return model
         return build
@@ -213,6 +218,9 @@ def builders() -> dict:
         "rwkv7_cudagraphs_budget50": ours_cudagraphs_budget(0.5),
         "rwkv7_cudagraphs_budget25": ours_cudagraphs_budget(0.25),
         "rwkv7_cudagraphs_budget20": ours_cudagraphs_budget(0.2),
+        # the bundled model's blocks (d=320 x 8, 12.9 M with this front end): the anchor's depth
+        "rwkv7_d320x8_cudagraphs": ours_cudagraphs_budget(None, **D320X8),
+        "rwkv7_d320x8_cudagraphs_budget25": ours_cudagraphs_budget(0.25, **D320X8),
         "rwkv7_graphed": ours_graphed,
         "rwkv7_checkpointed": ours_checkpointed,
         "conformer_compiled": conformer_compiled,
