@@ -133,6 +133,36 @@ def test_wkv7_op_fla_backward_equals_flas_autograd(with_state, dtype):
         torch.testing.assert_close(got, want, rtol=2e-2, atol=1e-3 * want.abs().max().item())
 
 
+@pytest.mark.skipif(not (torch.cuda.is_available() and fla_available()), reason="needs CUDA and fla")
+def test_wkv7_fla_under_compile_equals_eager_with_the_casts_in_the_graph():
+    """Compiled, ``wkv7(impl="fla")`` casts its float32 inputs to bf16 in the traced graph and
+    its output back (no copies inside the op); values, output dtype and gradients equal the eager
+    call's."""
+    from asr.ops.wkv7 import wkv7
+
+    *inputs, state = random_inputs(B=2, T=130, H=4, N=64, seed=8, dtype=torch.float32, device="cuda")
+    weight = torch.randn(inputs[0].shape, device="cuda")
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_() for t in (*inputs, state)]
+        y, s = fn(*leaves)
+        ((y * weight).sum() + s.sum()).backward()
+        return y, s, [t.grad for t in leaves]
+
+    def f(*t):
+        return wkv7(*t[:6], state=t[6], impl="fla")
+
+    y_c, s_c, g_c = run(torch.compile(f, backend="aot_eager", fullgraph=True))
+    y_e, s_e, g_e = run(f)
+    torch._dynamo.reset()
+    assert y_c.dtype == y_e.dtype == torch.float32
+    torch.testing.assert_close(y_c, y_e, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s_c, s_e, rtol=1e-5, atol=1e-5)
+    for got, want in zip(g_c, g_e):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=1e-3 * want.abs().max().item())
+
+
 def test_wkv7_traces_as_one_op_under_compile():
     """Under torch.compile the dispatcher emits the op (no graph break: fullgraph would raise) and
     the compiled function's values and gradients equal eager ones."""

@@ -361,6 +361,9 @@ def wkv7(
     ``impl``: ``"auto"`` (fla on CUDA when installed, the loop for a few tokens, else chunked),
     ``"recurrent"``, ``"chunked"`` or ``"fla"``. Eager calls run the form directly (fla keeps its
     own autograd); under ``torch.compile`` the form runs as the opaque ``asr::wkv7`` op above.
+    For fla, the casts of its inputs to bf16 and of its output back happen in the traced graph, not
+    in the op: inductor fuses them into the kernels that make and read those tensors, where the
+    op's own casts were separate copies (the same values: fla gets bf16 either way).
     """
     if impl == "auto":
         if r.is_cuda and fla_available() and r.shape[1] > 1:
@@ -372,5 +375,11 @@ def wkv7(
     if impl not in _FORMS:
         raise ValueError(f"unknown wkv7 implementation {impl!r}")
     if torch.compiler.is_compiling():
+        if impl == "fla":  # fla's bf16 casts in the traced graph, where inductor fuses them
+            out_dtype = r.dtype
+            kernel_dtype = r.dtype if r.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+            r, w, k, v, a, b = (t.to(kernel_dtype) for t in (r, w, k, v, a, b))
+            y, new_state = torch.ops.asr.wkv7(r, w, k, v, a, b, state, impl)
+            return y.to(out_dtype), new_state
         return torch.ops.asr.wkv7(r, w, k, v, a, b, state, impl)
     return _FORMS[impl](r, w, k, v, a, b, state)
