@@ -27,7 +27,7 @@ static compile with CUDA graphs and checkpointing, ``rwkv7_cudagraphs_budget50``
 (0.5 / 0.25 / 0.2: it recomputes what it chooses in the backward), ``conformer_compiled`` the anchor compiled
 too, for fairness, ``rwkv7_d320x8_cudagraphs`` / ``_budget25`` the same two with the bundled
 model's blocks (d=320 x 8: fewer, wider blocks at about the same size, 12.9 M, the Conformer's
-depth), ``rwkv7_bundled_cudagraphs`` / ``_budget50`` / ``_budget25`` the bundled model's whole
+depth), ``rwkv7_bundled_cudagraphs`` / ``_budget50`` / ``_budget35`` / ``_budget25`` the bundled model's whole
 architecture (its conv front end has 128 channels: 11.7 M) and ``conformer_c128`` the anchor with
 that front end (13.0 M), ``conformer12`` the issue's own anchor (12 layers, 20 M parameters;
 ``conformer``, the ratios' anchor, is matched to our size with 8). Compilation happens in the
@@ -229,6 +229,7 @@ def builders() -> dict:
         # anchor given the same front end (13.0 M), so the ratio is not the front end's alone
         "rwkv7_bundled_cudagraphs": ours_cudagraphs_budget(None, **BUNDLED),
         "rwkv7_bundled_cudagraphs_budget50": ours_cudagraphs_budget(0.5, **BUNDLED),
+        "rwkv7_bundled_cudagraphs_budget35": ours_cudagraphs_budget(0.35, **BUNDLED),
         "rwkv7_bundled_cudagraphs_budget25": ours_cudagraphs_budget(0.25, **BUNDLED),
         "conformer_c128": lambda: AnchorCTC("conformer", channels=128),
         "rwkv7_graphed": ours_graphed,
