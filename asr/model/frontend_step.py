@@ -122,7 +122,8 @@ class CompiledFrontend:
         self._n_mels, self._cache2_shape = n_mels, (sub.conv1._out_freq(n_mels), C)
         fns = {}
         with torch.no_grad():
-            first = [conv1.weight.detach().reshape(C, -1), conv1.bias.detach()]
+            # float weights contiguous, as traced (no copies for a model's own parameters)
+            first = [conv1.weight.detach().reshape(C, -1).contiguous(), conv1.bias.detach()]
             for T in self.frames:
                 if int8 is not None:  # one row: the transposed layout oneDNN is fastest with (as _mm8)
                     proj = int8.proj.q_t if T == 1 else int8.proj.q
@@ -130,7 +131,7 @@ class CompiledFrontend:
                                        int8.conv2.scale, int8.proj.scale]
                 else:
                     weights = first + [sub._conv2_weight_rows(), sub.conv2.conv.bias.detach(),
-                                       sub.proj.weight.detach(), sub.proj.bias.detach()]
+                                       sub.proj.weight.detach().contiguous(), sub.proj.bias.detach()]
                 for c2 in _PHASES:
                     layout = _FrontLayout(n_mels, C, sub.proj.out_features, int8 is not None, 4 * T, c2)
                     fns[(T, c2)] = (self._compiled(layout, weights), weights)

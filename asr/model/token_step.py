@@ -370,7 +370,9 @@ def compile_graph(fn: Callable[..., tuple[Tensor, ...]], examples: list[Tensor])
     """``fn`` traced for inputs of exactly the examples' shapes, strides and dtypes (``make_fx`` on
     fake tensors with a shape environment, so inductor's FX graph cache on disk serves later
     processes) and compiled by inductor with its C++ wrapper, without dynamo: the caller
-    guarantees the inputs' shapes and strides (see :func:`_compiled_step` for why)."""
+    guarantees the inputs' shapes and strides (see :func:`_compiled_step` for why). The examples
+    must be distinct tensors: the trace takes one tensor given twice for one input, and reads
+    it for both (a front end traced with one zero tensor for CMVN's mean and istd did)."""
     from torch._inductor import compile as inductor_compile
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
