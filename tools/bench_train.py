@@ -177,12 +177,12 @@ def builders() -> dict:
         model.activation_checkpointing = True
         return model
 
-    def ours_cudagraphs_budget(budget: Optional[float], **sizes: int):
+    def ours_cudagraphs_fresh(budget: Optional[float], **sizes: int):
         def build() -> CTCModel:
-            """rwkv7_cudagraphs with the compiler's activation memory budget
-            (``torch._functorch.config.activation_memory_budget``): the partitioner chooses which
-            activations to recompute in the backward so that at most this fraction of what the
-            default saves is kept, cheapest recomputation first (None: no budget, the plain row)."""
+            """rwkv7_cudagraphs of these sizes, compiled afresh, with the compiler's activation
+            memory budget (``torch._functorch.config.activation_memory_budget``; None: none): the
+            partitioner chooses which activations to recompute in the backward so that at most
+            this fraction of what the default saves is kept, cheapest recomputation first."""
             torch._dynamo.reset()  # else dynamo reuses an earlier row's compiled code for this shape
             model = ours_cudagraphs(**sizes)
             model.memory_budget = budget
@@ -219,18 +219,18 @@ def builders() -> dict:
         "rwkv7_cudagraphs_dynamic": ours_cudagraphs_dynamic_model,
         "rwkv7_cudagraphs_blocks": ours_compiled("cudagraphs"),  # trainer.compile=cudagraphs
         "rwkv7_cudagraphs_checkpointed": ours_cudagraphs_checkpointed,
-        "rwkv7_cudagraphs_budget50": ours_cudagraphs_budget(0.5),
-        "rwkv7_cudagraphs_budget25": ours_cudagraphs_budget(0.25),
-        "rwkv7_cudagraphs_budget20": ours_cudagraphs_budget(0.2),
+        "rwkv7_cudagraphs_budget50": ours_cudagraphs_fresh(0.5),
+        "rwkv7_cudagraphs_budget25": ours_cudagraphs_fresh(0.25),
+        "rwkv7_cudagraphs_budget20": ours_cudagraphs_fresh(0.2),
         # the bundled model's blocks (d=320 x 8, 12.9 M with this front end): the anchor's depth
-        "rwkv7_d320x8_cudagraphs": ours_cudagraphs_budget(None, **D320X8),
-        "rwkv7_d320x8_cudagraphs_budget25": ours_cudagraphs_budget(0.25, **D320X8),
+        "rwkv7_d320x8_cudagraphs": ours_cudagraphs_fresh(None, **D320X8),
+        "rwkv7_d320x8_cudagraphs_budget25": ours_cudagraphs_fresh(0.25, **D320X8),
         # the bundled model's whole architecture, its 128-channel front end too (11.7 M), and the
         # anchor given the same front end (13.0 M), so the ratio is not the front end's alone
-        "rwkv7_bundled_cudagraphs": ours_cudagraphs_budget(None, **BUNDLED),
-        "rwkv7_bundled_cudagraphs_budget50": ours_cudagraphs_budget(0.5, **BUNDLED),
-        "rwkv7_bundled_cudagraphs_budget35": ours_cudagraphs_budget(0.35, **BUNDLED),
-        "rwkv7_bundled_cudagraphs_budget25": ours_cudagraphs_budget(0.25, **BUNDLED),
+        "rwkv7_bundled_cudagraphs": ours_cudagraphs_fresh(None, **BUNDLED),
+        "rwkv7_bundled_cudagraphs_budget50": ours_cudagraphs_fresh(0.5, **BUNDLED),
+        "rwkv7_bundled_cudagraphs_budget35": ours_cudagraphs_fresh(0.35, **BUNDLED),
+        "rwkv7_bundled_cudagraphs_budget25": ours_cudagraphs_fresh(0.25, **BUNDLED),
         "conformer_c128": lambda: AnchorCTC("conformer", channels=128),
         "rwkv7_graphed": ours_graphed,
         "rwkv7_checkpointed": ours_checkpointed,

@@ -158,12 +158,17 @@ def fla_available() -> bool:
 FLA_CHUNK_SIZE = 64  # with bounded decay fla's tensor-core path; _fla_backward must match it
 
 
+def _fla_kernel_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype fla runs on for inputs of ``dtype``: bf16, fp16 kept."""
+    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+
+
 def _fla_inputs(
     r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Optional[Tensor]
 ) -> tuple[list[Tensor], Optional[Tensor]]:
     """fla's view of a call: the vectors in bf16 (fp16 kept) and contiguous, the state in float32
     as [B, H, K, V] (the transpose of ours)."""
-    kernel_dtype = r.dtype if r.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+    kernel_dtype = _fla_kernel_dtype(r.dtype)
     vectors = [t.to(kernel_dtype).contiguous() for t in (r, w, k, v, a, b)]
     return vectors, None if state is None else state.float().transpose(-1, -2).contiguous()
 
@@ -377,7 +382,7 @@ def wkv7(
     if torch.compiler.is_compiling():
         if impl == "fla":  # fla's bf16 casts in the traced graph, where inductor fuses them
             out_dtype = r.dtype
-            kernel_dtype = r.dtype if r.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+            kernel_dtype = _fla_kernel_dtype(r.dtype)
             r, w, k, v, a, b = (t.to(kernel_dtype) for t in (r, w, k, v, a, b))
             y, new_state = torch.ops.asr.wkv7(r, w, k, v, a, b, state, impl)
             return y.to(out_dtype), new_state
