@@ -151,3 +151,64 @@ def test_spec_augment_masks_only_valid_frames_with_the_row_mean():
     assert fully_masked_frames <= 18
     again = spec_augment_batch(feats, lengths, cfg, torch.Generator().manual_seed(1))
     assert torch.equal(out, again)
+
+
+# ---------------------------------------------------------------------- in the trainer
+def _trainer(tmp_path: Path, run: str, *extra: str):
+    from hydra import compose, initialize_config_dir
+
+    import asr.cli.train  # noqa: F401  (resolvers)
+    from asr.data.manifest import read_manifest, write_manifest
+    from asr.train.trainer import Trainer
+
+    entries = read_manifest(DATA / "fsdd_small" / "manifest.jsonl")
+    if not (tmp_path / "train.jsonl").exists():
+        write_manifest(tmp_path / "train.jsonl", [e for e in entries if e["speaker"] == "fsdd_george"])
+    overrides = [
+        "model=tiny", "trainer=cpu", "trainer.num_threads=1", f"data.train_manifests=[{tmp_path / 'train.jsonl'}]",
+        "data.dev_manifests=[]", "data.num_workers=0", "data.max_batch_seconds=3", "data.cmvn_utterances=20",
+        "tokenizer.vocab_size=40", f"tokenizer.dir={tmp_path / 'tok'}", "optim.warmup_steps=5", "optim.lr=3e-3",
+        "trainer.log_every=1", "data.resident=true", "data.augment.speed.enabled=true", *extra,
+    ]
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    return Trainer(cfg, tmp_path / run)
+
+
+def _losses(run_dir: Path) -> list[float]:
+    import json
+
+    return [json.loads(line)["train/loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if "train/loss" in line]
+
+
+def test_trainer_learns_from_the_resident_corpus_and_resumes_exactly(tmp_path: Path):
+    """data.resident=true trains (the loss falls), and a run stopped and resumed makes the same
+    batches and ends with the same weights as one that was not stopped."""
+    whole = _trainer(tmp_path, "whole", "trainer.max_steps=30")
+    summary = whole.fit()
+    losses = _losses(tmp_path / "whole")
+    assert len(losses) == 30
+    assert sum(losses[-5:]) < 0.7 * sum(losses[:5])
+    assert whole.train_sampler.epoch >= 1  # the epochs roll over
+    keep = ("trainer.max_steps=30", "trainer.save_every=12", "trainer.keep_last=5")
+    _trainer(tmp_path, "split", *keep).fit()  # writes step 12 ...
+    first = _trainer(tmp_path, "resumed", *keep)
+    import shutil
+
+    shutil.copytree(tmp_path / "split", tmp_path / "resumed", dirs_exist_ok=True)
+    kept = sorted((tmp_path / "resumed" / "checkpoints").glob("ckpt-step*.pt"))
+    assert [p.name for p in kept] == [f"ckpt-step{s:09d}.pt" for s in (12, 24, 30)]
+    kept = kept[1:]
+    for ckpt in kept:
+        ckpt.unlink()  # ... and continues from step 12 alone
+    resumed = first.fit()
+    assert first.train_sampler.position > 0 or first.train_sampler.epoch > 0
+    assert len(_losses(tmp_path / "resumed")) == 30 + 18  # the split run's 30 lines, then steps 13..30
+    assert resumed["weights_sha256"] == summary["weights_sha256"]
+
+
+def test_compile_fixed_needs_the_resident_corpus(tmp_path: Path):
+    with pytest.raises(ValueError, match="data.resident"):
+        _trainer(tmp_path, "x", "trainer.max_steps=1", "data.resident=false", "trainer.compile=fixed").fit()

@@ -30,7 +30,7 @@ import signal
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader
 from asr.data.augment import AugmentConfig
 from asr.data.dataset import Batch, ManifestDataset, collate
 from asr.data.manifest import ManifestError, read_manifests
+from asr.data.resident import FixedShapeSampler, ResidentBatches, ResidentCorpus, ShapeClasses
 from asr.data.sampler import BucketingBatchSampler
 from asr.model import CTCModel, ModelConfig, ctc_loss
 from asr.stop import StopSignals
@@ -147,7 +148,10 @@ def compile_model(model: torch.nn.Module, scope: Union[bool, str] = "blocks", ba
     few). On an H100 CUDA graphs made the step 2.9-3.4x faster for one fixed shape
     (tools/bench_train.py, BENCHMARKS.md); in training over the trainer's changing shapes (run 9,
     4x H200) they trained correctly but gave 1.02x the eager step: each new shape records again, and
-    the rest of the step stays eager. ``backend``: torch.compile's (tests use ``"aot_eager"``, which
+    the rest of the step stays eager. ``"fixed"``: the whole model, front end to head, compiled for
+    each batch shape as it comes (``dynamic=False``) and replayed as CUDA graphs
+    (``mode="reduce-overhead"``): with ``data.resident``'s few fixed shapes, the step of
+    tools/bench_train.py's ``rwkv7_bundled_cudagraphs`` row on real data. ``backend``: torch.compile's (tests use ``"aot_eager"``, which
     traces without generating code).
     """
     options: Optional[dict] = None
@@ -157,6 +161,11 @@ def compile_model(model: torch.nn.Module, scope: Union[bool, str] = "blocks", ba
             options["triton.cudagraphs"] = True
     if scope == "model":
         model.compile(dynamic=True, fullgraph=True, backend=backend, options=options)
+    elif scope == "fixed":
+        # One graph per batch shape, replayed as CUDA graphs: data.resident makes a few shapes.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        mode = "reduce-overhead" if backend == "inductor" else None
+        model.compile(mode=mode, dynamic=False, fullgraph=True, backend=backend)
     elif scope in (True, "blocks", "cudagraphs"):
         # Dynamo guards on each block's layer_id, so every block is its own graph (inductor's cache
         # makes the identical ones cheap): allow that many before it gives up.
@@ -164,7 +173,7 @@ def compile_model(model: torch.nn.Module, scope: Union[bool, str] = "blocks", ba
         for block in model.blocks:
             block.compile(dynamic=True, fullgraph=True, backend=backend, options=options)
     else:
-        raise ValueError(f"trainer.compile must be false, true, 'blocks', 'model' or 'cudagraphs', not {scope!r}")
+        raise ValueError(f"trainer.compile must be false, true, 'blocks', 'model', 'cudagraphs' or 'fixed', not {scope!r}")
 
 
 FIT_AGAIN_EVERY = 500  # steps between fits of trainer.fit_max_steps after the first (at most)
@@ -480,6 +489,23 @@ class Trainer:
                           pin_memory=pin, generator=g, **kwargs)
 
     # ------------------------------------------------------------------ main entry
+    def _resident_batches(self, ds: ManifestDataset) -> ResidentBatches:
+        """data.resident: ``ds``'s utterances decoded onto the training device, batches of a few
+        fixed shapes made there (:mod:`asr.data.resident`); sets ``self.train_sampler``."""
+        dc, env = self.cfg.data, self.env
+        aug = ds.augment
+        if aug.noise.enabled or ds.dither:
+            raise TrainConfigError("data.resident makes no noise mixing and no dither: set "
+                                   "data.augment.noise.enabled=false and data.dither=0")
+        factors = [float(f) for f in aug.speed.factors] if aug.speed.enabled else [1.0]
+        shapes = ShapeClasses.build(ds.durations, float(dc.max_batch_seconds), int(dc.get("resident_per_octave", 1)),
+                                    min(factors), int(dc.get("max_batch_size", 0) or 0))
+        corpus = ResidentCorpus(ds.entries, self.tokenizer, shapes, self.device, factors, aug.spec_augment,
+                                jobs=max(1, int(dc.num_workers)))
+        self.train_sampler = FixedShapeSampler(corpus.classes, shapes, seed=self.seed, rank=env.rank,
+                                               world_size=env.world_size)
+        return ResidentBatches(corpus, self.train_sampler)
+
     def fit(self) -> dict:
         cfg, env = self.cfg, self.env
         tc, dc, oc = cfg.trainer, cfg.data, cfg.optim
@@ -490,6 +516,9 @@ class Trainer:
             raise TrainConfigError("trainer.activation_checkpointing works with trainer.compile=false only")
         self._check_cuda_graphs()
         check_per_octave(int(tc.get("pad_per_octave", 0) or 0))
+        if tc.get("compile", False) == "fixed" and not dc.get("resident", False):
+            raise TrainConfigError("trainer.compile=fixed compiles one graph per batch shape: use it with "
+                                   "data.resident=true, which makes a few fixed shapes")
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._seed_everything(self.seed)
 
@@ -538,11 +567,16 @@ class Trainer:
                                    augment=augment, dither=float(dc.get("dither", 0.0)),
                                    features_on_device=bool(dc.get("features_on_device", False)))
         self.spec_augment = augment.spec_augment
-        self.train_sampler = BucketingBatchSampler(
-            train_ds.durations, float(dc.max_batch_seconds), int(dc.num_buckets), int(dc.get("max_batch_size", 0) or 0),
-            shuffle=True, seed=self.seed, rank=env.rank, world_size=env.world_size, shard_mode="drop",
-        )
-        train_loader = self._loader(train_ds, self.train_sampler, int(dc.num_workers))
+        train_loader: Iterable[Batch]
+        if dc.get("resident", False):
+            train_loader = self._resident_batches(train_ds)
+        else:
+            self.train_sampler = BucketingBatchSampler(
+                train_ds.durations, float(dc.max_batch_seconds), int(dc.num_buckets),
+                int(dc.get("max_batch_size", 0) or 0), shuffle=True, seed=self.seed, rank=env.rank,
+                world_size=env.world_size, shard_mode="drop",
+            )
+            train_loader = self._loader(train_ds, self.train_sampler, int(dc.num_workers))
         dev_loader = None
         if dev_entries:
             dev_ds = ManifestDataset(dev_entries, self.tokenizer, filter_ctc=False)
@@ -760,7 +794,7 @@ class Trainer:
         per_octave = int(tc.get("pad_per_octave", 0) or 0)  # ... both
         # CUDA graphs reuse their output memory: tell them each forward starts a new step (no output
         # of the previous one is read after it).
-        cuda_graphs = tc.get("compile", False) == "cudagraphs" and self.device.type == "cuda"
+        cuda_graphs = tc.get("compile", False) in ("cudagraphs", "fixed") and self.device.type == "cuda"
         log_every, val_every, save_every = int(tc.log_every), int(tc.val_every), int(tc.save_every)
         params = [p for p in self.model.parameters() if p.requires_grad]
         forward = ddp_model if self.graphed_forward is None else self.graphed_forward
