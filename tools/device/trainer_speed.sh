@@ -25,7 +25,7 @@ declare -A ARGS=(
   [resident_fixed]="data.resident=true data.num_workers=14 trainer.compile=fixed"
   [resident_fixed2]="data.resident=true data.num_workers=14 trainer.compile=fixed data.resident_per_octave=2"
 )
-declare -A SECS=([workers_eager]=90 [resident_eager]=75 [resident_graphed]=90 [resident_fixed]=270 [resident_fixed2]=270)
+declare -A SECS=([workers_eager]=75 [resident_eager]=60 [resident_graphed]=75 [resident_fixed]=300 [resident_fixed2]=300)
 for name in ${RUNS:-workers_eager resident_eager resident_graphed resident_fixed}; do
   t=$(date +%s)
   # shellcheck disable=SC2086
