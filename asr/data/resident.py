@@ -46,6 +46,13 @@ EMPTY = -1
 
 
 def _decode_int16(path: str) -> np.ndarray:
+    """One file as 16 kHz mono int16 samples: libsndfile's own int16 output where the file is
+    16 kHz mono already (3x faster than decoding to float), else :func:`asr.audio.load_audio`."""
+    import soundfile as sf
+
+    data, rate = sf.read(path, dtype="int16", always_2d=True)
+    if rate == SAMPLE_RATE and data.shape[1] == 1:
+        return data[:, 0]
     from asr.audio import load_audio
 
     wave = load_audio(path).numpy()
