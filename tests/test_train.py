@@ -22,7 +22,8 @@ from asr.train.checkpoint import (
     load_for_inference,
     resolve_checkpoint,
 )
-from asr.train.trainer import lr_factor, state_digest
+from asr.train.build import lr_factor
+from asr.train.resume import state_digest
 
 DATA = Path(__file__).parent / "data" / "fsdd_small"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
@@ -62,7 +63,7 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 def _in_process_trainer(work: dict, run_dir: Path, *extra: str):
     """A Trainer for ``_args(work, run_dir, *extra)`` built in this process, so a test can monkeypatch
-    asr.train.trainer (its loss, clock, dataset) before calling ``fit()``."""
+    the training modules (the step's loss, the loop's clock, the dataset) before calling ``fit()``."""
     from hydra import compose, initialize_config_dir
 
     import asr.cli.train  # noqa: F401  (resolvers)
@@ -80,18 +81,19 @@ def _fake_clock(monkeypatch: pytest.MonkeyPatch, seconds_for_step: Callable[[int
     import time as real_time
     from types import SimpleNamespace
 
-    import asr.train.trainer as trainer_mod
+    import asr.train.loop as loop_mod
+    import asr.train.step as step_mod
 
     clock, steps = [0.0], [0]
-    real_loss = trainer_mod.ctc_loss
+    real_loss = step_mod.ctc_loss
 
     def ticking_loss(*args, **kwargs):
         clock[0] += seconds_for_step(steps[0])
         steps[0] += 1
         return real_loss(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_mod, "ctc_loss", ticking_loss)
-    monkeypatch.setattr(trainer_mod, "time", SimpleNamespace(
+    monkeypatch.setattr(step_mod, "ctc_loss", ticking_loss)
+    monkeypatch.setattr(loop_mod, "time", SimpleNamespace(
         monotonic=lambda: clock[0], perf_counter=real_time.perf_counter, time=real_time.time))
     return clock
 
@@ -122,6 +124,29 @@ def test_lr_schedule() -> None:
     assert lr_factor(500, 10, 100, "constant", 0.0) == 1.0
     with pytest.raises(ValueError):
         lr_factor(50, 10, 100, "exponential", 0.0)
+
+
+def test_evaluation_decodes_as_transcription_does() -> None:
+    """Dev WER decodes each utterance with the decoder transcription uses (hypothesis_decoder): the
+    same tokens as batched greedy decoding and as the one-pass prefix beam search, over each row's
+    own frames only."""
+    from asr.decode.beam import ctc_prefix_beam_search
+    from asr.decode.greedy import ctc_greedy
+    from asr.train.evaluate import decode_batch
+
+    class Ids:  # a tokenizer whose text is the token ids
+        def decode(self, ids):
+            return " ".join(map(str, ids))
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 40, 7) * 3
+    lengths = torch.tensor([40, 25, 0])
+    greedy, _ = ctc_greedy(logits, lengths)
+    assert decode_batch(logits, lengths, Ids()) == [" ".join(map(str, t)) for t in greedy]
+    log_probs = logits.log_softmax(-1)
+    beams = [ctc_prefix_beam_search(log_probs[b, :n], 4) for b, n in enumerate(lengths.tolist())]
+    assert decode_batch(logits, lengths, Ids(), beam_size=4) == [" ".join(map(str, r[0][0])) if r else "" for r in beams]
+    assert decode_batch(logits, lengths, Ids())[2] == ""
 
 
 def test_checkpoint_manager_keeps_last_k_and_best(tmp_path: Path) -> None:
@@ -348,16 +373,16 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(work: dict) -> None:
 
 
 def test_non_finite_steps_are_skipped_and_counted(work: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import asr.train.trainer as trainer_mod
+    import asr.train.step as step_mod
 
-    real_loss, calls = trainer_mod.ctc_loss, [0]
+    real_loss, calls = step_mod.ctc_loss, [0]
 
     def sometimes_nan(*args, **kwargs):
         calls[0] += 1
         loss = real_loss(*args, **kwargs)
         return loss * float("nan") if calls[0] == 3 else loss
 
-    monkeypatch.setattr(trainer_mod, "ctc_loss", sometimes_nan)
+    monkeypatch.setattr(step_mod, "ctc_loss", sometimes_nan)
     summary = _in_process_trainer(work, tmp_path, "trainer.max_steps=5", "data.dev_manifests=[]").fit()
     assert summary["step"] == 5 and summary["skipped_steps"] == 1
     model, _ = load_for_inference(tmp_path / "checkpoints")
@@ -449,14 +474,15 @@ def test_failed_validation_saves_the_steps_trained_first(work: dict, tmp_path: P
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """If validation at the end of the schedule fails, the weights of the last step are saved before
     the error goes up (session 7 lost 947 steps of a run that way)."""
-    import asr.train.trainer as trainer_mod
+    from asr.data.manifest import ManifestError
+    from asr.train.trainer import Trainer
 
     def broken_validate(self, dev_loader):
-        raise trainer_mod.ManifestError("dev audio went missing")
+        raise ManifestError("dev audio went missing")
 
-    monkeypatch.setattr(trainer_mod.Trainer, "validate", broken_validate)
+    monkeypatch.setattr(Trainer, "validate", broken_validate)
     trainer = _in_process_trainer(work, tmp_path, "trainer.max_steps=7", "trainer.save_every=5", "trainer.val_every=100")
-    with pytest.raises(trainer_mod.ManifestError):
+    with pytest.raises(ManifestError):
         trainer.fit()
     ckpt = load_checkpoint(resolve_checkpoint(tmp_path / "checkpoints"))
     assert ckpt["step"] == 7
@@ -466,10 +492,10 @@ def test_unreadable_training_audio_saves_the_steps_trained_first(work: dict, tmp
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A training file that cannot be read (deleted, damaged) stops the run with its error, but
     only after the steps trained so far are saved: fix the file and resume=auto loses nothing."""
-    import asr.train.trainer as trainer_mod
     from asr.audio import AudioError
+    from asr.data.dataset import ManifestDataset
 
-    real_getitem = trainer_mod.ManifestDataset.__getitem__
+    real_getitem = ManifestDataset.__getitem__
     calls = [0]
 
     def failing_getitem(self, index):
@@ -478,7 +504,7 @@ def test_unreadable_training_audio_saves_the_steps_trained_first(work: dict, tmp
             raise AudioError("/data/utt-0042.flac: file not found")
         return real_getitem(self, index)
 
-    monkeypatch.setattr(trainer_mod.ManifestDataset, "__getitem__", failing_getitem)
+    monkeypatch.setattr(ManifestDataset, "__getitem__", failing_getitem)
     trainer = _in_process_trainer(work, tmp_path, "trainer.max_steps=100", "trainer.save_every=1000",
                                   "trainer.val_every=1000", "data.dev_manifests=[]")
     with pytest.raises(AudioError, match="utt-0042"):
@@ -527,7 +553,7 @@ def test_fit_max_steps_fits_again_when_the_pace_changes(work: dict, tmp_path: Pa
 def test_compile_keeps_parameter_names(scope: str) -> None:
     """trainer.compile compiles in place: checkpoints keep their keys (no ``_orig_mod.``)."""
     from asr.model import CTCModel, ModelConfig
-    from asr.train.trainer import compile_model
+    from asr.train.compile import compile_model
 
     model = CTCModel(ModelConfig(vocab_size=16, d_model=32, n_layers=2, head_size=16, subsample_channels=8))
     names = list(model.state_dict())
@@ -545,7 +571,7 @@ def test_compiled_model_trains_like_the_eager_one() -> None:
     import copy
 
     from asr.model import CTCModel, ModelConfig, ctc_loss
-    from asr.train.trainer import compile_model
+    from asr.train.compile import compile_model
 
     torch.manual_seed(0)
     eager = CTCModel(ModelConfig(vocab_size=16, n_mels=16, d_model=32, n_layers=2, head_size=16, subsample_channels=8))
@@ -617,7 +643,7 @@ def test_compile_trains_under_ddp(scope: str, tmp_path: Path, monkeypatch: pytes
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from asr.model import CTCModel, ModelConfig
-    from asr.train.trainer import compile_model
+    from asr.train.compile import compile_model
 
     torch.manual_seed(0)
     model = CTCModel(ModelConfig(vocab_size=16, n_mels=16, d_model=64, n_layers=1, head_size=32, subsample_channels=8))
@@ -698,7 +724,7 @@ def test_activation_checkpointing_trains_the_same_run_and_refuses_compile(work: 
 
 
 def test_pad_rows_appends_empty_rows() -> None:
-    from asr.train.trainer import pad_rows
+    from asr.train.padding import pad_rows
 
     feats, lengths = torch.randn(3, 5, 2), torch.tensor([5, 4, 2])
     padded_feats, padded_lengths = pad_rows(4, feats, lengths)
@@ -725,7 +751,7 @@ def test_ctc_loss_of_empty_rows_is_zero_and_normalised_by_the_real_ones() -> Non
 
 
 def test_pad_frames_rounds_up_and_keeps_the_frames() -> None:
-    from asr.train.trainer import pad_frames
+    from asr.train.padding import pad_frames
 
     x = torch.randn(2, 70, 3)
     padded = pad_frames(x, 64)
@@ -736,7 +762,7 @@ def test_pad_frames_rounds_up_and_keeps_the_frames() -> None:
 
 def test_unknown_compile_scope_is_an_error() -> None:
     from asr.model import CTCModel, ModelConfig
-    from asr.train.trainer import compile_model
+    from asr.train.compile import compile_model
 
     model = CTCModel(ModelConfig(vocab_size=16, d_model=32, n_layers=1, head_size=16, subsample_channels=8))
     with pytest.raises(ValueError, match="trainer.compile must be"):
@@ -819,7 +845,7 @@ def test_cuda_graphs_refuse_the_cpu_and_compile(work: dict, tmp_path: Path) -> N
 def test_padded_size_rounds_to_few_values_per_octave() -> None:
     """trainer.pad_per_octave: every count lands on one of ``per_octave`` values per octave, never
     more than 1/per_octave above itself; a multiple applies after."""
-    from asr.train.trainer import check_per_octave, padded_size
+    from asr.train.padding import check_per_octave, padded_size
 
     for per_octave in (4, 8):
         sizes = {padded_size(n, 0, per_octave) for n in range(1, 4097)}

@@ -150,7 +150,7 @@ def bench(model: nn.Module, batch: int, seconds: float, iters: int) -> tuple[flo
 
 def builders() -> dict:
     """Every model this benchmark knows, by name; the Conformer first (the anchor)."""
-    from asr.train.trainer import compile_model
+    from asr.train.compile import compile_model
 
     def conformer_compiled() -> nn.Module:
         model = AnchorCTC("conformer")

@@ -90,7 +90,7 @@ def check_compiled(rows: list) -> None:
     import copy
 
     from asr.model import CTCModel, ModelConfig, ctc_loss
-    from asr.train.trainer import compile_model
+    from asr.train.compile import compile_model
 
     torch.manual_seed(0)
     eager = CTCModel(ModelConfig(vocab_size=64, d_model=256, n_layers=4, subsample_channels=64)).cuda()

@@ -60,7 +60,7 @@ def main() -> int:
     step_ms = start.elapsed_time(end) / args.steps
 
     if args.compile:  # same model and batch, compiled
-        from asr.train.trainer import compile_model
+        from asr.train.compile import compile_model
 
         print(f"eager step {step_ms:.1f} ms; compiling the model ...", flush=True)
 

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     from asr.data.manifest import ManifestError, read_manifests
     from asr.data.sampler import BucketingBatchSampler
     from asr.train.checkpoint import CheckpointError, load_inference_parts
-    from asr.train.trainer import evaluate_model
+    from asr.train.evaluate import evaluate_model
 
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     if not entries:
         print("asr-eval: error: the manifests are empty", file=sys.stderr)
         return 2
-    text_decoder = None
+    lexicon = None
     lm = carried_lm if args.model_lm else args.lm
     if args.model_lm and carried_lm is None:
         print(f"asr-eval: error: --model-lm: {args.checkpoint} carries no language model", file=sys.stderr)
@@ -85,9 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         from asr.decode.lexicon import LexiconDecoder
 
         try:
-            text_decoder = LexiconDecoder(tokenizer, lm, lm_weight=args.lm_weight, word_score=args.word_score,
-                                          beam_size=args.lm_beam,
-                                          **({} if args.lm_token_beam is None else {"beam_size_token": args.lm_token_beam or None}))
+            lexicon = LexiconDecoder(tokenizer, lm, lm_weight=args.lm_weight, word_score=args.word_score,
+                                     beam_size=args.lm_beam,
+                                     **({} if args.lm_token_beam is None else {"beam_size_token": args.lm_token_beam or None}))
         except (OSError, ValueError, RuntimeError) as e:
             print(f"asr-eval: error: --lm: {e}", file=sys.stderr)
             return 2
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
     _, _, counts, results = evaluate_model(model, loader, tokenizer, device, autocast,
-                                           beam_size=args.beam_size, keep_utterances=True, text_decoder=text_decoder)
+                                           beam_size=args.beam_size, keep_utterances=True, lexicon=lexicon)
     print(f"utterances {counts.utterances}  words {counts.words}  "
           f"WER {100 * counts.wer:.2f}% ({counts.word_errors} errors)  "
           f"CER {100 * counts.cer:.2f}% ({counts.char_errors} errors)")

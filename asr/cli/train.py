@@ -67,7 +67,7 @@ def _share_stamp_across_ranks() -> None:
         return
     import torch.distributed as dist
 
-    from asr.train.trainer import init_distributed
+    from asr.train.distributed import init_distributed
 
     init_distributed("auto")
     holder = [_stamp()]
@@ -82,7 +82,8 @@ _INTERRUPTED: list[str] = []  # signal names of runs stopped by Ctrl-C / SIGTERM
 def _task(cfg: DictConfig) -> Optional[float]:
     from hydra.core.hydra_config import HydraConfig
 
-    from asr.train.trainer import TrainConfigError, Trainer
+    from asr.train.errors import TrainConfigError
+    from asr.train.trainer import Trainer
 
     if _rank() != 0:  # one console is enough; every rank still writes its own log file
         for h in logging.getLogger().handlers:
