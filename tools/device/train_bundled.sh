@@ -10,7 +10,8 @@
 # Env: CALL_BUDGET  seconds this call may use (default 560)
 #      TOTAL_MINUTES training minutes over all calls (default: this call's)
 #      BATCH        padded audio-seconds per GPU and step (default 400)
-#      COMPILE      1: trainer.compile=true, falling back to eager if it fails early (default 0)
+#      COMPILE      a trainer.compile value (1: true; fixed: with data.resident in EXTRA), falling back to
+#                   eager if it fails early (default 0: eager)
 #      EXTRA        more asr-train overrides, e.g. "trainer.init_from=exp/model.pt"
 set -uo pipefail
 T0=$(date +%s)
@@ -29,8 +30,9 @@ train() {  # train <compile true/false>
     trainer.compile=$1 trainer.max_steps=1000000 trainer.fit_max_steps=true trainer.max_minutes=$total \
     trainer.val_every=1000 trainer.log_every=100 hydra.run.dir=$RUN >> $OUT/train_stdout.log 2>&1
 }
-if [ "$COMPILE" = 1 ]; then
-  train true; rc=$?
+[ "$COMPILE" = 1 ] && COMPILE=true
+if [ "$COMPILE" != 0 ] && [ "$COMPILE" != false ]; then
+  train "$COMPILE"; rc=$?
   if [ $rc != 0 ] && [ $(( $(date +%s) - T0 )) -lt 240 ] && ! grep -q "interrupted" $OUT/train_stdout.log; then
     echo "compiled run failed (rc=$rc), training eagerly"; grep -m3 -E "Error|error" $OUT/train_stdout.log | cut -c1-200
     train false
