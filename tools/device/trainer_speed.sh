@@ -4,18 +4,16 @@
 # trainer.cuda_graphs, and with trainer.compile=fixed. Each run's log goes to $OUT/<name>.log; the
 # inductor cache comes back as $OUT/inductor_cache.tgz (carry it as .gpu/inductor_cache.tgz to skip
 # compiling next time).
-#   carry: .gpu/wheels and a corpus folder CORPUS (default .gpu/speed: audio.tar + train.jsonl)
+#   carry: .gpu/wheels and a corpus folder CORPUS (default .gpu/speed: audio.tar + train.jsonl, see corpus.sh)
 #   env:   RUNS (default "workers_eager resident_eager resident_graphed resident_fixed"), SECONDS_<name>
 set -uo pipefail
 source tools/device/setup.sh
-CORPUS=${CORPUS:-.gpu/speed}
 T0=$(date +%s)
-mkdir -p /tmp/corpus && tar xf "$CORPUS/audio.tar" -C /tmp/corpus && cp "$CORPUS"/*.jsonl /tmp/corpus/
+PARTS=${CORPUS:-.gpu/speed} source tools/device/corpus.sh  # also kept in /tmp/keep for the next call
 echo "corpus unpacked in $(( $(date +%s) - T0 )) s"
-export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
 [ -f .gpu/inductor_cache.tgz ] && tar xzf .gpu/inductor_cache.tgz -C /tmp
 COMMON=(model=bundled model.d_model=320 model.n_layers=8 model.dropout=0 trainer.init_from=asr/pretrained/model.pt
-  "data.train_manifests=[/tmp/corpus/train.jsonl]" "data.dev_manifests=[]" data.max_batch_seconds=800
+  "data.train_manifests=[/tmp/corpus.jsonl]" "data.dev_manifests=[]" data.max_batch_seconds=800
   data.max_duration=30 data.augment.speed.enabled=true trainer.max_steps=100000 trainer.val_every=1000000
   trainer.save_every=1000000 trainer.log_every=10 trainer.tensorboard=false trainer.progress_bar=false)
 declare -A ARGS=(
