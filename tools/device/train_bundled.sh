@@ -13,10 +13,11 @@
 #      COMPILE      a trainer.compile value (1: true; fixed: with data.resident in EXTRA), falling back to
 #                   eager if it fails early (default 0: eager)
 #      EXTRA        more asr-train overrides, e.g. "trainer.init_from=exp/model.pt"
+#      RUN          the run folder (default exp/device_run; a new one starts afresh or from init_from)
 set -uo pipefail
 T0=$(date +%s)
 CALL_BUDGET=${CALL_BUDGET:-560}; BATCH=${BATCH:-400}; COMPILE=${COMPILE:-0}; EXTRA=${EXTRA:-}
-RUN=exp/device_run
+RUN=${RUN:-exp/device_run}
 source tools/device/setup.sh
 NGPU=$(nvidia-smi -L | wc -l)
 WORKERS=$(( $(nproc) / NGPU - 2 ))
