@@ -284,6 +284,7 @@ def test_real_prepare_on_the_shared_data(tmp_path: Path) -> None:
     assert sum(map(len, sets.values())) == len(read_manifest(REAL / "manifest.jsonl"))
     assert not {e["speaker"] for e in sets["train"]} & {e["speaker"] for e in sets["dev"] + sets["unused"]}
     assert "cathy" in {e["speaker"] for e in sets["train"]} and len(sets["misc"]) == 11
+    assert not prep.TRAIN_ONLY_SPEAKERS & {e["speaker"] for e in sets["dev"]}
     for part in prep.SCORED_PARTS:
         dev_part = read_manifest(tmp_path / f"dev_{part}.jsonl")
         assert len(dev_part) >= 60 and len({e["speaker"] for e in dev_part}) >= 3, part
