@@ -84,25 +84,39 @@ def prepare_tokenizer(tcfg: DictConfig, train_entries: list[dict], env: DistEnv)
     return tok
 
 
-def build_model(model_cfg: DictConfig, vocab_size: int, ckpt_config: Optional[dict], seed: int,
-                warn: bool = True) -> CTCModel:
-    """The CTC model ``model_cfg`` (the ``model`` config) describes, with ``vocab_size`` classes, or
-    the one ``ckpt_config`` (a checkpoint's model config) describes, which wins (a warning lists
-    the differences when ``warn``). Initial weights come from ``seed``: identical on every rank."""
+def _model_options(model_cfg: DictConfig) -> dict:
+    """``model_cfg`` (the ``model`` config) as a dict of ModelConfig fields (and Hydra's ``name``);
+    refuses options ModelConfig does not have."""
     model_dict = OmegaConf.to_container(model_cfg, resolve=True)
     assert isinstance(model_dict, dict)
     known = {f.name for f in fields(ModelConfig)}
     unknown = set(model_dict) - known - {"name", "_target_"}
     if unknown:
         raise ValueError(f"unknown model option(s) {sorted(unknown)}; ModelConfig has {sorted(known)}")
+    return model_dict
+
+
+def model_config(model_cfg: DictConfig, vocab_size: int) -> ModelConfig:
+    """The :class:`ModelConfig` that ``model_cfg`` (the ``model`` config) describes, with
+    ``vocab_size`` classes."""
+    return ModelConfig.from_dict({**_model_options(model_cfg), "vocab_size": vocab_size})
+
+
+def build_model(model_cfg: DictConfig, vocab_size: int, ckpt_config: Optional[dict], seed: int,
+                warn: bool = True) -> CTCModel:
+    """The CTC model ``model_cfg`` (the ``model`` config) describes, with ``vocab_size`` classes, or
+    the one ``ckpt_config`` (a checkpoint's model config) describes, which wins (a warning lists
+    the differences when ``warn``). Initial weights come from ``seed``: identical on every rank."""
+    model_dict = _model_options(model_cfg)
     if ckpt_config is not None:
         mcfg = ModelConfig.from_dict(ckpt_config)
+        known = {f.name for f in fields(ModelConfig)}
         differing = {k: (v, ckpt_config.get(k)) for k, v in model_dict.items()
                      if k in known and k != "vocab_size" and ckpt_config.get(k) != v}
         if differing and warn:
             log.warning("model config differs from the checkpoint's, which wins (config vs checkpoint): %s", differing)
     else:
-        mcfg = ModelConfig.from_dict({**model_dict, "vocab_size": vocab_size})
+        mcfg = model_config(model_cfg, vocab_size)
     torch.manual_seed(seed)
     return CTCModel(mcfg)
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Here (not on the device): pack what synthesising speech on the GPU machine needs into the
+# Here, not on the device (tools/device/run.sh pack-synth): pack what synthesising speech on the GPU machine needs into the
 # git-ignored .gpu/synth/ (~32 MB), so that machine (no internet, no Debian packages, 16 cores per
 # GPU) can make tens of hours of recipes/synthetic speech itself instead of us carrying audio.
 #

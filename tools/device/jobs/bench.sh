@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# On the device, one call: GPU correctness check, the training-step profile and the two GPU
+# On the device (tools/device/run.sh bench), one call: GPU correctness check, the training-step profile and the two GPU
 # benchmarks of issue 7, each under its own time limit, results under $OUT.
 set -uo pipefail
 T0=$(date +%s)
-source tools/device/setup.sh
+source tools/device/jobs/setup.sh
 run() {  # run <seconds> <name> <command...>
   local limit=$1 name=$2; shift 2
   local t=$(date +%s)

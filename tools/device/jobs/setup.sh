@@ -1,7 +1,7 @@
-# Sourced by the device scripts: install the carried wheels, set the environment (fla's autotune
-# cache, NVLink multicast off as the device rules require), restore fla's autotune results and
-# record the GPUs in $OUT/gpu.txt. Once per call: a script started by one that already sourced it
-# (synth_train.sh -> train_variants.sh) inherits the environment and skips the rest.
+# Sourced by the device jobs (tools/device/jobs/): install the carried wheels, set the environment
+# (fla's autotune cache, NVLink multicast off as the device rules require), restore fla's autotune
+# results and record the GPUs in $OUT/gpu.txt. Once per call: a script started by one that already sourced it
+# (synth_train.sh -> variants.sh) inherits the environment and skips the rest.
 [ -n "${ASR_DEVICE_SETUP_DONE:-}" ] && return 0
 # Everything the call prints also goes to $OUT/run.log as it happens: a call cut off at the device's
 # time limit returns only $OUT, not the output its caller would have printed at the end.

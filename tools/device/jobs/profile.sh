@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# On the device, one call: the trainer's own step on real data, profiled (trainer.profile_steps) over
+# On the device (tools/device/run.sh profile ...), one call: the trainer's own step on real data, profiled (trainer.profile_steps) over
 # a window after warm-up, with the bundled model and recipe on .gpu/synth/bundle_small (carry it with
 # .gpu/wheels). The profile table goes to $OUT/<name>_profile.txt, the log to $OUT/<name>.log.
-# Usage: train_profile.sh <name> <seconds> <first step> <overrides...>
+# Usage: run.sh profile <name> <seconds> <first step> <overrides...>
 set -uo pipefail
-source tools/device/setup.sh
+source tools/device/jobs/setup.sh
 S=.gpu/synth/bundle_small
 for f in $S/*.jsonl.xz; do [ -f "${f%.xz}" ] || xz -dk "$f"; done
 [ -d $S/audio/real ] || tar xzf $S/audio.tgz -C $S || exit 1

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# On the device: synthesise HOURS of recipes/synthetic speech on the machine's own cores, then train
-# variants of the bundled model on it plus the real speech (train_variants.sh, one per GPU).
+# On the device (tools/device/run.sh synth-train EXPERIMENT...): synthesise HOURS of recipes/synthetic
+# speech on the machine's own cores, then train the experiments on it plus the real speech (the
+# variants job, one per GPU).
 #
 # Why: the 5.8 h of synthetic speech that fit in a 64 MiB carry are memorised (training WER 0.4 %,
 # unseen-voice test WER 62 %), and the machine makes speech far faster than it can be carried: with
@@ -10,19 +11,22 @@
 # Same seed and the same exclusion list as .data/bundle, so its dev and test sentences, voices and
 # degradations come out identical (and never in training); scoring uses the carried copies.
 #
-# Carry [".gpu/wheels", ".gpu/synth"]: the wheels (setup.sh) and the pack (tools/device/pack_synth.sh,
-# run here first). The corpus is made once per warm machine (exp/synth); later calls only train,
+# Carry [".gpu/wheels", ".gpu/synth"]: the wheels (setup.sh) and the pack (run.sh pack-synth, run
+# here first). The corpus is made once per warm machine (exp/synth); later calls only train,
 # resuming. The final call (FINAL=1) scores dev, whose synthetic audio would push the tree past
 # 64 MiB beside the engines: carry [".gpu/wheels", ".gpu/synth/bundle_small", ".gpu/synth/wheels",
 # ".gpu/synth_dev"] for it (the corpus is already made; the engines are not needed).
 #
-# Env: HOURS (default 100), and train_variants.sh's: TOTAL_MINUTES, CALL_BUDGET, FINAL, RETURN,
-#      VARIANTS (default tools/device/bundled_variants_synth.txt), EXTRA (appended to the manifests).
+# Args: experiment names (conf/experiment/), as for the variants job
+# Env: HOURS (default 100), and the variants job's: TOTAL_MINUTES, CALL_BUDGET, FINAL, RETURN,
+#      EXTRA (appended to the manifests).
 set -uo pipefail
 T0=$(date +%s)
 HOURS=${HOURS:-100}; CALL_BUDGET=${CALL_BUDGET:-560}
 PACK=.gpu/synth; CORPUS=exp/synth
-source tools/device/setup.sh
+source tools/device/jobs/experiments.sh
+check_experiments "$@"
+source tools/device/jobs/setup.sh
 python -m pip install --no-deps --no-index -q $PACK/wheels/*.whl 2>&1 | grep -v WARN
 shopt -s nullglob  # the final call carries no real_manifest.jsonl.xz
 for f in $PACK/*.jsonl.xz $PACK/bundle_small/*.jsonl.xz; do  # pack_synth.sh xz's the manifests...
@@ -60,10 +64,10 @@ EOF
   timeout 60 python tools/bench_loader.py --manifest $CORPUS/train.jsonl --limit 300 > "$OUT/bench_loader.txt" 2>&1 || true
 fi
 S=$PACK/bundle_small
-export VARIANTS=${VARIANTS:-tools/device/bundled_variants_synth.txt} EVAL_DIR=$S ROOT=${ROOT:-exp/variants_synth}
+export EVAL_DIR=$S ROOT=${ROOT:-exp/variants_synth}
 export EXTRA="data.manifest_dir=$S data.train_manifests=[$CORPUS/train.jsonl,$S/train_real.jsonl] ${EXTRA:-}"
 # The synthetic dev audio travels only with the final call: before it, train without a dev set (the
 # trainer checks every dev file at the start; session 7's run that reached its schedule's end in a
 # middle call stopped at the validation there, on a missing file).
 [ -d $S/audio/synth ] || EXTRA="$EXTRA data.dev_manifests=[]"
-CALL_BUDGET=$(( CALL_BUDGET - ($(date +%s) - T0) )) bash tools/device/train_variants.sh
+CALL_BUDGET=$(( CALL_BUDGET - ($(date +%s) - T0) )) bash tools/device/jobs/variants.sh "$@"

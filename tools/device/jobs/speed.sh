@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# On the device, one call: the trainer's own speed on real data, eager against CUDA graphs
+# On the device (tools/device/run.sh speed), one call: the trainer's own speed on real data, eager against CUDA graphs
 # (trainer.compile=cudagraphs with padded batch shapes, or GRAPH_OVERRIDES), one after the other on
 # the same GPU, with the bundled model, recipe and the real speech of .gpu/synth/bundle_small
 # (carry it with .gpu/wheels). Prints audio-seconds per second per logged window and the median
 # over each run's second half (compilation and CUDA-graph recording happen in the first).
 # Env: EAGER_S, GRAPHS_S (seconds per run, default 150 and 300), GRAPH_OVERRIDES, EXTRA (both runs)
 set -uo pipefail
-source tools/device/setup.sh
+source tools/device/jobs/setup.sh
 S=.gpu/synth/bundle_small
 for f in $S/*.jsonl.xz; do [ -f "${f%.xz}" ] || xz -dk "$f"; done
 [ -d $S/audio/real ] || tar xzf $S/audio.tgz -C $S || exit 1
