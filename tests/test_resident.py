@@ -44,6 +44,10 @@ def test_every_utterance_fits_its_shape_and_batches_stay_within_budget(per_octav
         assert frames % 4 == 0
         assert rows == 1 or rows * seconds <= 60.0
     assert len(shapes) <= per_octave * math.ceil(math.log2(29.9 / 0.3)) + 1
+    fixed = ShapeClasses.build(durations[:5], batch_seconds=60.0, per_octave=per_octave, slowest=slowest, longest=30.0)
+    again = ShapeClasses.build(durations[2:], batch_seconds=60.0, per_octave=per_octave, slowest=slowest, longest=30.0)
+    n = min(len(fixed), len(again))
+    assert fixed.frames[:n] == again.frames[:n] and fixed.rows[:n] == again.rows[:n]  # same shapes, any corpus
 
 
 def test_sampler_covers_the_epoch_once_and_resumes_exactly():

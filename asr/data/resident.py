@@ -87,13 +87,16 @@ class ShapeClasses:
 
     @classmethod
     def build(cls, durations: Sequence[float], batch_seconds: float, per_octave: int = 1,
-              slowest: float = 1.0, max_rows: int = 0) -> "ShapeClasses":
-        """Classes covering ``durations`` (seconds, as read) once stretched by ``1 / slowest``."""
+              slowest: float = 1.0, max_rows: int = 0, longest: Optional[float] = None) -> "ShapeClasses":
+        """Classes covering ``durations`` (seconds, as read) once stretched by ``1 / slowest``.
+        ``longest``: the top class's length as read (default the longest duration); fixing it (the
+        trainer passes ``data.max_duration``) makes the shapes the same for every corpus, so that
+        compiled graphs and their cache serve any of them."""
         if not durations:
             raise ValueError("no utterances to build batch shapes for")
         if per_octave < 1:
             raise ValueError(f"data.resident_per_octave must be >= 1, got {per_octave}")
-        top = max(durations) / slowest
+        top = (max(durations) if longest is None else max(longest, max(durations))) / slowest
         bottom = min(durations) / slowest
         seconds = [top]
         while seconds[-1] * 2 ** (-1 / per_octave) >= bottom and len(seconds) < 64:

@@ -11,7 +11,7 @@
 #                         side; FINAL=1 scores dev and returns the best
 #   synth-train EXPERIMENT...  make ~100 h of synthetic speech there, then `variants` on it
 #   profile NAME SECONDS FIRST_STEP [OVERRIDES...]   the trainer's own steps profiled
-#   speed                 the trainer's speed on real data, eager against CUDA graphs
+#   speed                 the trainer's speed on real data: workers eager, resident graphed, resident compiled
 #   corpus                keep the corpus parts carried in this call (PARTS) for the next call (jobs/corpus.sh)
 #   train-resident        continue a model on a corpus carried in parts, device-resident corpus, graphed or
 #                         compiled fixed-shape step; BASELINE / PROBE time the other pipelines beside it
