@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from asr.data.manifest import read_manifest  # noqa: E402
-from asr.decode.ngram import NGramCounts, prune_thresholds, top_words, write_arpa  # noqa: E402
+from asr.decode.ngram import BOS, EOS, UNK, NGramCounts, prune_thresholds, top_words, write_arpa  # noqa: E402
 from asr.tokenizer import normalize_text  # noqa: E402
 
 PRESET_DIR = REPO / "conf" / "lm"
@@ -175,10 +175,11 @@ def build(args: argparse.Namespace, preset: dict) -> str:
     counts = NGramCounts(order, vocabulary).add_all(kept)
     write_model(counts, prune, args.out)
     size = xz_size(args.out)
-    words = vocabulary if vocabulary is not None else {g[0] for g in counts.raw[1]}
+    words = vocabulary if vocabulary is not None else {g[0] for g in counts.raw[1]} - {BOS, EOS, UNK}
     lines = [f"{len(kept):,} sentences ({len(sentences) - len(kept):,} dropped: empty or excluded), "
              f"{len(words):,} words, order {order}, prune {' '.join(map(str, prune))} -> {args.out} "
-             f"({args.out.stat().st_size / 1e6:.1f} MB, {size / 1e6:.2f} MB as xz) in {time.time() - t0:.0f} s"]
+             f"({'' if args.out.suffix == '.xz' else f'{args.out.stat().st_size / 1e6:.1f} MB, '}"
+             f"{size / 1e6:.2f} MB as xz) in {time.time() - t0:.0f} s"]
     for path in preset.get("oov_manifest", []) + args.oov_manifest:
         oov, total = oov_rate(words, manifest_texts([path]))
         lines.append(f"OOV {100 * oov / max(total, 1):.2f} % of the {total:,} words of {path}")

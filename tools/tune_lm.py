@@ -10,7 +10,8 @@ its log-probabilities are cached in ``--cache`` (default ``.data/lm/logprobs_<ma
 so that every LM and weight is scored on the same numbers. ``--lm model`` is the LM the model
 carries. Each row gives the WER (all selected utterances, then per part: the folder under
 ``audio/``), the LM's load time, and the search's real-time factor on one thread (search seconds
-over audio seconds; the acoustic model's own cost is printed once, when it runs). ``--parts``
+over audio seconds; the acoustic model's own cost is printed once, when it runs). Times are the
+process's CPU time, not wall time, so that other work on a shared machine inflates them less. ``--parts``
 and ``--per-part`` choose a fixed subset: at most N utterances of each part, a seeded sample of
 its entries in manifest order.
 """
@@ -65,9 +66,9 @@ def compute_log_probs(model_path: Path, entries: list[dict]) -> dict:
     with torch.inference_mode():
         for i, e in enumerate(entries):
             batch = collate([ds[i]])
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             logits, lens = model(batch.features, batch.feature_lengths)
-            out["model_seconds"] += time.perf_counter() - t0
+            out["model_seconds"] += time.process_time() - t0
             out["log_probs"].append(logits.float().log_softmax(-1)[0, : int(lens[0])].clone())
             out["ids"].append(e["id"])
             out["parts"].append(part_of(e))
@@ -80,9 +81,9 @@ def score(cache: dict, decode) -> tuple[float, dict[str, float], float]:
     """(WER %, WER % per part, decoding seconds) of ``decode`` (log-probs [T, V] -> text)."""
     hyps, seconds = [], 0.0
     for lp in cache["log_probs"]:
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         hyps.append(normalize_text(decode(lp)))
-        seconds += time.perf_counter() - t0
+        seconds += time.process_time() - t0
     per_part = {}
     for part in dict.fromkeys(cache["parts"]):
         idx = [i for i, p in enumerate(cache["parts"]) if p == part]
@@ -154,9 +155,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 2
         for weight in args.lm_weight:
             for word_score in args.word_score:
-                t0 = time.perf_counter()
+                t0 = time.process_time()
                 decoder = LexiconDecoder(tokenizer, lm, lm_weight=weight, word_score=word_score, beam_size=args.lm_beam)
-                load = time.perf_counter() - t0
+                load = time.process_time() - t0
                 wer, per_part, secs = score(cache, decoder)
                 row(f"{lm_name} | {weight:g} | {word_score:g}", wer, per_part, f"{load:.1f}", f"{secs / audio:.4f}")
                 del decoder
