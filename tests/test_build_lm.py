@@ -118,3 +118,27 @@ def test_bad_input_is_one_line(args, message, tmp_path, capsys):
     assert build_lm.main(args + ["--out", str(tmp_path / "x.arpa")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("build_lm: error:") and message in err[0]
+
+
+def test_an_exported_model_reexports_with_a_new_lm_and_the_same_weights(tmp_path, capsys):
+    """The bundled LM is swapped by exporting the shipped model again: its int8 weights must come
+    through unchanged (re-quantising int8-restored weights is exact) and the new LM replace the old."""
+    import torch
+
+    import export_model
+
+    bundled = REPO / "asr" / "pretrained" / "model.pt"
+    if not bundled.is_file():
+        pytest.skip("no bundled model in this checkout")
+    book = tmp_path / "book.txt"
+    book.write_text("\n".join(BOOK) + "\n")
+    lm, out = tmp_path / "lm.arpa.xz", tmp_path / "model.pt"
+    assert build_lm.main(["--text", str(book), "--out", str(lm)]) == 0
+    assert export_model.main([str(bundled), str(out), "--int8-weights", "--lm", str(lm)]) == 0
+    old, new = (torch.load(p, weights_only=True) for p in (bundled, out))
+    assert old["model_int8"].keys() == new["model_int8"].keys()
+    for name, packed in old["model_int8"].items():
+        assert torch.equal(packed["q"], new["model_int8"][name]["q"]), name
+        assert torch.equal(packed["scale"], new["model_int8"][name]["scale"]), name
+    assert all(torch.equal(t, new["model"][name]) for name, t in old["model"].items())
+    assert new["lm_arpa_xz"].numpy().tobytes() == lm.read_bytes()
