@@ -130,3 +130,15 @@ def test_words_outside_the_vocabulary_count_as_unk():
     counts = NGramCounts(2, vocab).add_all(SENTENCES)
     assert {g[0] for g in counts.raw[1]} == vocab | {BOS, "</s>", UNK}
     assert counts.raw[2][(UNK, "on")] == 2 and counts.raw[2][(UNK, "</s>")] == 6  # "sat on"; mat, log, ...
+
+
+def test_fewer_decimals_stay_a_distribution():
+    counts = NGramCounts(3).add_all(SENTENCES)
+    buf = io.StringIO()
+    write_arpa(counts, buf, [0, 1, 1], decimals=3)
+    logp, backoff = read_arpa(buf.getvalue())
+    numbers = [v for line in buf.getvalue().splitlines() if "\t" in line for v in line.split("\t")[::2]]
+    assert numbers and all(len(v.split(".")[1]) == 3 for v in numbers)
+    vocab = [g[0] for g in logp if len(g) == 1 and g[0] != BOS]
+    for h in [(), ("the",), ("the", "cat")]:
+        assert sum(10 ** score(logp, backoff, h, w) for w in vocab) == pytest.approx(1.0, abs=0.01)

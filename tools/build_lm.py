@@ -9,9 +9,10 @@ Text comes from plain files (one sentence per line; ``.xz`` files are read compr
 manifests' ``text`` fields, normalised as the tokenizer normalises transcripts. Sentences found in
 an ``--exclude-manifest`` or ``--exclude-text`` are dropped (never let a language model see the
 evaluation sentences). The model is interpolated Kneser-Ney (:mod:`asr.decode.ngram`), made
-smaller with ``--max-vocab`` (other words count as ``<unk>``) and ``--prune`` (count thresholds per
-order, as KenLM's ``lmplz --prune``). An ``--out`` ending in ``.xz`` is written xz-compressed (as
-``tools/export_model.py --lm`` stores it); ``--max-xz-mb`` fails the build when that size is over.
+smaller with ``--max-vocab`` (other words count as ``<unk>``), ``--prune`` (count thresholds per
+order, as KenLM's ``lmplz --prune``) and ``--decimals`` (of the log10 values). An ``--out`` ending
+in ``.xz`` is written xz-compressed (as ``tools/export_model.py --lm`` stores it); ``--max-xz-mb``
+fails the build when that size is over.
 
 ``--preset NAME`` reads ``conf/lm/NAME.yaml``: its text files, the synthetic recipe's training
 sentences of some sources (``recipes/synthetic/lm_text.py``: their dev and test sentences are
@@ -98,14 +99,14 @@ def oov_rate(vocabulary: set[str], sentences: list[str]) -> tuple[int, int]:
     return sum(1 for w in words if w not in vocabulary), len(words)
 
 
-def write_model(counts: NGramCounts, prune: list[int], out: Path) -> None:
+def write_model(counts: NGramCounts, prune: list[int], out: Path, decimals: int = 6) -> None:
     """The ARPA file at ``out`` (xz-compressed, preset 9, for a ``.xz`` name), written atomically."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")
     opener = (lambda: lzma.open(tmp, "wt", encoding="utf-8", preset=9)) if out.suffix == ".xz" else \
         (lambda: open(tmp, "w", encoding="utf-8"))
     with opener() as f:
-        write_arpa(counts, f, prune)
+        write_arpa(counts, f, prune, decimals)
     tmp.replace(out)
 
 
@@ -133,6 +134,7 @@ def parse_args(argv: Optional[list[str]]) -> tuple[argparse.Namespace, argparse.
     ap.add_argument("--prune", type=int, nargs="+", default=None, metavar="N",
                     help="drop n-grams of each order seen at most N times: 0 1 1 drops singleton 2- and 3-grams")
     ap.add_argument("--max-vocab", type=int, default=None, help="keep the N most frequent words, the rest are <unk>")
+    ap.add_argument("--decimals", type=int, default=None, help="decimals of the log10 values (default 6)")
     ap.add_argument("--max-xz-mb", type=float, default=None, help="fail when the xz-compressed model is larger")
     ap.add_argument("--oov-manifest", type=Path, action="append", default=[],
                     help="print the share of this manifest's words outside the vocabulary (repeatable)")
@@ -161,6 +163,9 @@ def build(args: argparse.Namespace, preset: dict) -> str:
     prune = args.prune if args.prune is not None else preset.get("prune", [0])
     max_vocab = args.max_vocab or preset.get("max_vocab")
     max_xz_mb = args.max_xz_mb or preset.get("max_xz_mb")
+    decimals = args.decimals if args.decimals is not None else preset.get("decimals", 6)
+    if not 1 <= decimals <= 9:
+        raise BuildError("--decimals must be 1 to 9")
     if order < 1:
         raise BuildError("--order must be at least 1")
     try:
@@ -173,7 +178,7 @@ def build(args: argparse.Namespace, preset: dict) -> str:
         raise BuildError("no sentences left to count (empty input, or all excluded)")
     vocabulary = top_words(kept, max_vocab) if max_vocab else None
     counts = NGramCounts(order, vocabulary).add_all(kept)
-    write_model(counts, prune, args.out)
+    write_model(counts, prune, args.out, decimals)
     size = xz_size(args.out)
     words = vocabulary if vocabulary is not None else {g[0] for g in counts.raw[1]} - {BOS, EOS, UNK}
     lines = [f"{len(kept):,} sentences ({len(sentences) - len(kept):,} dropped: empty or excluded), "

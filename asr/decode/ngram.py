@@ -157,8 +157,10 @@ def build_arpa(counts: NGramCounts, prune: Sequence[int] = ()
     return logp, backoff
 
 
-def write_arpa(counts: NGramCounts, out: TextIO, prune: Sequence[int] = ()) -> None:
-    """Write the model of :func:`build_arpa` as an ARPA file (KenLM, SRILM and flashlight read it)."""
+def write_arpa(counts: NGramCounts, out: TextIO, prune: Sequence[int] = (), decimals: int = 6) -> None:
+    """Write the model of :func:`build_arpa` as an ARPA file (KenLM, SRILM and flashlight read it),
+    log10 values with ``decimals`` decimals: 4 (a probability to within 0.012 %) makes the bundled
+    LM 15 % smaller as xz than 6, and KenLM stores them as float32 anyway."""
     logp, backoff = build_arpa(counts, prune)
     N = counts.order
     out.write("\n\\data\\\n")
@@ -167,8 +169,8 @@ def write_arpa(counts: NGramCounts, out: TextIO, prune: Sequence[int] = ()) -> N
     for k in range(1, N + 1):
         out.write(f"\n\\{k}-grams:\n")
         for gram in sorted(logp[k]):
-            line = f"{logp[k][gram]:.6f}\t{' '.join(gram)}"
+            line = f"{logp[k][gram]:.{decimals}f}\t{' '.join(gram)}"
             if k < N and gram in backoff[k]:
-                line += f"\t{backoff[k][gram]:.6f}"
+                line += f"\t{backoff[k][gram]:.{decimals}f}"
             out.write(line + "\n")
     out.write("\n\\end\\\n")
