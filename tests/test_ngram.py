@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from asr.decode.ngram import BOS, UNK, NGramCounts, build_arpa, write_arpa
+from asr.decode.ngram import BOS, UNK, NGramCounts, build_arpa, prune_thresholds, top_words, write_arpa
 
 SENTENCES = [
     "the cat sat on the mat",
@@ -96,3 +96,49 @@ def test_build_lm_drops_excluded_sentences(tmp_path, capsys):
     assert build_lm.main(["--text", str(tmp_path / "missing.txt"), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("build_lm: error:")
+
+
+@pytest.mark.parametrize("order,prune", [(2, [0, 1]), (3, [0, 1, 1]), (3, [0, 0, 1]), (4, [0, 1, 2])])
+def test_a_pruned_model_is_still_a_distribution_and_smaller(order, prune):
+    counts = NGramCounts(order).add_all(SENTENCES * 2 + ["the cat sat on the log", "a dog ran"])
+    full, _ = build_arpa(counts)
+    pruned, _ = build_arpa(counts, prune)
+    for k in range(2, order + 1):  # exactly the n-grams seen more often than the threshold stay
+        assert set(pruned[k]) == {g for g, c in counts.raw[k].items() if c > prune[min(k, len(prune)) - 1]}
+    assert sum(map(len, pruned)) < sum(map(len, full))
+    buf = io.StringIO()
+    write_arpa(counts, buf, prune)
+    logp, backoff = read_arpa(buf.getvalue())
+    vocab = [g[0] for g in logp if len(g) == 1 and g[0] != BOS]
+    contexts = {()} | {g for g in logp if len(g) < order and g[-1] != "</s>"}
+    for h in contexts:
+        total = sum(10 ** score(logp, backoff, h, w) for w in vocab)
+        assert total == pytest.approx(1.0, abs=1e-5), h
+
+
+def test_prune_thresholds_follow_lmplz():
+    assert prune_thresholds([0, 1], 4) == [0, 0, 1, 1, 1]
+    assert prune_thresholds([], 3) == [0, 0, 0, 0]
+    for bad in ([1, 1], [0, 2, 1], [0, -1]):
+        with pytest.raises(ValueError):
+            prune_thresholds(bad, 3)
+
+
+def test_words_outside_the_vocabulary_count_as_unk():
+    vocab = top_words(SENTENCES, 4)
+    assert vocab == {"the", "cat", "dog", "on"}  # 5 words seen 3 times: ties go alphabetically
+    counts = NGramCounts(2, vocab).add_all(SENTENCES)
+    assert {g[0] for g in counts.raw[1]} == vocab | {BOS, "</s>", UNK}
+    assert counts.raw[2][(UNK, "on")] == 2 and counts.raw[2][(UNK, "</s>")] == 6  # "sat on"; mat, log, ...
+
+
+def test_fewer_decimals_stay_a_distribution():
+    counts = NGramCounts(3).add_all(SENTENCES)
+    buf = io.StringIO()
+    write_arpa(counts, buf, [0, 1, 1], decimals=3)
+    logp, backoff = read_arpa(buf.getvalue())
+    numbers = [v for line in buf.getvalue().splitlines() if "\t" in line for v in line.split("\t")[::2]]
+    assert numbers and all(len(v.split(".")[1]) == 3 for v in numbers)
+    vocab = [g[0] for g in logp if len(g) == 1 and g[0] != BOS]
+    for h in [(), ("the",), ("the", "cat")]:
+        assert sum(10 ** score(logp, backoff, h, w) for w in vocab) == pytest.approx(1.0, abs=0.01)
