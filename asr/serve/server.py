@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import socket
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,10 @@ class ServerOptions:
     allow_origins: tuple[str, ...] = ()
     default_sample_rate: Optional[int] = None
     max_upload_bytes: int = 200 << 20
+    #: kernel send buffer per WebSocket (SO_SNDBUF): replies are small, and a client that stops
+    #: reading then blocks its writer after this (plus asyncio's 64 KiB) rather than after the
+    #: megabytes Linux would otherwise grow the buffer to; bounds kernel memory per connection too.
+    send_buffer_bytes: int = 64 << 10
 
 
 ENGINE = web.AppKey("engine", Engine)
@@ -239,7 +244,11 @@ async def _websocket(request: web.Request, rich: bool) -> web.StreamResponse:
     refused = _refusal(request)
     if refused is not None:
         return refused
-    ws = web.WebSocketResponse(max_msg_size=HARD_LIMIT_FACTOR * request.app[OPTIONS].max_message_bytes)
+    opts = request.app[OPTIONS]
+    sock = request.transport.get_extra_info("socket") if request.transport is not None else None
+    if sock is not None and opts.send_buffer_bytes:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, opts.send_buffer_bytes)
+    ws = web.WebSocketResponse(max_msg_size=HARD_LIMIT_FACTOR * opts.max_message_bytes)
     await ws.prepare(request)
     request.app[SOCKETS].add(ws)
     await Connection(ws, request, rich).run()
