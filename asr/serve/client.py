@@ -25,11 +25,13 @@ import numpy as np
 class VoskRun:
     """What a client saw. ``replies``: the parsed reply to each audio message, in order;
     ``final``: the reply to eof; ``latencies``: seconds from sending each block to its reply;
-    ``close_code``: the server's close code (None if the connection broke)."""
+    ``final_latency``: seconds from sending eof to the final result; ``close_code``: the server's
+    close code (None if the connection broke)."""
 
     replies: list[dict[str, Any]] = field(default_factory=list)
     final: Optional[dict[str, Any]] = None
     latencies: list[float] = field(default_factory=list)
+    final_latency: Optional[float] = None
     close_code: Optional[int] = None
 
     @property
@@ -72,9 +74,11 @@ async def vosk_stream(
                 raise RuntimeError(f"expected a reply, got {msg.type.name} (close code {ws.close_code})")
             run.latencies.append(loop.time() - sent)
             run.replies.append(json.loads(msg.data))
+        eof = loop.time()
         await ws.send_str('{"eof" : 1}')
         msg = await ws.receive()
         if msg.type == WSMsgType.TEXT:
+            run.final_latency = loop.time() - eof
             run.final = json.loads(msg.data)
             msg = await ws.receive()
         run.close_code = ws.close_code
