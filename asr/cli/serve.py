@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import logging
 import os
 import signal
@@ -83,9 +84,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     _check(args, ap)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    try:
-        import aiohttp  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("aiohttp") is None:
         print(f"{PROG}: error: aiohttp is not installed: pip install 'rwkv-asr[serve]'", file=sys.stderr)
         return 1
     import torch

@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 
 from aiohttp import WSMsgType, web
 
-from asr.serve import protocol as P
+import asr.serve.protocol as P
 from asr.serve.engine import Engine, StepResult, Stream
 from asr.version import __version__
 
