@@ -503,3 +503,22 @@ def test_thousand_connection_cycles_leak_nothing(model, pcm):
     assert metrics["streams_total"] == 1000 and metrics["active_streams"] == 0
     assert tasks1 <= tasks0
     assert rss1 - rss0 < 20, f"resident size grew {rss1 - rss0:.1f} MB over 800 cycles"
+
+
+# ------------------------------------------------------------------------------------ command line
+def test_command_line_errors_are_one_line():
+    """Bad options exit 2; a port already taken exits 1 with one line, no traceback."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(DATA.parents[1]), os.environ.get("PYTHONPATH")])))
+    bad = subprocess.run([sys.executable, "-m", "asr.cli.serve", "--tick", "0"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "--tick must be positive" in bad.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = subprocess.run([sys.executable, "-m", "asr.cli.serve", "--model", str(DATA / "stream_tiny.pt"),
+                               "--port", str(port)], capture_output=True, text=True, env=env, timeout=120)
+    assert busy.returncode == 1
+    assert busy.stderr.strip().splitlines() == [busy.stderr.strip()] and "cannot listen on" in busy.stderr

@@ -229,7 +229,9 @@ def vosk_result(segment: Optional[Segment], config: StreamConfig) -> str:
     words = segment.words if segment is not None else []
     text = segment.text if segment is not None else ""
     if config.max_alternatives > 0:
-        conf = sum(1.0 if w.confidence is None else w.confidence for w in words) / len(words) if words else 0.0
+        if not words:  # as vosk-api's empty result
+            return json.dumps({"alternatives": [{"text": "", "confidence": 1.0}]})
+        conf = sum(1.0 if w.confidence is None else w.confidence for w in words) / len(words)
         alt: dict[str, Any] = {"confidence": round(conf, 6), "text": text}
         if config.words:
             alt["result"] = [{k: v for k, v in _vosk_word(w).items() if k != "conf"} for w in words]
