@@ -214,7 +214,11 @@ class Engine:
             if not work:
                 continue
             t0 = time.perf_counter()
-            results = await loop.run_in_executor(self._step_pool, self._compute, work)
+            try:
+                results = await loop.run_in_executor(self._step_pool, self._compute, work)
+            except Exception as err:  # a bug outside the per-stream guards: fail these streams, keep ticking
+                log.exception("tick failed")
+                results = [StepResult(messages=w.messages, error=f"tick failed: {type(err).__name__}") for w in work]
             self._record(work, time.perf_counter() - t0)
             for w, res in zip(work, results):
                 if not w.stream.closed:

@@ -178,30 +178,29 @@ class Connection:
 
     async def _write(self, initial: Sequence[str] = ()) -> None:
         """Send each tick's replies; close after the final one. A client that does not take them
-        within send_timeout is too slow: it is dropped."""
+        within send_timeout is too slow: it is dropped. A client gone away ends the writer."""
         assert self.stream is not None
         pending = list(initial)
-        while True:
-            for text in pending:
-                try:
-                    await asyncio.wait_for(self.ws.send_str(text), self.opts.send_timeout)
-                except asyncio.TimeoutError:
-                    await self._drop_slow()
-                    return
-                except ConnectionError:
-                    return
-            res = await self.stream.results.get()
-            if res.error is not None:
-                self.engine.totals["errors"] += 1
-                await self._send_error(P.ProtocolError(res.error, P.CLOSE_INTERNAL))
-                return
-            pending = self._render(res)
-            if res.final:
+        try:
+            while True:
                 for text in pending:
                     await asyncio.wait_for(self.ws.send_str(text), self.opts.send_timeout)
-                reason = "end of stream" if res.reason == "eof" else f"stream reached {res.reason}"
-                await self.ws.close(code=P.CLOSE_NORMAL, message=reason.encode())
-                return
+                res = await self.stream.results.get()
+                if res.error is not None:
+                    self.engine.totals["errors"] += 1
+                    await self._send_error(P.ProtocolError(res.error, P.CLOSE_INTERNAL))
+                    return
+                pending = self._render(res)
+                if res.final:
+                    for text in pending:
+                        await asyncio.wait_for(self.ws.send_str(text), self.opts.send_timeout)
+                    reason = "end of stream" if res.reason == "eof" else f"stream reached {res.reason}"
+                    await self.ws.close(code=P.CLOSE_NORMAL, message=reason.encode())
+                    return
+        except asyncio.TimeoutError:
+            await self._drop_slow()
+        except ConnectionError:
+            pass
 
     async def _drop_slow(self) -> None:
         self.engine.totals["errors"] += 1
