@@ -15,7 +15,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["asr", "asr.*"]),
-    package_data={"asr": ["pretrained/*", "conf/**/*.yaml"]},
+    package_data={"asr": ["pretrained/*", "conf/**/*.yaml", "serve/static/*"]},
     include_package_data=True,
     install_requires=[
         # torch 2.14.1 and torchaudio 2.11.0 are known to work together on CPU;
@@ -41,6 +41,7 @@ setup(
         "lm": ["flashlight-text>=0.0.7"],  # asr-eval/asr-transcribe --lm (torchaudio's ctc_decoder)
         "gpu": ["fla-core", "packaging"],
         "mic": ["sounddevice>=0.4"],
+        "serve": ["aiohttp>=3.9"],  # asr-serve (WebSocket + HTTP server)
     },
     entry_points={
         "console_scripts": [
@@ -49,6 +50,7 @@ setup(
             "asr-eval=asr.cli.evaluate:main",
             "asr-transcribe=asr.cli.transcribe:main",
             "asr-live=asr.cli.live:main",
+            "asr-serve=asr.cli.serve:main",
         ],
     },
 )

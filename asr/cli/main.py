@@ -16,6 +16,7 @@ from asr.version import __version__
 SUBCOMMANDS = {
     "transcribe": ("asr.cli.transcribe", "transcribe audio files, folders or stdin (= asr-transcribe)"),
     "live": ("asr.cli.live", "transcribe a microphone or stream live (= asr-live)"),
+    "serve": ("asr.cli.serve", "streaming server: Vosk-compatible WebSocket, browser page (= asr-serve)"),
     "eval": ("asr.cli.evaluate", "WER/CER of a checkpoint on manifests (= asr-eval)"),
 }
 
