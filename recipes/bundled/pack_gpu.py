@@ -100,9 +100,10 @@ def pack_corpus(entries: list[dict], member_of, out: Path, kbps: float, jobs: in
     out.mkdir(parents=True)
     packed, audio_bytes, max_change = [], 0, 0.0
     tasks = [(e["audio"], kbps) for e in entries]
-    with mp.get_context("fork").Pool(jobs) as pool, \
-            tarfile.open(out / "audio.tar.gz", "w:gz", compresslevel=9, format=tarfile.USTAR_FORMAT) as tar:
-        for i, (e, (data, src_s, dur)) in enumerate(zip(entries, pool.imap(_encode_task, tasks, chunksize=16))):
+    pool = mp.get_context("fork").Pool(jobs) if jobs > 1 else None
+    encoded = pool.imap(_encode_task, tasks, chunksize=16) if pool is not None else map(_encode_task, tasks)
+    with tarfile.open(out / "audio.tar.gz", "w:gz", compresslevel=9, format=tarfile.USTAR_FORMAT) as tar:
+        for i, (e, (data, src_s, dur)) in enumerate(zip(entries, encoded)):
             name = member_of(e)
             tar.addfile(_tar_member(name, len(data)), io.BytesIO(data))
             packed.append(dict({k: e[k] for k in KEYS if k in e}, audio=name, duration=dur))
@@ -110,6 +111,9 @@ def pack_corpus(entries: list[dict], member_of, out: Path, kbps: float, jobs: in
             max_change = max(max_change, abs(dur - src_s))
             if (i + 1) % 2000 == 0:
                 print(f"  {out.name}: {i + 1}/{len(entries)} encoded", flush=True)
+    if pool is not None:
+        pool.close()
+        pool.join()
     write_manifest(out / "train.jsonl", packed)
     os.chmod(out / "train.jsonl", 0o644)
     hours = sum(e["duration"] for e in packed) / 3600
