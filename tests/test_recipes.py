@@ -201,22 +201,6 @@ def test_folder_prepare_from_a_table(tmp_path: Path, kind: str) -> None:
 
 
 # ---------------------------------------------------------------------- real
-def test_real_split_is_speaker_disjoint_and_deterministic() -> None:
-    prep = _load("real")
-    entries = [{"id": f"big_{i}", "duration": 10.0, "speaker": "big", "text": "x", "audio": "a"} for i in range(60)]
-    for s in range(12):
-        entries += [{"id": f"s{s}_{i}", "duration": 2.0, "speaker": f"s{s}", "text": "x", "audio": "a"} for i in range(10)]
-    entries.append({"id": "nolabel", "duration": 1.0, "speaker": None, "text": "x", "audio": "a"})
-    train, dev = prep.speaker_split(entries, dev_fraction=0.1, seed=0)
-    assert len(train) + len(dev) == len(entries)
-    assert not {e["speaker"] for e in train} & {e["speaker"] for e in dev}
-    assert all(e["speaker"] != "big" for e in dev)  # 71 % of the audio: always kept for training
-    total = sum(e["duration"] for e in entries)
-    assert 0.1 * total <= sum(e["duration"] for e in dev) <= 0.1 * total + 20.0
-    assert prep.speaker_split(list(reversed(entries)), 0.1, 0) == (train, dev)
-    assert prep.speaker_split(entries, 0.1, 1) != (train, dev)
-
-
 def _real_like_entries() -> list[dict]:
     """Entries shaped like ../shared/data/real: every source folder, several speakers in most."""
     entries = []
