@@ -2,7 +2,7 @@
 """Pack the training corpus for the GPU machine: two self-contained folders of at most 32 MiB each.
 
     python recipes/real/prepare.py                       # first: .data/real/train.jsonl (the fixed split)
-    python recipes/bundled/pack_gpu.py --out .gpu --jobs 2 [--kbps-a 8.5] [--kbps-b 9.5]
+    python recipes/bundled/pack_gpu.py --out .gpu --jobs 2 [--kbps-a 8.25] [--kbps-b 9.5]
 
 The GPU machine accepts at most 64 MiB of input per call and the repository takes ~24 MiB of it,
 so each corpus travels as one folder of at most ``--max-mib`` (32) MiB, checked after writing
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="train manifest of recipes/real/prepare.py")
     ap.add_argument("--kokoro", type=Path, default=DEFAULT_KOKORO, help="folder with the Kokoro manifest.jsonl")
     ap.add_argument("--out", type=Path, default=Path(".gpu"))
-    ap.add_argument("--kbps-a", type=float, default=8.5, help="Opus bit rate of corpus_a (real train)")
+    ap.add_argument("--kbps-a", type=float, default=8.25, help="Opus bit rate of corpus_a (real train)")
     ap.add_argument("--kbps-b", type=float, default=9.5, help="Opus bit rate of corpus_b (Kokoro)")
     ap.add_argument("--max-mib", type=float, default=32.0, help="size limit of each folder")
     ap.add_argument("--parts", default="a,b", help="which folders to make: a, b or a,b")
