@@ -78,3 +78,23 @@ def test_bench_rejects_bad_input(tmp_path: Path, capsys) -> None:
     assert "dev_read.jsonl not found" in capsys.readouterr().err
     assert bench.main(["--dev-dir", str(dev), "--parts", "digits", "--model", str(tmp_path / "nope.pt")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_bench_resumes_from_its_cache(tmp_path: Path, capsys) -> None:
+    bench = _bench()
+    dev = _dev_dir(tmp_path / "dev")
+    cache = tmp_path / "cache.jsonl"
+    args = ["--dev-dir", str(dev), "--parts", "commands", "--systems", "ours-greedy", "--jobs", "1",
+            "--cache", str(cache), "--json", str(tmp_path / "b.json")]
+    assert bench.main(args) == 0
+    lines = [json.loads(l) for l in cache.read_text().splitlines()]
+    assert sorted(r["id"] for r in lines) == ["pocketsphinx_cards_001", "pocketsphinx_goforward"]
+    # A rerun recognises nothing again: it takes the cached hypotheses (here edited to be right).
+    refs = {"pocketsphinx_cards_001": "ten of clubs", "pocketsphinx_goforward": "go forward ten meters"}
+    cache.write_text("".join(json.dumps(dict(r, hyp=refs[r["id"]])) + "\n" for r in lines))
+    assert bench.main(args) == 0
+    assert json.loads((tmp_path / "b.json").read_text())["table"]["ours-greedy"]["rows"]["commands"]["wer"] == 0.0
+    assert len(cache.read_text().splitlines()) == 2
+    # --max-utts takes a prefix of the same fixed order
+    assert [e["id"] for e in bench.select([{"id": str(i)} for i in range(9)], 3)] == \
+        [e["id"] for e in bench.spread_order([{"id": str(i)} for i in range(9)])][:3]

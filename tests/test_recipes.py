@@ -15,18 +15,27 @@ from omegaconf import OmegaConf
 
 import asr.cli.train  # noqa: F401  (registers the asr_* resolvers used by the config)
 from asr.data.augment import AugmentConfig
-from asr.data.manifest import read_manifest
+from asr.data.manifest import read_manifest, write_manifest
 from asr.model import ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 RECIPES = sorted(p.stem for p in (CONF / "recipe").glob("*.yaml"))
 REAL = REPO.parent / "shared" / "data" / "real"
+DATA = Path(__file__).parent / "data"
 
 
 def _load(name: str) -> ModuleType:
     path = REPO / "recipes" / name / "prepare.py"
     spec = importlib.util.spec_from_file_location(f"prepare_{name}", path)
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _load_script(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     assert spec and spec.loader
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -192,22 +201,6 @@ def test_folder_prepare_from_a_table(tmp_path: Path, kind: str) -> None:
 
 
 # ---------------------------------------------------------------------- real
-def test_real_split_is_speaker_disjoint_and_deterministic() -> None:
-    prep = _load("real")
-    entries = [{"id": f"big_{i}", "duration": 10.0, "speaker": "big", "text": "x", "audio": "a"} for i in range(60)]
-    for s in range(12):
-        entries += [{"id": f"s{s}_{i}", "duration": 2.0, "speaker": f"s{s}", "text": "x", "audio": "a"} for i in range(10)]
-    entries.append({"id": "nolabel", "duration": 1.0, "speaker": None, "text": "x", "audio": "a"})
-    train, dev = prep.speaker_split(entries, dev_fraction=0.1, seed=0)
-    assert len(train) + len(dev) == len(entries)
-    assert not {e["speaker"] for e in train} & {e["speaker"] for e in dev}
-    assert all(e["speaker"] != "big" for e in dev)  # 71 % of the audio: always kept for training
-    total = sum(e["duration"] for e in entries)
-    assert 0.1 * total <= sum(e["duration"] for e in dev) <= 0.1 * total + 20.0
-    assert prep.speaker_split(list(reversed(entries)), 0.1, 0) == (train, dev)
-    assert prep.speaker_split(entries, 0.1, 1) != (train, dev)
-
-
 def _real_like_entries() -> list[dict]:
     """Entries shaped like ../shared/data/real: every source folder, several speakers in most."""
     entries = []
@@ -296,3 +289,28 @@ def test_real_prepare_on_the_shared_data(tmp_path: Path) -> None:
     first = (tmp_path / "dev.jsonl").read_text()
     assert prep.main(["--source", str(REAL), "--out-dir", str(tmp_path)]) == 0
     assert (tmp_path / "dev.jsonl").read_text() == first
+
+# ---------------------------------------------------------------------- bundled: GPU carry pack
+def test_pack_gpu_writes_a_checked_self_contained_folder(tmp_path: Path, capsys) -> None:
+    pack = _load_script(REPO / "recipes" / "bundled" / "pack_gpu.py")
+    entries = [json.loads(l) for l in (DATA / "manifest.jsonl").read_text().splitlines() if l.strip()]
+    for e in entries:
+        e.update(audio=str(DATA / e["audio"]), source="testdata", part="read", text_raw="dropped")
+    manifest = tmp_path / "train.jsonl"
+    write_manifest(manifest, entries)
+    out = tmp_path / "gpu"
+    assert pack.main(["--real-train", str(manifest), "--out", str(out), "--parts", "a", "--jobs", "1"]) == 0
+    folder = out / "corpus_a"
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "audio.tar.gz", "train.jsonl"]
+    packed = read_manifest(folder / "train.jsonl", absolute=False)
+    assert [e["audio"] for e in packed] == [f"audio/testdata/{e['id']}.opus" for e in entries]
+    assert "text_raw" not in packed[0] and packed[0]["part"] == "read"
+    for src, e in zip(entries, packed):
+        assert e["duration"] == pytest.approx(src["duration"], abs=0.05)
+    assert pack.verify(folder, {e["id"]: e["duration"] for e in entries}) == 3
+    # a source duration the packed file does not match is caught by the check
+    with pytest.raises(RuntimeError, match="in the source"):
+        pack.verify(folder, {e["id"]: e["duration"] + 0.2 for e in entries})
+    # over the size limit: exit 1 and a one-line error
+    assert pack.main(["--real-train", str(manifest), "--out", str(out), "--parts", "a", "--max-mib", "0.001", "--jobs", "1"]) == 1
+    assert "over --max-mib 0.001" in capsys.readouterr().err

@@ -267,12 +267,13 @@ def _fake_sources(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def _fake_real(tmp_path: Path) -> Path:
-    """A real-speech folder in the shared format: 3 speakers and one misc recording."""
+    """A real-speech folder in the shared format: 3 speakers (in a source folder that
+    recipes/real/prepare.py's fixed split knows) and one misc recording."""
     real = tmp_path / "real"
     rows = []
     for spk, n in (("alice", 4), ("bob", 1), ("carol", 1)):
         for i in range(n):
-            rel = f"audio/{spk}/{spk}_{i}.flac"
+            rel = f"audio/speechocean/{spk}/{spk}_{i}.flac"
             (real / rel).parent.mkdir(parents=True, exist_ok=True)
             sf.write(real / rel, _tone_bursts(16000) * 0.5, 16000)
             rows.append({"id": f"{spk}_{i}", "audio": rel, "duration": 1.5, "text": "one two", "speaker": spk})
@@ -329,7 +330,7 @@ def test_prepare_and_pack_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyP
     pack = _load(REPO / "recipes" / "bundled" / "prepare.py", "prepare")
     bundle = tmp_path / "bundle"
     assert pack.main(["--synthetic", str(out), "--real", str(real), "--out", str(bundle), "--max-mib", "1",
-                      "--dev-fraction", "0.2", "--jobs", "2"]) == 0
+                      "--jobs", "2"]) == 0
     b = {name: read_manifest(bundle / f"{name}.jsonl")
          for name in ("train", "dev", "dev_real", "dev_synth", "test", "misc")}
     assert [e["id"] for e in b["misc"]] == ["goforward"]
@@ -352,7 +353,7 @@ def test_prepare_and_pack_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(pack, "RESERVE_BYTES", 4096)  # README + stats of this tiny bundle take < 3 KB
     limit = full - train_audio // 2
     assert pack.main(["--synthetic", str(out), "--real", str(real), "--out", str(small),
-                      "--max-mib", f"{limit / 2**20:.9f}", "--dev-fraction", "0.2", "--jobs", "1"]) == 0
+                      "--max-mib", f"{limit / 2**20:.9f}", "--jobs", "1"]) == 0
     assert json.loads((small / "stats.json").read_text())["synth_train_left_out"] >= 1
     assert sum(p.stat().st_size for p in small.rglob("*") if p.is_file()) <= limit
     # A budget that cannot even hold the fixed parts is an error, not a bundle without training audio.

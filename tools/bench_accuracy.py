@@ -25,11 +25,16 @@ WER (jiwer, pooled over a part's words) after the project's normalisation
 (:func:`asr.tokenizer.normalize_text`, as ``asr-eval`` uses) of both reference and hypothesis;
 pocketsphinx's filler tags (``<sil>``, ``[noise]``) are dropped first. Rows: each part, "native
 read" (read + librispeech pooled), all parts pooled, and the mean of the parts' WERs.
-``--json OUT`` writes the table's numbers and every hypothesis.
+``--json OUT`` writes the table's numbers and every hypothesis. ``--cache FILE`` appends each
+finished utterance as it finishes; a rerun skips what the file holds. Work goes round-robin over
+the parts, each in a fixed pseudo-random order (the same order ``--max-utts N`` takes its first N
+from), every system on a chunk before the next: an interrupted full run can be scored on what it
+finished with ``--max-utts N --cache FILE`` for an N it reached.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -120,12 +125,15 @@ def _run_chunk(task: tuple[str, str | None, list[dict]]) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------- scoring
+def spread_order(entries: list[dict]) -> list[dict]:
+    """The entries in a fixed pseudo-random order (sha1 of the id): any prefix spreads over speakers."""
+    return sorted(entries, key=lambda e: (hashlib.sha1(e["id"].encode()).hexdigest(), e["id"]))
+
+
 def select(entries: list[dict], max_utts: int | None) -> list[dict]:
-    """At most ``max_utts`` entries spread evenly over the (id-sorted) list, so several speakers stay in."""
-    if not max_utts or len(entries) <= max_utts:
-        return entries
-    step = len(entries) / max_utts
-    return [entries[int(i * step)] for i in range(max_utts)]
+    """The first ``max_utts`` entries of :func:`spread_order` (all when None), the order kept."""
+    ordered = spread_order(entries)
+    return ordered[:max_utts] if max_utts else ordered
 
 
 def score(results: list[dict], refs: dict[str, str], systems: list[str], parts: list[str]) -> dict:
@@ -204,24 +212,49 @@ def run(args: argparse.Namespace) -> tuple[dict, str, list[dict]]:
         raise BenchError(f"--model {args.model}: no such file or folder")
     by_part = load_dev(args.dev_dir, parts, args.max_utts)
     entries = [e for p in parts for e in by_part[p]]
-    # Longest first, in chunks, so the workers finish together.
-    order = sorted(entries, key=lambda e: -e["duration"])
-    chunk = max(1, min(25, len(order) // (4 * max(1, args.jobs)) or 1))
-    tasks = [(s, args.model, order[i : i + chunk]) for s in systems for i in range(0, len(order), chunk)]
-    results: list[dict] = []
+    # Round-robin over the parts, each in spread order, and every system on a chunk before the next
+    # chunk: a run cut short has covered all parts and systems on the same utterances (see --cache).
+    queue = [by_part[p][i] for i in range(max(map(len, by_part.values()))) for p in parts if i < len(by_part[p])]
+    cached = _read_cache(args.cache, args.model) if args.cache else {}
+    todo = {s: [e for e in queue if (s, e["id"]) not in cached] for s in systems}
+    chunk = 8
+    tasks = [(s, args.model, todo[s][i : i + chunk]) for i in range(0, len(queue), chunk) for s in systems
+             if todo[s][i : i + chunk]]
+    results: list[dict] = [r for (s, i), r in cached.items() if s in systems and i in {e["id"] for e in entries}]
     t0 = time.time()
-    if args.jobs <= 1:
-        for t in tasks:
-            results += _run_chunk(t)
-    else:
-        with mp.get_context("fork").Pool(args.jobs) as pool:
-            for res in pool.imap_unordered(_run_chunk, tasks):
-                results += res
+    cache = open(args.cache, "a", encoding="utf-8") if args.cache else None
+    pool = mp.get_context("fork").Pool(args.jobs) if args.jobs > 1 and len(tasks) > 1 else None
+    try:
+        done = pool.imap(_run_chunk, tasks) if pool is not None else map(_run_chunk, tasks)
+        for n, res in enumerate(done, 1):
+            results += res
+            if cache is not None:
+                cache.write("".join(json.dumps(dict(r, model=args.model or "bundled")) + "\n" for r in res))
+                cache.flush()
+            if n % 20 == 0 or n == len(tasks):
+                print(f"  {n}/{len(tasks)} chunks ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+    finally:
+        if pool is not None:
+            pool.terminate()
+        if cache is not None:
+            cache.close()
     table = score(results, {e["id"]: e["text"] for e in entries}, systems, parts)
     md = markdown(table, systems, by_part)
     print(f"{len(entries)} utterances x {len(systems)} systems in {time.time() - t0:.0f} s wall, {args.jobs} worker(s)",
           file=sys.stderr)
     return table, md, sorted(results, key=lambda r: (r["system"], r["id"]))
+
+
+def _read_cache(path: Path, model: str | None) -> dict[tuple[str, str], dict]:
+    """Results of an earlier (maybe interrupted) run with the same model: (system, id) -> result."""
+    if not path.is_file():
+        return {}
+    out = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        r = json.loads(line)
+        if r.get("model") == (model or "bundled"):
+            out[(r["system"], r["id"])] = {k: v for k, v in r.items() if k != "model"}
+    return out
 
 
 def _names(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
@@ -241,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-utts", type=int, default=None, help="at most N utterances per part (quick run)")
     ap.add_argument("--jobs", type=int, default=2, help="worker processes, one thread each")
     ap.add_argument("--json", type=Path, default=None, help="write the numbers and every hypothesis here")
+    ap.add_argument("--cache", type=Path, default=None,
+                    help="JSON Lines of finished utterances, appended as they finish; a rerun skips them "
+                         "(an interrupted run resumes; --max-utts K then scores the first K per part)")
     args = ap.parse_args(argv)
     try:
         table, md, results = run(args)

@@ -2,7 +2,7 @@
 """Pack the training corpus for the GPU machine: two self-contained folders of at most 32 MiB each.
 
     python recipes/real/prepare.py                       # first: .data/real/train.jsonl (the fixed split)
-    python recipes/bundled/pack_gpu.py --out .gpu --jobs 2 [--kbps-a 8.5] [--kbps-b 9.5]
+    python recipes/bundled/pack_gpu.py --out .gpu --jobs 2 [--kbps-a 8.25] [--kbps-b 9.5]
 
 The GPU machine accepts at most 64 MiB of input per call and the repository takes ~24 MiB of it,
 so each corpus travels as one folder of at most ``--max-mib`` (32) MiB, checked after writing
@@ -100,9 +100,10 @@ def pack_corpus(entries: list[dict], member_of, out: Path, kbps: float, jobs: in
     out.mkdir(parents=True)
     packed, audio_bytes, max_change = [], 0, 0.0
     tasks = [(e["audio"], kbps) for e in entries]
-    with mp.get_context("fork").Pool(jobs) as pool, \
-            tarfile.open(out / "audio.tar.gz", "w:gz", compresslevel=9, format=tarfile.USTAR_FORMAT) as tar:
-        for i, (e, (data, src_s, dur)) in enumerate(zip(entries, pool.imap(_encode_task, tasks, chunksize=16))):
+    pool = mp.get_context("fork").Pool(jobs) if jobs > 1 else None
+    encoded = pool.imap(_encode_task, tasks, chunksize=16) if pool is not None else map(_encode_task, tasks)
+    with tarfile.open(out / "audio.tar.gz", "w:gz", compresslevel=9, format=tarfile.USTAR_FORMAT) as tar:
+        for i, (e, (data, src_s, dur)) in enumerate(zip(entries, encoded)):
             name = member_of(e)
             tar.addfile(_tar_member(name, len(data)), io.BytesIO(data))
             packed.append(dict({k: e[k] for k in KEYS if k in e}, audio=name, duration=dur))
@@ -110,6 +111,9 @@ def pack_corpus(entries: list[dict], member_of, out: Path, kbps: float, jobs: in
             max_change = max(max_change, abs(dur - src_s))
             if (i + 1) % 2000 == 0:
                 print(f"  {out.name}: {i + 1}/{len(entries)} encoded", flush=True)
+    if pool is not None:
+        pool.close()
+        pool.join()
     write_manifest(out / "train.jsonl", packed)
     os.chmod(out / "train.jsonl", 0o644)
     hours = sum(e["duration"] for e in packed) / 3600
@@ -173,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="train manifest of recipes/real/prepare.py")
     ap.add_argument("--kokoro", type=Path, default=DEFAULT_KOKORO, help="folder with the Kokoro manifest.jsonl")
     ap.add_argument("--out", type=Path, default=Path(".gpu"))
-    ap.add_argument("--kbps-a", type=float, default=8.5, help="Opus bit rate of corpus_a (real train)")
+    ap.add_argument("--kbps-a", type=float, default=8.25, help="Opus bit rate of corpus_a (real train)")
     ap.add_argument("--kbps-b", type=float, default=9.5, help="Opus bit rate of corpus_b (Kokoro)")
     ap.add_argument("--max-mib", type=float, default=32.0, help="size limit of each folder")
     ap.add_argument("--parts", default="a,b", help="which folders to make: a, b or a,b")

@@ -16,7 +16,7 @@ Manifests (JSON Lines ``{"id", "audio", "duration", "text", "speaker"}``, audio 
 * ``train.jsonl``      synthetic train + real train (all real speakers not in dev, misc excluded)
 * ``dev.jsonl``        synthetic dev + real dev (for checkpoint selection), also separately as
   ``dev_synth.jsonl`` (voices seen in training, unseen sentences) and ``dev_real.jsonl``
-  (speakers not in train: ``recipes/real/prepare.py``'s speaker-disjoint split)
+  (speakers not in train: ``recipes/real/prepare.py``'s fixed speaker-disjoint split, its ``dev.jsonl``)
 * ``test.jsonl``       synthetic test: unseen voices and unseen sentences
 * ``misc.jsonl``       every recording under ``<real>/audio/misc`` (evaluation only, never trained on)
 
@@ -101,7 +101,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path(".data/bundle"))
     ap.add_argument("--kbps", type=float, default=12.0, help="Opus bit rate for re-encoded audio")
     ap.add_argument("--max-mib", type=float, default=45.0, help="size limit of the whole folder")
-    ap.add_argument("--dev-fraction", type=float, default=0.1, help="real dev share (speaker-disjoint)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the real speaker split")
     ap.add_argument("--jobs", type=int, default=2)
     args = ap.parse_args(argv)
@@ -118,12 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     (out / "audio").mkdir(parents=True)
     budget = int(args.max_mib * 2**20) - RESERVE_BYTES
 
-    # Real speech: misc out first (evaluation only), then the speaker-disjoint split of the rest.
-    real = read_manifest(real_manifest)
-    misc_dir = (args.real / "audio" / "misc").resolve()
-    misc = [e for e in real if Path(e["audio"]).resolve().is_relative_to(misc_dir)]
-    rest = [e for e in real if not Path(e["audio"]).resolve().is_relative_to(misc_dir)]
-    real_train, real_dev = _load_real_prepare().speaker_split(rest, args.dev_fraction, args.seed)
+    # Real speech: the fixed split of recipes/real/prepare.py (misc apart, dev speaker-disjoint).
+    real_prep = _load_real_prepare()
+    real = [dict(e, source=real_prep.source_of(e["audio"], args.real)) for e in read_manifest(real_manifest)]
+    split = real_prep.scored_split(real, args.seed)
+    real_train, real_dev, misc = split["train"], split["dev"], split["misc"]
     parts: dict[str, list[dict]] = {"real_train": real_train, "real_dev": real_dev, "misc": misc}
     synth = {s: read_manifest(args.synthetic / f"{s}.jsonl") for s in ("train", "dev", "test")}
     parts.update({"synth_test": synth["test"], "synth_dev": synth["dev"]})

@@ -99,29 +99,6 @@ def _hash_key(seed: int, name: str) -> tuple[str, str]:
     return hashlib.sha1(f"{seed}:{name}".encode()).hexdigest(), name
 
 
-def speaker_split(
-    entries: list[dict], dev_fraction: float = 0.1, seed: int = 0, max_speaker_fraction: float = 0.25
-) -> tuple[list[dict], list[dict]]:
-    """Split entries into (train, dev) with no speaker in both: speakers in hash order go to dev
-    until it holds ``dev_fraction`` of the audio; a speaker with more than ``max_speaker_fraction``
-    of all audio always stays in train. (One pool; :func:`scored_split` applies it per source.)"""
-    if not 0.0 <= dev_fraction < 1.0:
-        raise ValueError(f"dev fraction must be in [0, 1), got {dev_fraction}")
-    by_speaker = _by_speaker(entries)
-    total = sum(e["duration"] for e in entries)
-    dev_speakers: set[str] = set()
-    dev_seconds = 0.0
-    for s in sorted(by_speaker, key=lambda s: _hash_key(seed, s)):
-        if dev_seconds >= dev_fraction * total:
-            break
-        seconds = sum(e["duration"] for e in by_speaker[s])
-        if seconds > max_speaker_fraction * total:
-            continue
-        dev_speakers.add(s)
-        dev_seconds += seconds
-    return _sides(by_speaker, dev_speakers)
-
-
 def _by_speaker(entries: list[dict]) -> dict[str, list[dict]]:
     by_speaker: dict[str, list[dict]] = defaultdict(list)
     for e in entries:
