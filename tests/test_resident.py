@@ -216,3 +216,23 @@ def test_trainer_learns_from_the_resident_corpus_and_resumes_exactly(tmp_path: P
 def test_compile_fixed_needs_the_resident_corpus(tmp_path: Path):
     with pytest.raises(ValueError, match="data.resident"):
         _trainer(tmp_path, "x", "trainer.max_steps=1", "data.resident=false", "trainer.compile=fixed").fit()
+
+
+def test_device_fbank_equals_kaldi_fbank_of_each_row():
+    """The resident batches' fbank (no host copies) is compute_fbank's, row by row, zero past a row."""
+    from asr.data.resident import DeviceFbank
+    from asr.features import num_frames
+
+    torch.manual_seed(0)
+    lengths = [16000, 9000, 401, 0]
+    waves = torch.zeros(4, 16000)
+    for r, n in enumerate(lengths):
+        waves[r, :n] = 0.3 * torch.randn(n) * torch.linspace(0.1, 1.0, n)
+    counts = torch.tensor([num_frames(n) for n in lengths])
+    feats = DeviceFbank()(waves, counts)
+    assert feats.shape == (4, num_frames(16000), 80)
+    for r, n in enumerate(lengths):
+        t = int(counts[r])
+        if t:
+            torch.testing.assert_close(feats[r, :t], compute_fbank(waves[r, :n]), atol=2e-3, rtol=1e-4)
+        assert not feats[r, t:].any()
