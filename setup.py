@@ -35,7 +35,9 @@ setup(
     ],
     extras_require={
         # the tests cover language-model decoding too, so dev pulls in its decoder
-        "dev": ["pytest>=7", "pytest-timeout", "flashlight-text>=0.0.7"],
+        # ... and pocketsphinx, which tests/test_bench_accuracy.py runs beside our model
+        "dev": ["pytest>=7", "pytest-timeout", "flashlight-text>=0.0.7", "pocketsphinx>=5.0"],
+        "bench": ["pocketsphinx>=5.0", "flashlight-text>=0.0.7"],  # tools/bench_accuracy.py
         "lm": ["flashlight-text>=0.0.7"],  # asr-eval/asr-transcribe --lm (torchaudio's ctc_decoder)
         "gpu": ["fla-core", "packaging"],
         "mic": ["sounddevice>=0.4"],

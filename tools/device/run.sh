@@ -11,16 +11,20 @@
 #                         side; FINAL=1 scores dev and returns the best
 #   synth-train EXPERIMENT...  make ~100 h of synthetic speech there, then `variants` on it
 #   profile NAME SECONDS FIRST_STEP [OVERRIDES...]   the trainer's own steps profiled
-#   speed                 the trainer's speed on real data, eager against CUDA graphs
+#   speed                 the trainer's speed on real data: workers eager, resident graphed, resident compiled
+#   corpus                keep the corpus parts carried in this call (PARTS) for the next call (jobs/corpus.sh)
+#   train-resident        continue a model on a corpus carried in parts, device-resident corpus, graphed or
+#                         compiled fixed-shape step; BASELINE / PROBE time the other pipelines beside it
 #   pack-synth            HERE, not on the device: pack synth-train's carry into .gpu/synth
 # Each job's header lists its environment variables. Output goes under $OUT (the device's result folder).
 set -uo pipefail
-JOBS="bench train variants synth-train profile speed pack-synth"
-usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
+JOBS="bench train variants synth-train profile speed corpus train-resident pack-synth"
+usage() { awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0"; }  # the comment above
 job=${1:-}
 [ $# -gt 0 ] && shift
 case "$job" in
-  bench|train|variants|profile|speed) ;;
+  bench|train|variants|profile|speed|corpus) ;;
+  train-resident) job=train_resident ;;
   synth-train) job=synth_train ;;
   pack-synth) job=pack_synth ;;
   help|-h|--help) usage; exit 0 ;;

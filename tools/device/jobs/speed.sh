@@ -1,43 +1,48 @@
 #!/usr/bin/env bash
-# On the device (tools/device/run.sh speed), one call: the trainer's own speed on real data, eager against CUDA graphs
-# (trainer.compile=cudagraphs with padded batch shapes, or GRAPH_OVERRIDES), one after the other on
-# the same GPU, with the bundled model, recipe and the real speech of .gpu/synth/bundle_small
-# (carry it with .gpu/wheels). Prints audio-seconds per second per logged window and the median
-# over each run's second half (compilation and CUDA-graph recording happen in the first).
-# Env: EAGER_S, GRAPHS_S (seconds per run, default 150 and 300), GRAPH_OVERRIDES, EXTRA (both runs)
+# On the device (tools/device/run.sh speed), one call: asr-train's own speed on real data, one GPU,
+# the bundled model continued (trainer.init_from), the pipelines and steps one after the other:
+#   workers   DataLoader workers, eager step (the trainer's default)
+#   graphed   data.resident (the corpus on the GPU, fixed shapes), trainer.cuda_graphs
+#   fixed     data.resident, trainer.compile=fixed (the whole model compiled per shape, CUDA graphs)
+# Each run's log is $OUT/<name>.log (lines prefixed with seconds since the run started); a table of
+# the median audio-seconds per second over each run's second half, its data wait and the time to the
+# first logged step goes to $OUT/speed.txt. The corpus comes as parts (jobs/corpus.sh: PARTS carried in
+# this call, kept for the next call on the warm machine).
+# Env: PARTS, WEIGHTS (jobs/corpus.sh); RUNS (default "workers graphed fixed"); SECONDS_<run> (defaults
+#      workers 60, graphed 80, fixed 240); BATCH (padded seconds per batch, default 800); EXTRA (every run)
 set -uo pipefail
 source tools/device/jobs/setup.sh
-S=.gpu/synth/bundle_small
-for f in $S/*.jsonl.xz; do [ -f "${f%.xz}" ] || xz -dk "$f"; done
-[ -d $S/audio/real ] || tar xzf $S/audio.tgz -C $S || exit 1
-export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
+source tools/device/jobs/corpus.sh
 WORKERS=$(( $(nproc) - 2 ))
-train() {  # train <name> <seconds> <overrides...>: SIGINT at the end (the trainer stops cleanly)
-  local name=$1 secs=$2; shift 2
+declare -A ARGS=([workers]="" [graphed]="data.resident=true trainer.cuda_graphs=true"
+                 [fixed]="data.resident=true trainer.compile=fixed")
+declare -A SECS=([workers]=${SECONDS_workers:-60} [graphed]=${SECONDS_graphed:-80} [fixed]=${SECONDS_fixed:-240})
+for name in ${RUNS:-workers graphed fixed}; do
+  t=$(date +%s)
   set -f
   # shellcheck disable=SC2086
-  timeout -s INT -k 30 "$secs" python -m asr.cli.train recipe=bundled model=bundled data.manifest_dir=$S \
-    "data.train_manifests=[$S/train_real.jsonl]" "data.dev_manifests=[]" data.num_workers=$WORKERS \
+  timeout -s INT -k 30 "${SECS[$name]}" python -m asr.cli.train recipe=bundled model=bundled \
+    trainer.init_from=asr/pretrained/model.pt "data.train_manifests=[/tmp/corpus.jsonl]" "data.dev_manifests=[]" \
+    data.max_duration=30 data.augment.speed.enabled=true data.max_batch_seconds=${BATCH:-800} data.num_workers=$WORKERS \
     trainer.tensorboard=false trainer.progress_bar=false trainer.max_steps=1000000 trainer.val_every=1000000 \
-    trainer.save_every=1000000 trainer.log_every=50 hydra.run.dir=exp/speed/$name ${EXTRA:-} "$@" > "$OUT/$name.log" 2>&1
+    trainer.save_every=1000000 trainer.log_every=10 hydra.run.dir=exp/speed/$name ${ARGS[$name]} ${EXTRA:-} 2>&1 \
+    | while IFS= read -r line; do echo "$(( $(date +%s) - t )) $line"; done > "$OUT/$name.log"
   set +f
-  echo "== $name rc=$?"; grep -E "Error|error:" "$OUT/$name.log" | tail -3
-}
-train eager "${EAGER_S:-150}"
-# shellcheck disable=SC2086
-train graphs "${GRAPHS_S:-300}" ${GRAPH_OVERRIDES:-trainer.compile=cudagraphs trainer.pad_frames_multiple=128 trainer.pad_batch_multiple=16}
-python - <<'PY' | tee "$OUT/train_speed.txt"
-import json, statistics
-from pathlib import Path
-for name in ("eager", "graphs"):
-    path = Path("exp/speed") / name / "metrics.jsonl"
-    rows = [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
-    rows = [r for r in rows if "train/audio_sec_per_sec" in r]
+  echo "== $name ($(( $(date +%s) - t )) s)"; grep -E "resident corpus|Error|error:" "$OUT/$name.log" | tail -3 | cut -c1-250
+done
+python - <<'PY' | tee "$OUT/speed.txt"
+import os, re, statistics
+print("| run | audio-s/s, median of the second half | data wait | first step logged at | steps logged |")
+print("|---|---:|---:|---:|---:|")
+for name in os.environ.get("RUNS", "workers graphed fixed").split():
+    path = f"{os.environ['OUT']}/{name}.log"
+    if not os.path.exists(path):
+        continue
+    rows = [(int(m[1]), float(m[2]), float(m[3])) for m in
+            re.finditer(r"^(\d+) .* step \d+ loss .* ([\d.]+) audio-s/s \((\d+)% waiting", open(path).read(), re.M)]
     if not rows:
-        print(f"{name}: no logged steps"); continue
-    speeds = [r["train/audio_sec_per_sec"] for r in rows]
-    half = speeds[len(speeds) // 2:]
-    wait = statistics.median(r["train/data_wait_frac"] for r in rows[len(rows) // 2:])
-    print(f"{name}: {rows[-1]['step']} steps; audio-s/s per window: {' '.join(f'{s:.0f}' for s in speeds)}")
-    print(f"{name}: median of the second half {statistics.median(half):.0f} audio-s/s, data wait {100 * wait:.0f} %")
+        print(f"| {name} | - | - | - | 0 |"); continue
+    half = rows[len(rows) // 2:]
+    print(f"| {name} | {statistics.median(r[1] for r in half):,.0f} | {statistics.median(r[2] for r in half):.0f} % "
+          f"| {rows[0][0]} s | {len(rows)} |")
 PY

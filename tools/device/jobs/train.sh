@@ -13,12 +13,15 @@
 # Env: CALL_BUDGET  seconds this call may use (default 560)
 #      TOTAL_MINUTES training minutes over all calls (default: this call's)
 #      BATCH        padded audio-seconds per GPU and step (default 400 without EXPERIMENT, else the experiment's)
-#      COMPILE      1: trainer.compile=true, falling back to eager if it fails early (default 0)
+#      COMPILE      a trainer.compile value (1: true; fixed: with data.resident in EXTRA), falling back to
+#                   eager if it fails early (default 0: eager)
 #      EXTRA        more asr-train overrides, e.g. "trainer.init_from=exp/model.pt"
+#      FALLBACK     overrides for the eager retry when the first attempt fails early (e.g. trainer.cuda_graphs=false)
+#      RUN          the run folder (default exp/device_run; a new one starts afresh or from init_from)
 set -uo pipefail
 T0=$(date +%s)
 CALL_BUDGET=${CALL_BUDGET:-560}; COMPILE=${COMPILE:-0}; EXTRA=${EXTRA:-}
-RUN=exp/device_run
+RUN=${RUN:-exp/device_run}
 if [ $# -gt 0 ]; then
   source tools/device/jobs/experiments.sh
   check_experiments "$1"
@@ -31,22 +34,23 @@ NGPU=$(nvidia-smi -L | wc -l)
 WORKERS=$(( $(nproc) / NGPU - 2 ))
 [ -d $RUN/checkpoints ] && echo "resuming from $(ls $RUN/checkpoints | grep ckpt | tail -1)"
 COMMON="$CONFIG trainer.tensorboard=false trainer.progress_bar=false data.num_workers=$WORKERS ${BATCH:+data.max_batch_seconds=$BATCH} $EXTRA"
-train() {  # train <compile true/false>
+train() {  # train <trainer.compile value> [more overrides]
   local left=$(( CALL_BUDGET - ($(date +%s) - T0) - 45 ))
   local total=${TOTAL_MINUTES:-$(python -c "print(($left - 15) / 60)")}
-  echo "$CONFIG gpus=$NGPU workers/gpu=$WORKERS batch=${BATCH:-(experiment)}s/gpu compile=$1: ${left}s in this call, schedule over ${total} min"
+  echo "$CONFIG gpus=$NGPU workers/gpu=$WORKERS batch=${BATCH:-(experiment)}s/gpu compile=$1 ${2:-}: ${left}s in this call, schedule over ${total} min"
+  # shellcheck disable=SC2086
   timeout -s INT -k 60 $left torchrun --standalone --nproc_per_node $NGPU -m asr.cli.train $COMMON \
     trainer.compile=$1 trainer.max_steps=1000000 trainer.fit_max_steps=true trainer.max_minutes=$total \
-    trainer.val_every=1000 trainer.log_every=100 hydra.run.dir=$RUN >> $OUT/train_stdout.log 2>&1
+    trainer.val_every=1000 trainer.log_every=100 hydra.run.dir=$RUN ${2:-} >> $OUT/train_stdout.log 2>&1
 }
-if [ "$COMPILE" = 1 ]; then
-  train true; rc=$?
-  if [ $rc != 0 ] && [ $(( $(date +%s) - T0 )) -lt 240 ] && ! grep -q "interrupted" $OUT/train_stdout.log; then
-    echo "compiled run failed (rc=$rc), training eagerly"; grep -m3 -E "Error|error" $OUT/train_stdout.log | cut -c1-200
-    train false
-  fi
-else
-  train false
+[ "$COMPILE" = 1 ] && COMPILE=true
+[ "$COMPILE" = 0 ] && COMPILE=false
+train "$COMPILE"; rc=$?
+# A fast setting that fails early (before any interrupt) falls back to the plain eager step.
+if [ $rc != 0 ] && [ $(( $(date +%s) - T0 )) -lt 240 ] && ! grep -q "interrupted" $OUT/train_stdout.log \
+   && { [ "$COMPILE" != false ] || [ -n "${FALLBACK:-}" ]; }; then
+  echo "run failed (rc=$rc), training eagerly"; grep -m3 -E "Error|error" $OUT/train_stdout.log | cut -c1-200
+  train false "${FALLBACK:-}"
 fi
 echo "training ended after $(( $(date +%s) - T0 )) s"
 grep -E "audio-s/s|WER|max_steps|stopping|interrupted|resumed" $OUT/train_stdout.log | tail -14 | cut -c1-200
