@@ -100,3 +100,40 @@ def test_device_entry_point_refuses_in_one_line() -> None:
     assert helped.returncode == 0
     for job in ("bench", "train", "variants", "synth-train", "profile", "speed", "pack-synth"):
         assert job in helped.stdout
+
+
+def test_variants_job_trains_each_experiment_on_its_own_gpu(tmp_path: Path) -> None:
+    """The variants job, with stand-ins for nvidia-smi and python: one `asr-train experiment=<name>`
+    per GPU in $ROOT/<name> (TOTAL_MINUTES only when set), the extra experiments beyond the GPUs
+    left out, and the safety copy exported into $OUT."""
+    bin_dir, out, root = tmp_path / "bin", tmp_path / "out", tmp_path / "runs"
+    bin_dir.mkdir()
+    out.mkdir()
+    calls = tmp_path / "calls.txt"
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: stand-in'\necho 'GPU 1: stand-in'\n")
+    (bin_dir / "python").write_text(
+        "#!/bin/sh\n"
+        f'echo "CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES $*" >> {calls}\n'
+        'if [ "$1" = tools/export_model.py ]; then echo model > "$3"; fi\n'
+        'case "$*" in *asr.cli.train*) echo "step 100 loss 12.5 lr 1e-3";; esac\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(out), "ROOT": str(root),
+           "ASR_DEVICE_SETUP_DONE": "1", "CALL_BUDGET": "200"}
+    names = ["bundled_run10_b800_lr2e3", "bundled_run10_b800_lr1e3", "bundled_run10_b1600_lr3e3"]
+    proc = subprocess.run(["bash", "tools/device/run.sh", "variants", *names], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    trains = [line for line in calls.read_text().splitlines() if "asr.cli.train" in line]
+    assert len(trains) == 2 and "using the first 2" in proc.stdout
+    for gpu, (line, name) in enumerate(zip(sorted(trains), names)):
+        assert line.startswith(f"CUDA_VISIBLE_DEVICES={gpu} -m asr.cli.train experiment={name} ")
+        assert f"hydra.run.dir={root / name}" in line and "max_minutes" not in line
+    assert list(out.glob("bundled_run10_*.pt.part-*"))
+    env["TOTAL_MINUTES"] = "7"
+    calls.unlink()
+    subprocess.run(["bash", "tools/device/run.sh", "variants", names[0]], cwd=ROOT, env=env,
+                   capture_output=True, text=True, timeout=60, check=True)
+    assert "trainer.max_minutes=7" in calls.read_text()
+    for name in names:  # the job exports to /tmp/<name>.pt (here the stand-in's few bytes)
+        Path(f"/tmp/{name}.pt").unlink(missing_ok=True)
