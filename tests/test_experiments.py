@@ -62,7 +62,8 @@ def test_bundled_experiment_and_model_config_are_what_ships() -> None:
 
 def test_bundled_experiment_holds_the_chain_settings() -> None:
     """What the shipped runs trained with: 800 s batches, lr 2e-3, light SpecAugment, speed
-    perturbation, a cosine schedule fitted to 20 minutes; the chain's stages start from the one before."""
+    perturbation, a cosine schedule fitted to 20 minutes; the chain's later stages start from the
+    previous stage's export, put where the shipped model is (it travels with the tree)."""
     cfg = _compose("experiment=bundled")
     spec = cfg.data.augment.spec_augment
     assert cfg.data.max_batch_seconds == 800 and cfg.optim.lr == pytest.approx(2e-3)
@@ -70,8 +71,8 @@ def test_bundled_experiment_holds_the_chain_settings() -> None:
     assert cfg.data.augment.speed.enabled and cfg.optim.schedule == "cosine"
     assert cfg.trainer.fit_max_steps and cfg.trainer.max_minutes == 20 and not cfg.trainer.init_from
     assert _compose("experiment=bundled_run7_light_8x320").data.max_batch_seconds == 400
-    assert _compose("experiment=bundled_run8_cont_b800").trainer.init_from == "exp/bundled/run7.pt"
-    assert _compose("experiment=bundled_run9_b800_cpu_feats").trainer.init_from == "exp/bundled/run8.pt"
+    for stage in ("bundled_run8_cont_b800", "bundled_run9_b800_cpu_feats", "bundled_run10_b800_lr2e3"):
+        assert _compose(f"experiment={stage}").trainer.init_from == "asr/pretrained/model.pt"
     assert _compose("experiment=bundled_run9_b800_gpu_feats").data.features_on_device
 
 
@@ -99,3 +100,40 @@ def test_device_entry_point_refuses_in_one_line() -> None:
     assert helped.returncode == 0
     for job in ("bench", "train", "variants", "synth-train", "profile", "speed", "pack-synth"):
         assert job in helped.stdout
+
+
+def test_variants_job_trains_each_experiment_on_its_own_gpu(tmp_path: Path) -> None:
+    """The variants job, with stand-ins for nvidia-smi and python: one `asr-train experiment=<name>`
+    per GPU in $ROOT/<name> (TOTAL_MINUTES only when set), the extra experiments beyond the GPUs
+    left out, and the safety copy exported into $OUT."""
+    bin_dir, out, root = tmp_path / "bin", tmp_path / "out", tmp_path / "runs"
+    bin_dir.mkdir()
+    out.mkdir()
+    calls = tmp_path / "calls.txt"
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: stand-in'\necho 'GPU 1: stand-in'\n")
+    (bin_dir / "python").write_text(
+        "#!/bin/sh\n"
+        f'echo "CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES $*" >> {calls}\n'
+        'if [ "$1" = tools/export_model.py ]; then echo model > "$3"; fi\n'
+        'case "$*" in *asr.cli.train*) echo "step 100 loss 12.5 lr 1e-3";; esac\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(out), "ROOT": str(root),
+           "ASR_DEVICE_SETUP_DONE": "1", "CALL_BUDGET": "200"}
+    names = ["bundled_run10_b800_lr2e3", "bundled_run10_b800_lr1e3", "bundled_run10_b1600_lr3e3"]
+    proc = subprocess.run(["bash", "tools/device/run.sh", "variants", *names], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    trains = [line for line in calls.read_text().splitlines() if "asr.cli.train" in line]
+    assert len(trains) == 2 and "using the first 2" in proc.stdout
+    for gpu, (line, name) in enumerate(zip(sorted(trains), names)):
+        assert line.startswith(f"CUDA_VISIBLE_DEVICES={gpu} -m asr.cli.train experiment={name} ")
+        assert f"hydra.run.dir={root / name}" in line and "max_minutes" not in line
+    assert list(out.glob("bundled_run10_*.pt.part-*"))
+    env["TOTAL_MINUTES"] = "7"
+    calls.unlink()
+    subprocess.run(["bash", "tools/device/run.sh", "variants", names[0]], cwd=ROOT, env=env,
+                   capture_output=True, text=True, timeout=60, check=True)
+    assert "trainer.max_minutes=7" in calls.read_text()
+    for name in names:  # the job exports to /tmp/<name>.pt (here the stand-in's few bytes)
+        Path(f"/tmp/{name}.pt").unlink(missing_ok=True)

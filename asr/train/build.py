@@ -140,7 +140,8 @@ def compute_cmvn(model: CTCModel, entries: list[dict], dc: DictConfig, seed: int
     model.cmvn.set_stats(stats[0].cpu(), stats[1].cpu())
 
 
-def make_loader(ds: ManifestDataset, sampler: BucketingBatchSampler, dc: DictConfig, seed: int, pin: bool) -> DataLoader:
+def make_loader(ds: ManifestDataset, sampler: BucketingBatchSampler, dc: DictConfig, seed: int,
+                pin: bool) -> DataLoader:
     """A DataLoader of :class:`asr.data.dataset.Batch` over ``sampler``'s batches, with a generator of
     its own (creating an iterator does not consume the global RNG).
 

@@ -22,18 +22,18 @@ def compile_model(model: torch.nn.Module, scope: Union[bool, str] = "blocks", ba
     identical ones served from inductor's cache). ``"model"`` traces the whole forward, front end to
     head, as one graph: no Python between blocks, but every block is compiled again. Inductor's
     coalescing analysis, which torch 2.11 runs on dynamic shapes and fails an assertion on with the
-    whole model, is switched off; even so, on torch 2.11 (H100, session 8) compiling the whole model
-    for dynamic shapes did not finish within 5 minutes, with or without CUDA graphs on top.
+    whole model, is switched off; even so, on torch 2.11 (H100, BENCHMARKS.md) compiling the whole
+    model for dynamic shapes did not finish within 5 minutes, with or without CUDA graphs on top.
     ``"cudagraphs"``: blocks as ``"blocks"``, and inductor replays each as a CUDA graph, recorded
     once per batch shape (``trainer.pad_frames_multiple`` and ``pad_batch_multiple`` keep the shapes
     few). On an H100 CUDA graphs made the step 2.9-3.4x faster for one fixed shape
-    (tools/bench_train.py, BENCHMARKS.md); in training over the trainer's changing shapes (run 9,
-    4x H200) they trained correctly but gave 1.02x the eager step: each new shape records again, and
-    the rest of the step stays eager. ``"fixed"``: the whole model, front end to head, compiled for
-    each batch shape as it comes (``dynamic=False``) and replayed as CUDA graphs
+    (tools/bench_train.py, BENCHMARKS.md); in training over the trainer's changing shapes (4x H200,
+    BENCHMARKS.md) they trained correctly but gave 1.02x the eager step: each new shape records
+    again, and the rest of the step stays eager. ``"fixed"``: the whole model, front end to head,
+    compiled for each batch shape as it comes (``dynamic=False``) and replayed as CUDA graphs
     (``mode="reduce-overhead"``): with ``data.resident``'s few fixed shapes, the step of
-    tools/bench_train.py's ``rwkv7_bundled_cudagraphs`` row on real data. ``backend``: torch.compile's (tests use ``"aot_eager"``, which
-    traces without generating code).
+    tools/bench_train.py's ``rwkv7_bundled_cudagraphs`` row on real data. ``backend``:
+    torch.compile's (tests use ``"aot_eager"``, which traces without generating code).
     """
     options: Optional[dict] = None
     if backend == "inductor":
@@ -63,7 +63,7 @@ def check_activation_checkpointing(tc) -> None:
     if tc.get("activation_checkpointing", False) and tc.get("compile", False):
         # Dynamo's checkpoint operator fails on dynamic shapes (torch 2.14), and the compiled
         # alternative (a zero activation-memory budget for the partitioner) saved no memory on an
-        # H100 (BENCHMARKS.md, session 8): refuse at the start rather than quietly do neither.
+        # H100 (BENCHMARKS.md): refuse at the start rather than quietly do neither.
         raise TrainConfigError("trainer.activation_checkpointing works with trainer.compile=false only")
 
 
@@ -85,7 +85,7 @@ def check_cuda_graphs(tc, device: torch.device, world_size: int) -> None:
         raise TrainConfigError("trainer.cuda_graphs records the eager model: use it with trainer.compile=false "
                                "and trainer.activation_checkpointing=false")
     if world_size > 1:
-        # Tried (session 9, 2x H100): with the replayer wrapped in DDP, recording the first backward
+        # On 2x H100, with the replayer wrapped in DDP, recording the first backward
         # failed (cudaErrorStreamCaptureImplicit: work on the legacy stream during the recording).
         raise TrainConfigError("trainer.cuda_graphs works on one GPU only for now (this run has "
                                f"{world_size} processes)")

@@ -43,7 +43,10 @@ FIT_UNTIL_SECONDS_LEFT = 30.0  # no more fits this close to the deadline: the sc
 
 class TrainLoop:
     """Train ``run`` (a :class:`asr.train.trainer.Trainer` with its parts built) from ``run.step`` to
-    ``run.max_steps``; :meth:`run` returns the summary (also written to ``summary.json``)."""
+    ``run.max_steps``; :meth:`run_loop` returns the summary (also written to ``summary.json``).
+
+    ``batches``: the training batches (any iterator of :class:`Batch`; the trainer's walks the
+    DataLoader epoch after epoch); ``step``: runs one micro-batch (forward, loss, backward)."""
 
     def __init__(self, run: Any, batches: Iterator[Batch], step: TrainStep, ddp_model: torch.nn.Module,
                  dev_loader: Any, manager: Any, signals: StopSignals):
@@ -76,6 +79,9 @@ class TrainLoop:
         self.exhausted = self.interrupted = False
 
     def run_loop(self) -> dict:
+        """Step until max_steps, the end of the data, the deadline or a stop signal; then
+        :meth:`_finish`. Each step: micro-batches in, one optimizer update, then log, validate and
+        save when due."""
         run = self.run
         if run.use_cuda:
             torch.cuda.reset_peak_memory_stats(run.device)

@@ -1,7 +1,7 @@
 """Profile a window of real training steps (``trainer.profile_steps=[start,stop]``).
 
 Why: ``tools/profile_train_step.py`` profiles one step on random features in an otherwise idle
-process; in real training (session 7, four runs per host with their DataLoader workers) the step
+process; in real training (four runs per host with their DataLoader workers) the step
 was ~3x slower than there, and only a profile of the trainer's own steps, with its data, its
 loader and its neighbours, can say where the difference goes. The window's table (torch.profiler's
 key averages, by self device time on CUDA, else self CPU time) and its wall time per step go to

@@ -239,8 +239,8 @@ class Trainer:
             keep_grads_allocated([p for p in self.model.parameters() if p.requires_grad])
         return EagerTrainStep(
             self.model, forward, self.device, self.autocast, self.spec_augment,
-            pad_multiple=int(tc.get("pad_frames_multiple", 0) or 0), pad_batch=int(tc.get("pad_batch_multiple", 0) or 0),
-            per_octave=int(tc.get("pad_per_octave", 0) or 0),
+            pad_multiple=int(tc.get("pad_frames_multiple", 0) or 0),
+            pad_batch=int(tc.get("pad_batch_multiple", 0) or 0), per_octave=int(tc.get("pad_per_octave", 0) or 0),
             cuda_graphs=tc.get("compile", False) in ("cudagraphs", "fixed") and self.device.type == "cuda")
 
     def _loop(self, ddp_model, train_loader, dev_loader, manager) -> dict:

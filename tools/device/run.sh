@@ -19,7 +19,7 @@
 # Each job's header lists its environment variables. Output goes under $OUT (the device's result folder).
 set -uo pipefail
 JOBS="bench train variants synth-train profile speed corpus train-resident pack-synth"
-usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0"; }  # the comment above
 job=${1:-}
 [ $# -gt 0 ] && shift
 case "$job" in
