@@ -3,6 +3,7 @@
 # corpus (data.resident=true), optionally after BASELINE seconds of the workers' pipeline, eager, on
 # the same corpus (its speed, side by side). Training, export and the 15 MB parts back:
 # jobs/train.sh (COMPILE picks trainer.compile; EXTRA="trainer.cuda_graphs=true" the graphed step).
+# Args: [EXPERIMENT]    an experiment config (conf/experiment), as jobs/train.sh takes it
 # Env: PARTS, WEIGHTS   the corpus (jobs/corpus.sh)
 #      INIT             checkpoint or run folder to start from (default asr/pretrained/model.pt)
 #      BASELINE         seconds of the eager workers' pipeline first (default 0: none)
@@ -26,7 +27,7 @@ if (( ${BASELINE:-0} > 0 )); then
   echo "baseline (workers, eager):"; grep -E "audio-s/s" "$OUT/baseline.log" | tail -4 | cut -c1-200
 fi
 CALL_BUDGET=$(( ${CALL_BUDGET:-560} - ($(date +%s) - T0) - PROBE )) BATCH=$BATCH COMPILE=${COMPILE:-fixed} RUN=$RUN \
-  EXTRA="$DATA trainer.init_from=${INIT:-asr/pretrained/model.pt} data.resident=true ${EXTRA:-}" bash tools/device/jobs/train.sh
+  EXTRA="$DATA trainer.init_from=${INIT:-asr/pretrained/model.pt} data.resident=true ${EXTRA:-}" bash tools/device/jobs/train.sh "$@"
 if (( PROBE > 0 )); then
   timeout -s INT -k 20 $(( PROBE - 20 )) python -m asr.cli.train recipe=bundled model=bundled $DATA $SHORT \
     trainer.init_from=$RUN data.resident=true trainer.compile=fixed hydra.run.dir=exp/probe_fixed 2>&1 | stamp > "$OUT/probe_fixed.log"
