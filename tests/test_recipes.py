@@ -314,3 +314,25 @@ def test_pack_gpu_writes_a_checked_self_contained_folder(tmp_path: Path, capsys)
     # over the size limit: exit 1 and a one-line error
     assert pack.main(["--real-train", str(manifest), "--out", str(out), "--parts", "a", "--max-mib", "0.001", "--jobs", "1"]) == 1
     assert "over --max-mib 0.001" in capsys.readouterr().err
+
+
+def test_pack_gpu_kokoro_subset_is_seeded_and_bounded(tmp_path: Path) -> None:
+    """--kokoro-subset-mb: files as they are, a seeded order, never over the byte budget; the same
+    seed makes the same subset (run 10's corpus part is rebuilt from the command)."""
+    pack = _load_script(REPO / "recipes" / "bundled" / "pack_gpu.py")
+    src = tmp_path / "kokoro"
+    (src / "audio").mkdir(parents=True)
+    entries = []
+    for i in range(12):
+        path = src / "audio" / f"u{i}.wav"
+        sf.write(str(path), 0.1 * torch.randn(1600 * (1 + i % 4)).numpy(), 16000)
+        entries.append({"id": f"u{i}", "audio": f"audio/u{i}.wav", "duration": 0.1 * (1 + i % 4), "text": "a b",
+                        "speaker": "s"})
+    write_manifest(src / "manifest.jsonl", entries)
+    budget = sum((src / e["audio"]).stat().st_size for e in entries) // 2
+    first = pack.copy_subset(src, tmp_path / "one", budget)
+    again = pack.copy_subset(src, tmp_path / "two", budget)
+    assert 0 < first["audio_bytes"] <= budget and first["utterances"] < 12
+    ids = [e["id"] for e in read_manifest(tmp_path / "one" / "train.jsonl")]
+    assert ids == [e["id"] for e in read_manifest(tmp_path / "two" / "train.jsonl")]
+    assert ids != sorted(ids, key=lambda x: int(x[1:]))  # shuffled, not the manifest's order

@@ -171,6 +171,28 @@ blends). Re-encoded to Ogg/Opus mono 16 kHz at {kbps:g} kb/s (60 ms frames, wide
 """
 
 
+def copy_subset(source: Path, out: Path, max_bytes: int, seed: int = 0) -> dict:
+    """``<out>/train.jsonl`` + ``audio.tar.gz``: the files of ``source``'s manifest as they are (no
+    re-encoding), taken in a seeded random order while they fit in ``max_bytes`` of audio: a part of a
+    corpus too large to carry whole at its own bit rate (run 10 carried 4.23 h of Kokoro this way)."""
+    import random
+
+    entries = read_manifest(source / "manifest.jsonl")
+    random.Random(seed).shuffle(entries)
+    kept, total = [], 0
+    for e in entries:
+        size = (source / e["audio"]).stat().st_size
+        if total + size <= max_bytes:
+            kept.append(e)
+            total += size
+    out.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(out / "audio.tar.gz", "w:gz", compresslevel=1) as tar:
+        for e in kept:
+            tar.add(source / e["audio"], arcname=e["audio"])
+    write_manifest(out / "train.jsonl", [{k: e[k] for k in ("id", "audio", "duration", "text", "speaker")} for e in kept])
+    return {"utterances": len(kept), "hours": sum(e["duration"] for e in kept) / 3600, "audio_bytes": total}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--real-train", type=Path, default=Path(".data/real/train.jsonl"),
@@ -182,7 +204,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-mib", type=float, default=32.0, help="size limit of each folder")
     ap.add_argument("--parts", default="a,b", help="which folders to make: a, b or a,b")
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--kokoro-subset-mb", type=float, default=0,
+                    help="instead of the parts: <out>/kokoro_subset, a seeded subset of the Kokoro files as they "
+                         "are, up to this many MB (10^6 bytes) of audio (run 10: 30.5)")
     args = ap.parse_args(argv)
+    if args.kokoro_subset_mb > 0:
+        stats = copy_subset(args.kokoro, args.out / "kokoro_subset", int(args.kokoro_subset_mb * 1e6))
+        print(f"{args.out / 'kokoro_subset'}: {stats['utterances']} utterances, {stats['hours']:.2f} h, "
+              f"{stats['audio_bytes'] / 1e6:.1f} MB of audio")
+        return 0
 
     if shutil.which("opusenc") is None:
         print("error: opusenc not found (apt-get install opus-tools)", file=sys.stderr)
