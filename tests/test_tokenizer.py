@@ -78,15 +78,20 @@ def test_normalize_text(raw: str, expected: str) -> None:
 
 
 def test_normalize_matches_real_manifest() -> None:
-    """The manifest's ``text`` is the README normalisation of ``text_raw`` (digit recordings aside,
-    where the corpus spells the digit out)."""
+    """The manifest's ``text`` is the README normalisation of ``text_raw``, except where the raw
+    text has digits: the corpus spells those out as words ("press 1" -> "press one"), so the text
+    then holds no digit."""
     if not MANIFEST.is_file():
         pytest.skip("real-speech manifest not available")
     rows = [json.loads(line) for line in MANIFEST.read_text().splitlines() if line.strip()]
     for r in rows:
         assert normalize_text(r["text"]) == r["text"], r["id"]
-        if not r["text_raw"].strip().isdigit():
-            assert normalize_text(r["text_raw"]) == r["text"], r["id"]
+        if r["id"].startswith("asterisk_"):
+            continue  # its text corrects the prompt list's typos ("represenatives", "fourtieth")
+        if any(c.isdigit() for c in r["text_raw"]):
+            assert not any(c.isdigit() for c in r["text"]), r["id"]
+        else:  # abbreviations may keep their letters apart ("A.M." -> "a m"): compare without spaces
+            assert normalize_text(r["text_raw"]).replace(" ", "") == r["text"].replace(" ", ""), r["id"]
 
 
 # --------------------------------------------------------------------------- blank / vocabulary
@@ -201,4 +206,7 @@ def test_train_on_real_manifest() -> None:
         assert 0 not in ids and t.unk_id not in ids
         assert t.decode(ids) == x
     # BPE learned the frequent words as single pieces.
-    assert len(t.encode("seven")) == 1 and len(t.encode("montreal forced aligner")) == 3
+    from collections import Counter
+
+    frequent = [w for w, _ in Counter(w for x in texts for w in x.split() if len(w) >= 4).most_common(3)]
+    assert len(t.encode("seven")) == 1 and len(t.encode(" ".join(frequent))) == 3, frequent
