@@ -81,10 +81,17 @@ def overfit_tiny_model(entries: list[dict], max_steps: int = 400, seed: int = 0)
 
 @pytest.fixture(scope="session")
 def overfit_checkpoint(tmp_path_factory) -> Path:
-    """A checkpoint file (config, model, tokenizer) of a tiny model that transcribes tests/data."""
-    entries = read_test_manifest()
+    """A checkpoint file (config, model, tokenizer) of a tiny model that transcribes tests/data,
+    and hears nothing in faint noise: it also learns 1.5 s of it with an empty transcript, so the
+    pauses of long test recordings stay pauses whatever the tokenizer's pieces."""
+    import soundfile as sf
+
+    folder = tmp_path_factory.mktemp("overfit")
+    quiet = folder / "quiet.wav"
+    sf.write(quiet, (1e-3 * torch.randn(24000, generator=torch.Generator().manual_seed(0))).numpy(), 16000)
+    entries = read_test_manifest() + [{"id": "quiet", "audio": str(quiet), "duration": 1.5, "text": ""}]
     model, tokenizer, _, decoded = overfit_tiny_model(entries)
     assert decoded == [e["text"] for e in entries], f"tiny model did not overfit: {decoded}"
-    path = tmp_path_factory.mktemp("overfit") / "tiny.pt"
+    path = folder / "tiny.pt"
     torch.save({"config": model.config.to_dict(), "model": model.state_dict(), "tokenizer": tokenizer.to_bytes()}, path)
     return path
