@@ -142,3 +142,16 @@ def test_an_exported_model_reexports_with_a_new_lm_and_the_same_weights(tmp_path
         assert torch.equal(packed["scale"], new["model_int8"][name]["scale"]), name
     assert all(torch.equal(t, new["model"][name]) for name, t in old["model"].items())
     assert new["lm_arpa_xz"].numpy().tobytes() == lm.read_bytes()
+
+
+def test_lm_text_writes_only_the_sources_asked_for(preset, tmp_path, capsys):
+    _, train, _ = preset
+    kjv, wn = tmp_path / "kjv.txt", tmp_path / "wordnet"
+    out = tmp_path / "commands.txt"
+    assert lm_text.main(["--out", str(out), "--sources", "commands,numbers", "--kjv-text", str(kjv),
+                         "--wordnet-dir", str(wn), "--max-source-sentences", "80", "--dev-hours", "0.0005",
+                         "--test-hours", "0.0005", "--exclude-manifest", str(tmp_path / "real.jsonl")]) == 0
+    assert out.read_text().splitlines() == train["commands"] + train["numbers"]
+    with pytest.raises(SystemExit):
+        lm_text.main(["--out", str(out), "--sources", "commands,psalms"])
+    assert "sources are some of" in capsys.readouterr().err
