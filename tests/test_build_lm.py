@@ -155,3 +155,15 @@ def test_lm_text_writes_only_the_sources_asked_for(preset, tmp_path, capsys):
     with pytest.raises(SystemExit):
         lm_text.main(["--out", str(out), "--sources", "commands,psalms"])
     assert "sources are some of" in capsys.readouterr().err
+
+
+def test_tune_lm_picks_a_fixed_subset_per_part():
+    import tune_lm
+
+    entries = [{"id": f"{p}_{i}", "audio": f"/data/real/audio/{p}/x{i}.opus", "text": "a", "duration": 1.0}
+               for p in ("librispeech", "mfa", "an4") for i in range(10)]
+    chosen = tune_lm.select(entries, ["mfa", "an4"], 4, seed=0)
+    assert [tune_lm.part_of(e) for e in chosen] == ["mfa"] * 4 + ["an4"] * 4
+    assert chosen == tune_lm.select(entries, ["mfa", "an4"], 4, seed=0)  # reproducible
+    assert chosen != tune_lm.select(entries, ["mfa", "an4"], 4, seed=1)
+    assert len(tune_lm.select(entries, None, None, seed=0)) == 30
