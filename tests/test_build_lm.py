@@ -11,8 +11,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 sys.path.insert(0, str(REPO / "recipes" / "synthetic"))
 
+_prepare = sys.modules.get("prepare")
 import build_lm  # noqa: E402
 import lm_text  # noqa: E402
+
+# lm_text imports recipes/synthetic/prepare.py as "prepare"; tests/test_synthetic_recipe.py loads
+# recipes/bundled/prepare.py under that name, so the name is left as it was (lm_text keeps its own).
+if _prepare is None:
+    sys.modules.pop("prepare", None)
+else:
+    sys.modules["prepare"] = _prepare
 
 from asr.decode.lexicon import arpa_vocabulary  # noqa: E402
 from asr.decode.ngram import BOS, EOS  # noqa: E402
