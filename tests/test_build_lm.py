@@ -11,8 +11,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 sys.path.insert(0, str(REPO / "recipes" / "synthetic"))
 
+_prepare = sys.modules.get("prepare")
 import build_lm  # noqa: E402
 import lm_text  # noqa: E402
+
+# lm_text imports recipes/synthetic/prepare.py as "prepare"; tests/test_synthetic_recipe.py loads
+# recipes/bundled/prepare.py under that name, so the name is left as it was (lm_text keeps its own).
+if _prepare is None:
+    sys.modules.pop("prepare", None)
+else:
+    sys.modules["prepare"] = _prepare
 
 from asr.decode.lexicon import arpa_vocabulary  # noqa: E402
 from asr.decode.ngram import BOS, EOS  # noqa: E402
@@ -142,3 +150,28 @@ def test_an_exported_model_reexports_with_a_new_lm_and_the_same_weights(tmp_path
         assert torch.equal(packed["scale"], new["model_int8"][name]["scale"]), name
     assert all(torch.equal(t, new["model"][name]) for name, t in old["model"].items())
     assert new["lm_arpa_xz"].numpy().tobytes() == lm.read_bytes()
+
+
+def test_lm_text_writes_only_the_sources_asked_for(preset, tmp_path, capsys):
+    _, train, _ = preset
+    kjv, wn = tmp_path / "kjv.txt", tmp_path / "wordnet"
+    out = tmp_path / "commands.txt"
+    assert lm_text.main(["--out", str(out), "--sources", "commands,numbers", "--kjv-text", str(kjv),
+                         "--wordnet-dir", str(wn), "--max-source-sentences", "80", "--dev-hours", "0.0005",
+                         "--test-hours", "0.0005", "--exclude-manifest", str(tmp_path / "real.jsonl")]) == 0
+    assert out.read_text().splitlines() == train["commands"] + train["numbers"]
+    with pytest.raises(SystemExit):
+        lm_text.main(["--out", str(out), "--sources", "commands,psalms"])
+    assert "sources are some of" in capsys.readouterr().err
+
+
+def test_tune_lm_picks_a_fixed_subset_per_part():
+    import tune_lm
+
+    entries = [{"id": f"{p}_{i}", "audio": f"/data/real/audio/{p}/x{i}.opus", "text": "a", "duration": 1.0}
+               for p in ("librispeech", "mfa", "an4") for i in range(10)]
+    chosen = tune_lm.select(entries, ["mfa", "an4"], 4, seed=0)
+    assert [tune_lm.part_of(e) for e in chosen] == ["mfa"] * 4 + ["an4"] * 4
+    assert chosen == tune_lm.select(entries, ["mfa", "an4"], 4, seed=0)  # reproducible
+    assert chosen != tune_lm.select(entries, ["mfa", "an4"], 4, seed=1)
+    assert len(tune_lm.select(entries, None, None, seed=0)) == 30

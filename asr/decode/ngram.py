@@ -143,6 +143,7 @@ def build_arpa(counts: NGramCounts, prune: Sequence[int] = ()
             denom = sum(c for _, c in followers)
             gamma = D * len(followers) / denom
             kept_p = kept_lower = 0.0
+            kept = 0
             for w, c in followers:
                 if raw[h + (w,)] <= threshold[k]:
                     continue
@@ -152,7 +153,10 @@ def build_arpa(counts: NGramCounts, prune: Sequence[int] = ()
                 logp[k][h + (w,)] = math.log10(p)
                 kept_p += p
                 kept_lower += p_lower
-            if kept_p > 0.0:  # without pruning this is gamma; with it, the mass left for backing off
+                kept += 1
+            if kept == len(followers):
+                backoff[k - 1][h] = math.log10(gamma)
+            elif kept:  # the mass the pruned followers leave, spread by the lower order
                 backoff[k - 1][h] = math.log10(max(1.0 - kept_p, 1e-12) / max(1.0 - kept_lower, 1e-12))
     return logp, backoff
 
