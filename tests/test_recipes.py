@@ -314,6 +314,8 @@ def test_pack_gpu_writes_a_checked_self_contained_folder(tmp_path: Path, capsys)
     # over the size limit: exit 1 and a one-line error
     assert pack.main(["--real-train", str(manifest), "--out", str(out), "--parts", "a", "--max-mib", "0.001", "--jobs", "1"]) == 1
     assert "over --max-mib 0.001" in capsys.readouterr().err
+    # Kokoro's audio already sits in audio/: its members keep that one level
+    assert pack._kokoro_member({"audio": str(tmp_path / "k/audio/gpu/x.opus")}, tmp_path / "k") == "audio/gpu/x.opus"
 
 
 def test_pack_gpu_kokoro_subset_is_seeded_and_bounded(tmp_path: Path) -> None:

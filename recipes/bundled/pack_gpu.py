@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         "a": (args.real_train, "corpus_a", args.kbps_a, README_A,
               lambda e: f"audio/{e['source']}/{e['id']}.opus"),
         "b": (args.kokoro / "manifest.jsonl", "corpus_b", args.kbps_b, README_B,
-              lambda e: "audio/" + Path(os.path.relpath(e["audio"], args.kokoro.resolve())).with_suffix(".opus").as_posix()),
+              lambda e: _kokoro_member(e, args.kokoro)),
     }
     status = 0
     for part in args.parts.split(","):
@@ -235,6 +235,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         status = max(status, _pack_one(read_manifest(manifest), member_of, args.out / name, kbps, readme, args))
     return status
+
+
+def _kokoro_member(entry: dict, root: Path) -> str:
+    """``audio/<cpu|gpu>/<name>.opus``: the path under the Kokoro folder (whose audio already sits in ``audio/``)."""
+    rel = Path(os.path.relpath(entry["audio"], root.resolve())).with_suffix(".opus")
+    return (rel if rel.parts[0] == "audio" else Path("audio") / rel).as_posix()
 
 
 def _pack_one(entries: list[dict], member_of, out: Path, kbps: float, readme: str, args) -> int:
