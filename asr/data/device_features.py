@@ -1,6 +1,6 @@
 """Features of a whole training batch on the training device (``data.features_on_device``).
 
-Why: on the 4x H100 runs of session 5 each GPU waited 7 to 41 % of its steps for the DataLoader
+Why: in 4x H100 training runs each GPU waited 7 to 41 % of its steps for the DataLoader
 workers, and fbank is the largest share of a worker's time (46 %, ``tools/bench_loader.py``). With
 this option the workers only decode and speed-perturb; the trainer computes the log-mel features
 of the whole batch in one ``kaldi.fbank`` call (:func:`asr.features.compute_fbank_padded`) on the
