@@ -36,6 +36,16 @@ def stream_in_pieces(sub, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     return torch.cat(outs, dim=1)
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (as asr-live and a server's step run); also keeps the shared
+    cores free. Streaming test modules use it on every test (``pytest.mark.usefixtures``)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def read_test_manifest() -> list[dict]:
     lines = (DATA / "manifest.jsonl").read_text().splitlines()
     return [dict(json.loads(l), audio=str(DATA / json.loads(l)["audio"])) for l in lines if l.strip()]

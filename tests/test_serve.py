@@ -38,12 +38,7 @@ TEXTS = {"goforward": "go forward ten meters", "cards": "ten of clubs", "seven":
 SR = 16000
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

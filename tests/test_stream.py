@@ -43,13 +43,7 @@ STREAM_MODEL = DATA / "stream_tiny.pt"
 SR = 16000
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Streaming runs on one intra-op thread (as asr-live does); also keeps the shared cores free."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -73,8 +73,15 @@ def batch_features(
         masks = spec_masks(SpecAugment(spec), lengths.tolist(), seeds, F)
     freq_masked, time_masked = masks
     dev = feats.device
-    lens = lengths.to(dev)
-    valid = torch.arange(T, device=dev)[None, :] < lens[:, None]  # [B, T]
-    masked = (freq_masked.to(dev)[:, None, :] & valid[:, :, None]) | time_masked[:, :T].to(dev)[:, :, None]
-    fill = (feats * valid[:, :, None]).sum(dim=(1, 2)) / (lens.clamp(min=1) * F)
-    return torch.where(masked, fill[:, None, None], feats), lengths
+    masked = freq_masked.to(dev)[:, None, :] | time_masked[:, :T].to(dev)[:, :, None]
+    return fill_masked(feats, lengths.to(dev), masked), lengths
+
+
+def fill_masked(feats: Tensor, lengths: Tensor, masked: Tensor) -> Tensor:
+    """``feats [B, T, F]`` with the entries of ``masked [B, T, F]`` (broadcastable) that lie within
+    each row's ``lengths [B]`` (on the features' device) replaced by that row's mean over its valid
+    frames: SpecAugment's fill (CMVN maps the mean near 0). Rows of length 0 stay as they are."""
+    B, T, F = feats.shape
+    valid = torch.arange(T, device=feats.device)[None, :] < lengths[:, None]  # [B, T]
+    fill = (feats * valid[:, :, None]).sum(dim=(1, 2)) / (lengths.clamp(min=1) * F)
+    return torch.where(masked & valid[:, :, None], fill[:, None, None], feats)

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from asr.data.augment import SpecAugmentConfig
 from asr.data.dataset import Batch
+from asr.data.device_features import fill_masked
 from asr.data.sampler import sample_seed
 from asr.features import FRAME_LENGTH, FRAME_SHIFT, NUM_MEL_BINS, SAMPLE_RATE, num_frames
 
@@ -272,10 +273,7 @@ def spec_augment_batch(feats: Tensor, lengths: Tensor, cfg: SpecAugmentConfig, g
         lo, hi = spans(cfg.time_masks, bound, lens)
         t = torch.arange(T, device=dev)[None, None, :]
         masked |= ((t >= lo[:, :, None]) & (t < hi[:, :, None])).any(1)[:, :, None]
-    valid = torch.arange(T, device=dev)[None, :] < lengths[:, None]
-    masked &= valid[:, :, None]
-    fill = (feats * valid[:, :, None]).sum(dim=(1, 2)) / (lengths.clamp(min=1) * F)
-    return torch.where(masked, fill[:, None, None], feats)
+    return fill_masked(feats, lengths, masked)
 
 
 def _to_device(t: Tensor, device: torch.device) -> Tensor:
