@@ -115,6 +115,21 @@ def test_batch_features_and_targets_equal_each_utterance_alone():
     assert checked == len(corpus.entries)
 
 
+def test_a_file_listed_twice_is_held_once_and_batched_as_itself():
+    """A part weighted up by repeating its entries (tools/device/jobs/corpus.sh) costs no second copy."""
+    entries = _entries()
+    twice = entries + [dict(e, id=e["id"] + "#1") for e in entries]
+    shapes = ShapeClasses.build([e["duration"] for e in twice], batch_seconds=4.0)
+    corpus = ResidentCorpus(twice, _CharTokenizer(), shapes, "cpu")
+    once = ResidentCorpus(entries, _CharTokenizer(), shapes, "cpu")
+    assert corpus.audio.numel() == once.audio.numel()
+    n = len(entries)
+    for i in range(n):
+        k = corpus.classes[i]
+        a, b = corpus.batch(k, [i], 0), corpus.batch(k, [i + n], 0)
+        assert torch.equal(a.features, b.features) and torch.equal(a.targets, b.targets)
+
+
 def test_speed_perturbed_rows_equal_torchaudio_speed_of_the_utterance():
     corpus = _corpus(speed=(0.9, 1.1))
     sampler = FixedShapeSampler(corpus.classes, corpus.shapes, seed=0)

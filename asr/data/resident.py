@@ -308,8 +308,14 @@ class ResidentCorpus:
             raise ValueError(f"speed factor {min(self.speed_factors)} is slower than the shapes allow ({shapes.slowest})")
         self.spec_augment = spec_augment if spec_augment is not None and spec_augment.enabled else None
         self.fbank = DeviceFbank()
-        flat, offsets, lengths = decode_corpus([e["audio"] for e in self.entries], jobs)
-        self.audio = flat.to(self.device)  # [N] int16, every utterance end to end
+        # A file listed several times (a part weighted up by repeating its entries) is decoded and
+        # held once; its entries share its samples.
+        paths = list(dict.fromkeys(e["audio"] for e in self.entries))
+        flat, file_offsets, file_lengths = decode_corpus(paths, jobs)
+        where = {path: i for i, path in enumerate(paths)}
+        offsets = [file_offsets[where[e["audio"]]] for e in self.entries]
+        lengths = [file_lengths[where[e["audio"]]] for e in self.entries]
+        self.audio = flat.to(self.device)  # [N] int16, every file end to end
         self.offsets = torch.tensor(offsets + [0], dtype=torch.long, device=self.device)  # [U + 1]: + an empty row's
         self.lengths = lengths + [0]  # samples as decoded; index EMPTY (-1) is the empty row
         tokens = [tokenizer.encode(e["text"]) for e in self.entries]
@@ -322,9 +328,9 @@ class ResidentCorpus:
         self.max_tokens = [1] * len(shapes)
         for k, n in zip(self.classes, self.token_counts):
             self.max_tokens[k] = max(self.max_tokens[k], n)
-        log.info("resident corpus: %d utterances, %.2f h, %.0f MB on %s; %d batch shapes: %s", len(self.entries),
-                 sum(lengths) / SAMPLE_RATE / 3600, self.audio.numel() * 2 / 1e6, self.device, len(shapes),
-                 shapes.describe())
+        log.info("resident corpus: %d utterances (%d files), %.2f h, %.0f MB on %s; %d batch shapes: %s",
+                 len(self.entries), len(paths), sum(lengths) / SAMPLE_RATE / 3600, self.audio.numel() * 2 / 1e6,
+                 self.device, len(shapes), shapes.describe())
 
     def _gather(self, flat: Tensor, offsets: Tensor, rows: list[int], counts: list[int], width: int) -> Tensor:
         """Rows ``[len(rows), width]`` of ``flat``: row r is ``counts[r]`` items from ``offsets[rows[r]]``, then 0."""
