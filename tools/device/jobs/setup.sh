@@ -10,5 +10,15 @@ python -m pip install --no-deps --no-index -q .gpu/wheels/*.whl 2>&1 | grep -v W
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/tc FLA_CACHE_RESULTS=1 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 mkdir -p /tmp/tc && tar xzf tools/device/fla_autotune_sm90.tgz -C /tmp/tc
+# The compile caches (inductor's and Triton's) of an earlier call, when carried as .gpu/compile_cache
+# (parts of one tar.gz that save_compile_cache wrote): a fresh machine then skips most compiling.
+if ls .gpu/compile_cache/compile_cache.tgz.part-* >/dev/null 2>&1 && [ ! -d /tmp/inductor ]; then
+  cat .gpu/compile_cache/compile_cache.tgz.part-* | tar xzf - -C /tmp && echo "compile cache restored"
+fi
+# save_compile_cache: the caches as 15 MB parts under $OUT (cat them into .gpu/compile_cache/ here).
+save_compile_cache() {
+  tar czf - -C /tmp inductor tc 2>/dev/null | split -b 15M - "$OUT/compile_cache.tgz.part-"
+  du -ch "$OUT"/compile_cache.tgz.part-* | tail -1
+}
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee $OUT/gpu.txt
 export ASR_DEVICE_SETUP_DONE=1

@@ -8,7 +8,7 @@
 # the median audio-seconds per second over each run's second half, its data wait and the time to the
 # first logged step goes to $OUT/speed.txt. The corpus comes as parts (jobs/corpus.sh: PARTS carried in
 # this call, kept for the next call on the warm machine).
-# Env: PARTS, WEIGHTS (jobs/corpus.sh); RUNS (default "workers graphed fixed"); SECONDS_<run> (defaults
+# Env: SAVE_CACHE=1: the compile caches back in parts (jobs/setup.sh); PARTS, WEIGHTS (jobs/corpus.sh); RUNS (default "workers graphed fixed"); SECONDS_<run> (defaults
 #      workers 60, graphed 80, fixed 240); BATCH (padded seconds per batch, default 800); EXTRA (every run)
 set -uo pipefail
 source tools/device/jobs/setup.sh
@@ -46,3 +46,4 @@ for name in os.environ.get("RUNS", "workers graphed fixed").split():
     print(f"| {name} | {statistics.median(r[1] for r in half):,.0f} | {statistics.median(r[2] for r in half):.0f} % "
           f"| {rows[0][0]} s | {len(rows)} |")
 PY
+[ -n "${SAVE_CACHE:-}" ] && save_compile_cache
