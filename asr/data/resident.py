@@ -31,7 +31,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
-import torchaudio.functional as AF
+import torchaudio.transforms as T
 from torch import Tensor
 
 from asr.data.augment import SpecAugmentConfig
@@ -308,6 +308,7 @@ class ResidentCorpus:
             raise ValueError(f"speed factor {min(self.speed_factors)} is slower than the shapes allow ({shapes.slowest})")
         self.spec_augment = spec_augment if spec_augment is not None and spec_augment.enabled else None
         self.fbank = DeviceFbank()
+        self._resamplers: dict[tuple[int, int], torch.nn.Module] = {}
         # A file listed several times (a part weighted up by repeating its entries) is decoded and
         # held once; its entries share its samples.
         paths = list(dict.fromkeys(e["audio"] for e in self.entries))
@@ -367,6 +368,14 @@ class ResidentCorpus:
             durations=[self.entries[i]["duration"] for i in real],
         )
 
+    def _resampler(self, source: int, target: int) -> torch.nn.Module:
+        """torchaudio's ``Resample(source, target)`` on the corpus device, its sinc kernel made once
+        (``torchaudio.functional.resample`` builds it again on every call, a few dozen kernels)."""
+        key = (source, target)
+        if key not in self._resamplers:
+            self._resamplers[key] = T.Resample(source, target).to(self.device)
+        return self._resamplers[key]
+
     def _perturb(self, waves: Tensor, lengths: list[int], factors: list[float], width: int) -> tuple[Tensor, list[int]]:
         """Rows of ``waves`` played ``factors`` times faster (:func:`torchaudio.functional.speed`'s
         resampling), in a ``[R, width]`` batch, and their new lengths."""
@@ -378,7 +387,7 @@ class ResidentCorpus:
             part = waves.index_select(0, rows)
             if f != 1.0:
                 source, target = _speed_ratio(f)
-                part = AF.resample(part, source, target)
+                part = self._resampler(source, target)(part)
                 for r in picked:
                     new_lengths[r] = min(width, math.ceil(lengths[r] * target / source))
             n = min(width, part.shape[1])
