@@ -27,8 +27,8 @@ from asr.stream.endpoint import EndpointConfig
 from asr.train.checkpoint import atomic_torch_save, load_checkpoint, load_inference_parts
 
 HELDOUT = Path(__file__).parent / "data" / "audio" / "heldout"
-SENTENCE = HELDOUT / "synth_test_000275.ogg"  # unseen voice espeak:en-gb-x-gbclan+m3, unseen sentence
-SENTENCE_TEXT = "send a message to liam saying i will be twenty minutes late"
+SENTENCE = HELDOUT / "speechocean_090700006.opus"  # a non-native adult reader of the real dev split, never trained on
+SENTENCE_TEXT = "he could not see himself"
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 DIGIT_FILES = [HELDOUT / f"fsdd_{d}_nicolas_00.flac" for d in range(10)]
 GOFORWARD = Path(__file__).parent / "data" / "audio" / "pocketsphinx_goforward.flac"  # the README's main command
