@@ -62,6 +62,7 @@ from asr.model import CTCModel, ModelConfig  # noqa: E402
 from asr.stream import Recognizer, stack_states, step_batch, tune_for_streaming  # noqa: E402
 from asr.tokenizer import Tokenizer  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[1]
 SR = 16000
 FRAME = 0.04
 
@@ -314,6 +315,124 @@ def batch_capacity(model: CTCModel, tok: Tokenizer, block: float, reps: int, max
     return {"block": block, "table": sorted(cache.items()), "capacity": cap_full, "capacity_step_only": cap_step}
 
 
+# ---------------------------------------------------------------------------------------------
+# Latency as users feel it (--latency): each word's emission delay on real recordings.
+
+#: A streaming word counts as a reference word when the texts match and their spans, widened by
+#: this many seconds (two encoder frames), overlap: spike times and forced-aligned spans differ by
+#: a frame or so, and a repeated word ("five five") must not match its neighbour.
+LATENCY_MATCH_TOLERANCE = 0.08
+
+
+def latency_entries(data: Path, count: int) -> list[dict]:
+    """``count`` entries spread evenly over the ``dev_*.jsonl`` manifests in ``data`` (every part)."""
+    from asr.data.manifest import read_manifest
+
+    files = sorted(data.glob("dev_*.jsonl"))
+    if not files:
+        raise FileNotFoundError(f"no dev_*.jsonl in {data} (make them: python recipes/real/prepare.py --seed 0)")
+    rows = [e for f in files for e in read_manifest(f)]
+    step = max(1, len(rows) // max(1, count))
+    return rows[::step][:count]
+
+
+def reference_words(asr_model, wave: torch.Tensor, text: str) -> list:
+    """Words of ``text`` with their spans from ``torchaudio.functional.forced_align`` over the
+    offline (one-pass) log-probs of ``wave``; [] when the frames cannot hold the tokens."""
+    from asr.decode.align import forced_align_words
+    from asr.features import compute_fbank
+
+    feats = compute_fbank(wave)
+    ids = asr_model.tokenizer.encode(text)
+    if feats.shape[0] == 0 or not ids:
+        return []
+    with torch.inference_mode():
+        logits, lengths = asr_model.model(feats[None], torch.tensor([feats.shape[0]]))
+    lp = logits[0, : int(lengths[0])].float().log_softmax(-1)
+    try:
+        return forced_align_words(lp, ids, asr_model.tokenizer, backend="torchaudio")
+    except ValueError:
+        return []
+
+
+def _shows(words: list, ref) -> bool:
+    tol = LATENCY_MATCH_TOLERANCE
+    return any(w.word == ref.word and w.start < ref.end + tol and w.end > ref.start - tol for w in words)
+
+
+def word_delays(asr_model, wave: torch.Tensor, refs: list) -> tuple[list[float], list[float], int]:
+    """Stream ``wave`` in 40 ms blocks through ``asr_model.stream()`` (the default recognizer);
+    for each reference word, the audio time at which a partial (or a final segment) first shows it
+    minus the word's aligned end: ``(delays, delays plus the showing call's compute time, words
+    never shown)``. Audio time: the end of the block just fed (the end of the audio for words
+    that only ``finalize`` shows)."""
+    rec = asr_model.stream()
+    hop = int(FRAME * SR)
+    first_seen: list[Optional[tuple[float, float]]] = [None] * len(refs)
+    final_words: list = []
+
+    def look(shown: list, audio_time: float, compute: float) -> None:
+        for i, ref in enumerate(refs):
+            if first_seen[i] is None and _shows(shown, ref):
+                first_seen[i] = (audio_time - ref.end, audio_time - ref.end + compute)
+
+    for pos in range(0, wave.numel(), hop):
+        t0 = time.perf_counter()
+        partial = rec.accept_waveform(wave[pos : pos + hop])
+        compute = time.perf_counter() - t0
+        for seg in partial.segments:
+            final_words.extend(seg.words)
+        look(final_words + partial.words, min(pos + hop, wave.numel()) / SR, compute)
+    t0 = time.perf_counter()
+    transcript = rec.finalize()
+    look([w for seg in transcript.segments for w in seg.words], wave.numel() / SR, time.perf_counter() - t0)
+    seen = [s for s in first_seen if s is not None]
+    return [s[0] for s in seen], [s[1] for s in seen], len(refs) - len(seen)
+
+
+def latency_section(model_path: Optional[str], data: Path, count: int) -> dict:
+    """Word emission delays over ``count`` real dev recordings (see :func:`word_delays`)."""
+    import asr
+    from asr.audio import load_audio
+
+    t0 = time.perf_counter()
+    asr_model = asr.load_model(model_path)
+    load_s = time.perf_counter() - t0
+    delays: list[float] = []
+    with_compute: list[float] = []
+    missed = words = utts = 0
+    audio_s = 0.0
+    for entry in latency_entries(data, count):
+        wave = load_audio(entry["audio"])
+        refs = reference_words(asr_model, wave, entry["text"])
+        if not refs:
+            continue
+        d, dc, m = word_delays(asr_model, wave, refs)
+        delays += d
+        with_compute += dc
+        missed += m
+        words += len(refs)
+        utts += 1
+        audio_s += wave.numel() / SR
+    return {"delays": delays, "with_compute": with_compute, "missed": missed, "words": words, "utts": utts,
+            "audio_s": audio_s, "load_s": load_s, "model": repr(asr_model)}
+
+
+def print_latency(res: dict, data: Path) -> None:
+    print(f"\nWord emission delay (word end in a forced alignment of the reference over the offline pass "
+          f"-> first partial showing it; default `asr.load_model().stream()`, 40 ms blocks, no lookahead), "
+          f"{res['utts']} recordings ({res['audio_s']:.0f} s) from {data}/dev_*.jsonl, "
+          f"{res['words']} words, {res['missed']} never shown (misrecognised):")
+    print("| word emission delay | median ms | p95 ms | mean ms |")
+    print("|---|---:|---:|---:|")
+    for name, key in (("audio time (the block that shows it ends)", "delays"),
+                      ("plus that call's compute", "with_compute")):
+        v = res[key]
+        if v:
+            print(f"| {name} | {1000 * statistics.median(v):.0f} | {1000 * pct(v, 0.95):.0f} | "
+                  f"{1000 * statistics.fmean(v):.0f} |")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="checkpoint (default: ModelConfig() with random weights)")
@@ -324,8 +443,16 @@ def main(argv=None) -> int:
     ap.add_argument("--max-streams", type=int, default=512)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip", nargs="*", default=[], choices=["int8", "emformer", "batch", "compile"])
+    ap.add_argument("--latency", action="store_true",
+                    help="also measure word emission delays on real recordings (the bundled model unless --model)")
+    ap.add_argument("--latency-only", action="store_true", help="only the word emission delays")
+    ap.add_argument("--latency-data", type=Path, default=REPO / ".data" / "real",
+                    help="folder of dev_*.jsonl (python recipes/real/prepare.py --seed 0; default .data/real)")
+    ap.add_argument("--latency-utts", type=int, default=100, help="recordings the delays are measured on")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.latency_only:
+        return run_latency(args)
     reps = 30 if args.quick else args.frames
     model, tok = build_model(args.model)
     n_params = model.num_parameters()
@@ -432,6 +559,21 @@ def main(argv=None) -> int:
                 print(f"| {b} | {1000 * full:.1f} | {full / block:.3f} | {1000 * step:.1f} |")
             print(f"\nlargest real-time batch: {res['capacity']} streams with step_batch, "
                   f"{res['capacity_step_only']} with model.step on a kept stacked state")
+    return run_latency(args) if args.latency else 0
+
+
+def run_latency(args: argparse.Namespace) -> int:
+    """The --latency section: its own header, so it can run alone (--latency-only)."""
+    if not sorted(args.latency_data.glob("dev_*.jsonl")):
+        print(f"bench_stream: error: no dev_*.jsonl in {args.latency_data} (make them: python "
+              "recipes/real/prepare.py --seed 0, or pass --latency-data)", file=sys.stderr)
+        return 1
+    print(f"# latency: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"torch {torch.__version__}, {args.threads} thread(s), load average {os.getloadavg()[0]:.2f}, "
+          f"{time.strftime('%Y-%m-%d %H:%M')}")
+    res = latency_section(args.model, args.latency_data, args.latency_utts)
+    print(f"# model: {res['model']} (loaded in {res['load_s']:.1f} s)")
+    print_latency(res, args.latency_data)
     return 0
 
 
