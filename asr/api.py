@@ -42,11 +42,12 @@ import soundfile as sf
 import torch
 from torch import Tensor
 
-from asr.audio import SAMPLE_RATE, AudioError, iter_audio_blocks, load_audio, prepare_waveform
+from asr.audio import AudioError, iter_audio_blocks, load_audio, prepare_waveform
 from asr.decode.align import Word, words_from_tokens
 from asr.decode.beam import Hotwords
 from asr.decode.incremental import HypothesisDecoder, hypothesis_decoder
 from asr.features import compute_fbank
+from asr.frames import SAMPLE_RATE
 from asr.transcript import Segment, Transcript
 
 __all__ = [

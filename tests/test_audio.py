@@ -13,8 +13,8 @@ import soundfile as sf
 import torch
 import torchaudio.functional as taF
 
+from asr.frames import SAMPLE_RATE
 from asr.audio import (
-    SAMPLE_RATE,
     AudioError,
     StreamingResampler,
     TruncatedAudioWarning,

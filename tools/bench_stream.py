@@ -58,13 +58,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from asr.frames import FRAME_SECONDS as FRAME  # noqa: E402
+from asr.frames import SAMPLE_RATE as SR  # noqa: E402
 from asr.model import CTCModel, ModelConfig  # noqa: E402
 from asr.stream import Recognizer, stack_states, step_batch, tune_for_streaming  # noqa: E402
 from asr.tokenizer import Tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SR = 16000
-FRAME = 0.04
 
 
 def pct(values: list[float], q: float) -> float:

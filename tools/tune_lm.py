@@ -146,7 +146,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         cells = " | ".join(f"{per_part[p]:.1f}" for p in parts)
         print(f"| {name} | {wer:.2f} | {cells} | {load} | {rtf} |", flush=True)
 
-    wer, per_part, secs = score(cache, lambda lp: tokenizer.decode(ctc_greedy(lp, blank=0)[0]))
+    wer, per_part, secs = score(cache, lambda lp: tokenizer.decode(ctc_greedy(lp)[0]))
     row("greedy | - | -", wer, per_part, "-", f"{secs / audio:.4f}")
     for lm_name in args.lm:
         lm = carried if lm_name == "model" else Path(lm_name)

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from asr.decode.greedy import ctc_greedy
 from asr.tokenizer import Tokenizer
+from asr.frames import BLANK_ID
 
 __all__ = ["LexiconDecoder", "LexiconHypothesisDecoder", "arpa_vocabulary", "lm_bytes_to_carry"]
 
@@ -226,7 +227,7 @@ class LexiconHypothesisDecoder:
 
     is_greedy = False
 
-    def __init__(self, lexicon: LexiconDecoder, blank: int = 0) -> None:
+    def __init__(self, lexicon: LexiconDecoder, blank: int = BLANK_ID) -> None:
         self.lexicon = lexicon
         self.blank = blank
         self.num_frames = 0

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-BLANK = 0
+from asr.frames import BLANK_ID as BLANK
 
 
 def ctc_loss(

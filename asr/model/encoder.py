@@ -37,7 +37,7 @@ from asr.model.frontend_step import CompiledFrontend
 from asr.model.subsampling import ConvSubsampling, Int8Frontend
 from asr.model.token_step import CompiledTokenStep, compiled_wkv_update
 
-FRAME_SHIFT_SECONDS = 0.04  # one encoder frame: 4 feature frames of 10 ms
+from asr.frames import FRAME_SECONDS as FRAME_SHIFT_SECONDS
 
 
 @dataclass

@@ -42,13 +42,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from asr.audio import SAMPLE_RATE, AudioError, StreamingResampler, float_mono
-from asr.decode.align import FRAME_SHIFT, Word, words_from_tokens
+from asr.audio import AudioError, StreamingResampler, float_mono
+from asr.decode.align import Word, words_from_tokens
 from asr.decode.incremental import hypothesis_decoder
 from asr.features import NUM_MEL_BINS, StreamingFbank, accept_waveforms
+from asr.frames import BLANK_ID, FEATURES_PER_FRAME, FRAME_SECONDS, SAMPLE_RATE
 from asr.model import CTCModel, EncoderState
 from asr.stream.endpoint import EndpointConfig, Endpointer, StreamingEnergy
-from asr.stream.state import FEATURES_PER_FRAME, is_stackable, split_state, stack_states
+from asr.stream.state import is_stackable, split_state, stack_states
 from asr.transcript import Segment, Transcript
 
 __all__ = ["Partial", "Recognizer", "step_batch"]
@@ -124,7 +125,7 @@ class Recognizer:
         self.device = torch.device(device)
         self.keep_segments = keep_segments
         self.lexicon = lexicon
-        self.blank = 0
+        self.blank = BLANK_ID
         self.reset()
 
     # ------------------------------------------------------------------ lifecycle
@@ -138,7 +139,7 @@ class Recognizer:
         self._rate: Optional[int] = None
         self._state: EncoderState = self.model.init_state(1, device=self.device)
         self._held = torch.zeros(0, NUM_MEL_BINS)  # feature frames not yet given to the model (batch mode)
-        self._endpointer = Endpointer(self.endpoint_config, FRAME_SHIFT)
+        self._endpointer = Endpointer(self.endpoint_config, FRAME_SECONDS)
         self._num_samples = 0  # 16 kHz samples accepted
         self._num_frames = 0  # encoder frames decoded
         self._segments: list[Segment] = []

@@ -34,13 +34,11 @@ from typing import Optional, Sequence, Union, overload
 import torch
 from torch import Tensor
 
+from asr.frames import FEATURES_PER_FRAME
 from asr.model import CTCModel, EncoderState
 from asr.model.rwkv7 import BlockState
 
-__all__ = ["FEATURES_PER_FRAME", "initial_caches", "is_stackable", "stack_states", "split_state"]
-
-#: Feature frames (10 ms) per encoder frame (40 ms): the subsampling factor.
-FEATURES_PER_FRAME = 4
+__all__ = ["initial_caches", "is_stackable", "stack_states", "split_state"]
 
 
 def initial_caches(model: CTCModel, batch: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
