@@ -106,10 +106,10 @@ def load_model(
     checkpoint carries, if any (the bundled model carries its word 3-gram, as pocketsphinx ships
     its LM), when flashlight-text is installed; a call with ``beam_size`` > 1 or ``hotwords`` then
     decodes without it instead of refusing. ``None``: no LM (greedy unless a call asks for a beam).
-    Raises :class:`asr.train.checkpoint.CheckpointError` with a one-line message when the model is
+    Raises :class:`asr.model_file.CheckpointError` with a one-line message when the model is
     missing or unusable, and ``ValueError`` for an unavailable device.
     """
-    from asr.train.checkpoint import CheckpointError, load_inference_parts
+    from asr.model_file import CheckpointError, load_inference_parts
 
     dev = _resolve_device(device)
     if int8 and dev.type != "cpu":

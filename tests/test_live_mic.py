@@ -31,7 +31,7 @@ from asr.audio import load_audio
 from asr.decode.greedy import ctc_greedy
 from asr.decode.align import words_from_tokens
 from asr.features import compute_fbank
-from asr.train.checkpoint import load_for_inference
+from asr.model_file import load_for_inference
 
 DATA = Path(__file__).parent / "data"
 STREAM_MODEL = DATA / "stream_tiny.pt"

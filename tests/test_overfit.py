@@ -5,7 +5,7 @@ import torch
 from asr.audio import load_audio
 from asr.decode.greedy import ctc_greedy
 from asr.features import compute_fbank
-from asr.train.checkpoint import load_for_inference
+from asr.model_file import load_for_inference
 from conftest import read_test_manifest
 
 

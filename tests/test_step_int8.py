@@ -94,7 +94,7 @@ def test_int8_greedy_tokens_on_the_overfit_model(overfit_checkpoint):
     from asr.audio import load_audio
     from asr.decode.greedy import ctc_greedy
     from asr.features import compute_fbank
-    from asr.train.checkpoint import load_for_inference
+    from asr.model_file import load_for_inference
     from conftest import read_test_manifest
 
     model, tok = load_for_inference(overfit_checkpoint)

@@ -32,7 +32,7 @@ from asr.stream import EndpointConfig, Endpointer, EndpointRule, Recognizer, spl
 from asr.stream.endpoint import StreamingEnergy
 from asr.stream.state import is_stackable
 from asr.tokenizer import Tokenizer
-from asr.train.checkpoint import load_for_inference
+from asr.model_file import load_for_inference
 
 DATA = Path(__file__).parent / "data"
 FILES = {  # id -> (file, text)

@@ -26,7 +26,7 @@ from asr.api import ASRModel, load_model
 from asr.audio import AudioError, load_audio, resample
 from asr.cli import main as asr_main
 from asr.cli import transcribe as cli
-from asr.train.checkpoint import CheckpointError
+from asr.model_file import CheckpointError
 from conftest import read_test_manifest
 from test_formats import check_all_formats, check_cues, check_json, parse_srt, parse_tsv, parse_vtt
 

@@ -85,7 +85,7 @@ def timeit(fn: Callable[[], object], reps: int, warmup: int = 5) -> list[float]:
 
 def build_model(path: Optional[str]) -> tuple[CTCModel, Tokenizer]:
     if path:
-        from asr.train.checkpoint import load_for_inference
+        from asr.model_file import load_for_inference
 
         return load_for_inference(path)
     import random

@@ -24,7 +24,7 @@ from asr.audio import load_audio  # noqa: E402
 from asr.decode.greedy import ctc_greedy  # noqa: E402
 from asr.features import compute_fbank  # noqa: E402
 from asr.tokenizer import normalize_text  # noqa: E402
-from asr.train.checkpoint import load_for_inference  # noqa: E402
+from asr.model_file import load_for_inference  # noqa: E402
 from asr.train.metrics import error_counts  # noqa: E402
 
 

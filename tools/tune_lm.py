@@ -58,7 +58,7 @@ def select(entries: list[dict], parts: Optional[list[str]], per_part: Optional[i
 def compute_log_probs(model_path: Path, entries: list[dict]) -> dict:
     """{"ids", "parts", "refs", "durations", "log_probs" [T_i, V] each, "model_seconds"} for ``entries``."""
     from asr.data.dataset import ManifestDataset, collate
-    from asr.train.checkpoint import load_inference_parts
+    from asr.model_file import load_inference_parts
 
     model, tokenizer, _ = load_inference_parts(model_path)
     ds = ManifestDataset(entries, None, filter_ctc=False)
@@ -129,7 +129,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     torch.set_num_threads(1)
     from asr.decode.greedy import ctc_greedy
     from asr.decode.lexicon import LexiconDecoder
-    from asr.train.checkpoint import CheckpointError, load_inference_parts
+    from asr.model_file import CheckpointError, load_inference_parts
 
     try:
         cache = load_cache(args)

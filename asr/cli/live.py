@@ -204,7 +204,7 @@ def _load_model(path: Optional[str], int8: bool = False, compile: bool = False) 
     """(model, tokenizer, the word LM the checkpoint carries or None)."""
     from asr.api import BUNDLED_MODEL
     from asr.stream.process import tune_for_streaming
-    from asr.train.checkpoint import load_inference_parts
+    from asr.model_file import load_inference_parts
 
     if path is None:
         if not BUNDLED_MODEL.is_file():
