@@ -215,6 +215,20 @@ def test_beam_search_and_hotwords(model):
     assert hot.text == "go forward ten meters"
 
 
+def test_options_object_and_keywords_agree(model):
+    opts = asr.TranscribeOptions(beam_size=4, pause_seconds=0.05)
+    by_object = model.transcribe(GOFORWARD, options=opts)
+    assert by_object.to_dict() == model.transcribe(GOFORWARD, beam_size=4, pause_seconds=0.05).to_dict()
+    assert len(by_object.segments) > 1  # the tiny pause took effect: every gap cuts a segment
+    # keyword arguments override the object's fields, in every entry point
+    default = model.transcribe(GOFORWARD).to_dict()
+    assert model.transcribe(GOFORWARD, options=opts, pause_seconds=None, beam_size=1).to_dict() == default
+    assert model.transcribe_batch([GOFORWARD], options=opts, pause_seconds=None)[0].to_dict() == \
+        model.transcribe(GOFORWARD, beam_size=4).to_dict()
+    with pytest.raises(TypeError, match="beams"):
+        model.transcribe(GOFORWARD, beams=4)
+
+
 def _long_audio(seconds: float, seed: int) -> np.ndarray:
     """Test utterances separated by 0.9-2 s of silence with faint noise, repeated to ``seconds``."""
     rng = np.random.default_rng(seed)
