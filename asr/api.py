@@ -120,7 +120,7 @@ class _Plan:
 def load_model(
     path: Union[str, os.PathLike, None] = None, device: Union[str, torch.device] = "cpu", *, int8: bool = False,
     compile: bool = False, lm: Union[str, os.PathLike, None] = "auto", lm_weight: Optional[float] = None,
-    word_score: Optional[float] = None,
+    word_score: Optional[float] = None, compile_frames: tuple[int, ...] = (1, 4),
 ) -> "ASRModel":
     """Load a model for transcription.
 
@@ -134,6 +134,8 @@ def load_model(
     160 ms of audio; CPU only, needs a C++ compiler, up to a minute or two the first time; see
     :meth:`asr.model.CTCModel.prepare_for_inference`): a :meth:`ASRModel.stream` fed 160 ms chunks
     then runs ~2.5x faster with ``int8``. File transcription does not use it. Off by default.
+    ``compile_frames``: the encoder frames per call compiled for (``asr-live --compile`` feeds
+    160 ms blocks and compiles ``(4,)`` only).
     With either, the model's weights are frozen (``prepare_for_inference(freeze=True)``): edit
     ``ASRModel.model``'s parameters in place and call its ``drop_inference_cache()``.
     ``lm``: an ARPA word n-gram model (``tools/build_lm.py``): final hypotheses then come from a
@@ -163,7 +165,7 @@ def load_model(
         path = BUNDLED_MODEL
     model, tokenizer, carried_lm = load_inference_parts(path, device=dev)
     if int8 or compile:
-        model.prepare_for_inference(int8=int8, compile=compile, compile_frames=(1, 4), freeze=True)
+        model.prepare_for_inference(int8=int8, compile=compile, compile_frames=compile_frames, freeze=True)
     lexicon, default_lm = language_model_decoder(tokenizer, lm, carried_lm, lm_weight=lm_weight, word_score=word_score)
     return ASRModel(model, tokenizer, device=dev, lexicon=lexicon, lexicon_optional=default_lm)
 

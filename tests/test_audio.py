@@ -13,7 +13,6 @@ import soundfile as sf
 import torch
 import torchaudio.functional as taF
 
-from asr.frames import SAMPLE_RATE
 from asr.audio import (
     AudioError,
     StreamingResampler,
@@ -25,6 +24,7 @@ from asr.audio import (
     resample,
     to_mono,
 )
+from asr.frames import SAMPLE_RATE
 
 DATA = Path(__file__).parent / "data"
 MANIFEST = DATA / "manifest.jsonl"

@@ -23,9 +23,9 @@ import pytest
 import asr
 from asr.api import BUNDLED_MODEL, ASRModel
 from asr.audio import load_audio
+from asr.model_file import load_checkpoint, load_inference_parts
 from asr.stream.endpoint import EndpointConfig
 from asr.train.checkpoint import atomic_torch_save
-from asr.model_file import load_checkpoint, load_inference_parts
 
 HELDOUT = Path(__file__).parent / "data" / "audio" / "heldout"
 SENTENCE = HELDOUT / "synth_test_000275.ogg"  # unseen voice espeak:en-gb-x-gbclan+m3, unseen sentence

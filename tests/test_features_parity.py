@@ -11,7 +11,6 @@ import torch
 import torchaudio.compliance.kaldi as kaldi
 
 from asr.audio import iter_audio_blocks, load_audio
-from asr.frames import FEATURE_HOP, FEATURE_WINDOW, feature_frames_for_samples
 from asr.features import (
     LOG_FLOOR,
     NUM_MEL_BINS,
@@ -23,6 +22,7 @@ from asr.features import (
     compute_fbank_batch,
     compute_fbank_padded,
 )
+from asr.frames import FEATURE_HOP, FEATURE_WINDOW, feature_frames_for_samples
 
 DATA = Path(__file__).parent / "data"
 MANIFEST = DATA / "manifest.jsonl"

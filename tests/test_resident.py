@@ -11,7 +11,14 @@ import torch
 from asr.audio import load_audio
 from asr.data.augment import SpecAugmentConfig, speed_perturb
 from asr.data.manifest import read_manifests
-from asr.data.resident import EMPTY, FixedShapeSampler, ResidentBatches, ResidentCorpus, ShapeClasses, spec_augment_batch
+from asr.data.resident import (
+    EMPTY,
+    FixedShapeSampler,
+    ResidentBatches,
+    ResidentCorpus,
+    ShapeClasses,
+    spec_augment_batch,
+)
 from asr.features import compute_fbank
 
 DATA = Path(__file__).parent / "data"

@@ -28,11 +28,11 @@ from asr.decode.greedy import ctc_greedy
 from asr.features import compute_fbank
 from asr.frames import feature_frames_for_samples
 from asr.model import CTCModel, ModelConfig
+from asr.model_file import load_for_inference
 from asr.stream import EndpointConfig, Endpointer, EndpointRule, Recognizer, split_state, stack_states, step_batch
 from asr.stream.endpoint import StreamingEnergy
 from asr.stream.state import is_stackable
 from asr.tokenizer import Tokenizer
-from asr.model_file import load_for_inference
 
 DATA = Path(__file__).parent / "data"
 FILES = {  # id -> (file, text)

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from asr.data.manifest import read_manifest, write_manifest
-from asr.train.checkpoint import CheckpointManager, atomic_torch_save
 from asr.model_file import load_checkpoint, load_for_inference, resolve_checkpoint
 from asr.train.build import lr_factor
+from asr.train.checkpoint import CheckpointManager, atomic_torch_save
 from asr.train.resume import state_digest
 
 DATA = Path(__file__).parent / "data" / "fsdd_small"

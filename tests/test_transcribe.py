@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from conftest import read_test_manifest
+from test_formats import check_all_formats, check_cues, check_json, parse_srt, parse_tsv, parse_vtt
 
 import asr
 from asr.api import ASRModel, load_model
@@ -27,8 +29,6 @@ from asr.audio import AudioError, load_audio, resample
 from asr.cli import main as asr_main
 from asr.cli import transcribe as cli
 from asr.model_file import CheckpointError
-from conftest import read_test_manifest
-from test_formats import check_all_formats, check_cues, check_json, parse_srt, parse_tsv, parse_vtt
 
 DATA = Path(__file__).parent / "data"
 GOFORWARD = DATA / "audio" / "pocketsphinx_goforward.flac"  # "go forward ten meters", 2.79 s

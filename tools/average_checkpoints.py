@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from asr.train.checkpoint import CheckpointManager, atomic_torch_save
 from asr.model_file import CheckpointError, load_checkpoint
+from asr.train.checkpoint import CheckpointManager, atomic_torch_save
 
 
 def average(paths: list[Path]) -> dict:

@@ -31,8 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from asr.decode.lexicon import lm_bytes_to_carry  # noqa: E402
-from asr.train.checkpoint import atomic_torch_save  # noqa: E402
 from asr.model_file import CheckpointError, load_checkpoint, quantize_weights_int8, resolve_checkpoint  # noqa: E402
+from asr.train.checkpoint import atomic_torch_save  # noqa: E402
 
 
 def compact_state(ckpt: dict, int8_weights: bool = False, lm_arpa_xz: Optional[bytes] = None) -> dict:

@@ -45,7 +45,8 @@ sys.path.insert(0, str(ROOT))
 
 from asr.decode.greedy import ctc_greedy  # noqa: E402
 from asr.features import compute_cmvn_stats, compute_fbank  # noqa: E402
-from asr.frames import BLANK_ID, FRAME_SECONDS as FRAME  # noqa: E402
+from asr.frames import BLANK_ID  # noqa: E402
+from asr.frames import FRAME_SECONDS as FRAME  # noqa: E402
 from asr.model import CTCModel, ModelConfig  # noqa: E402
 from asr.tokenizer import Tokenizer  # noqa: E402
 
@@ -55,7 +56,7 @@ SR = 16000
 
 
 def load_waves(waves_file: str | None) -> tuple[list[torch.Tensor], list[str]]:
-    lines = [json.loads(l) for l in (ROOT / "tests/data/manifest.jsonl").read_text().splitlines() if l.strip()]
+    lines = [json.loads(line) for line in (ROOT / "tests/data/manifest.jsonl").read_text().splitlines() if line.strip()]
     texts = [e["text"] for e in lines]
     if waves_file:
         d = torch.load(waves_file)

@@ -32,6 +32,7 @@ from typing import Callable, Mapping, Protocol, Sequence
 
 import torch
 from torch import Tensor
+
 from asr.frames import BLANK_ID
 
 __all__ = ["BeamHypothesis", "Hotwords", "CTCPrefixBeamSearch", "ctc_prefix_beam_search"]

@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+
 from asr.frames import BLANK_ID
 
 __all__ = ["ctc_greedy", "GreedyCTCState", "IncrementalGreedyDecoder"]

@@ -28,8 +28,8 @@ import torch
 from torch import Tensor
 
 from asr.decode.greedy import ctc_greedy
-from asr.tokenizer import Tokenizer
 from asr.frames import BLANK_ID
+from asr.tokenizer import Tokenizer
 
 __all__ = ["LexiconDecoder", "LexiconHypothesisDecoder", "arpa_vocabulary", "lm_bytes_to_carry"]
 

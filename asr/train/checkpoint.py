@@ -17,11 +17,9 @@ import json
 import logging
 import os
 import random
-import re
 import tempfile
-import zipfile
 from pathlib import Path
-from typing import Any, NamedTuple, Optional
+from typing import Any
 
 import numpy as np
 import torch
