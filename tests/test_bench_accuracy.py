@@ -1,5 +1,5 @@
 """tools/bench_accuracy.py: the side-by-side WER table of our model and pocketsphinx (real run on 3
-short recordings, plus the scoring on hand-made hypotheses). CI installs pocketsphinx (setup.py's
+short recordings, plus the scoring on hand-made hypotheses). CI installs pocketsphinx (pyproject.toml's
 ``dev`` extra), so this test does not skip without it."""
 from __future__ import annotations
 
