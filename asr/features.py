@@ -8,26 +8,11 @@ samples (25 ms) every 160 (10 ms), ``snip_edges`` (only whole frames: T = 0 if N
 window, zero-pad to 512, power spectrum, 80 triangular mel filters 20 Hz..8 kHz, log.
 
 Why kaldi.fbank and not torchaudio.transforms.MelSpectrogram: both are far faster than the model
-(over 1000x real time), so speed does not decide; kaldi.fbank gives the contract's frame
-count (``MelSpectrogram(center=False)`` needs n_fft = 512 samples per frame, so it returns one
-frame fewer than snip_edges on most lengths, and it has no DC removal / pre-emphasis), and its
-features match Kaldi/WeNet/k2 recipes. Measured on this machine (2 CPU cores shared with other
-jobs, torch 2.14.1 / torchaudio 2.11.0, median of 20 calls, over 4 runs; ranges are run-to-run spread),
-input of 60 s (960k samples, 5998 frames) and of 10 frames (a typical streaming call):
-
-    ===========================================  ============  ============
-    extractor                                    1 thread      2 threads
-    ===========================================  ============  ============
-    kaldi.fbank, 60 s                            31 - 57 ms    17 - 24 ms
-    MelSpectrogram(n_fft=512, center=False), 60s 17 - 32 ms    10 - 50 ms
-    kaldi.fbank, 10 frames                       0.27 - 0.39 ms
-    MelSpectrogram, 10 frames                    0.09 - 0.13 ms
-    ===========================================  ============  ============
-
-MelSpectrogram is about 2x faster, but kaldi.fbank already runs at over 1000x real time (under
-0.1 % of a CPU core per second of audio), far below the encoder's cost, so we keep it. (Note: with
-2 intra-op threads on a busy 2-core machine, tiny calls can stall for milliseconds in OpenMP
-wake-ups; for streaming, 1 thread is faster.)
+(over 1000x real time on one CPU core), so speed does not decide; kaldi.fbank gives the contract's
+frame count (``MelSpectrogram(center=False)`` needs n_fft = 512 samples per frame, so it returns
+one frame fewer than snip_edges on most lengths, and it has no DC removal / pre-emphasis), and its
+features match Kaldi/WeNet/k2 recipes. With 2 intra-op threads on a busy 2-core machine, tiny calls can
+stall for milliseconds in OpenMP wake-ups; for streaming, 1 thread is faster.
 
 Scale: input is float in [-1, 1] (what :mod:`asr.audio` returns) and is multiplied by 32768
 before extraction, i.e. features are computed on the int16 scale like Kaldi's ``compute-fbank-feats``

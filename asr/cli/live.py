@@ -31,8 +31,8 @@ compile_frames=(4,))``): with ``--int8``, ~2.5x less compute per 40 ms than with
 (tools/bench_stream.py). It needs a C++ compiler; the first start compiles for up to a minute or two
 (inductor caches the result on disk, so later starts take seconds). Words appear up to 60 ms later.
 
-One intra-op thread: per-frame operations are tiny, and with 2 OpenMP threads on a busy 2-core
-machine they stall waiting for each other (measured: slower than 1 thread).
+One intra-op thread: per-frame operations are tiny, and 2 OpenMP threads on a busy 2-core machine
+stall waiting for each other (slower than 1 thread).
 """
 from __future__ import annotations
 
