@@ -3,6 +3,7 @@
     python tools/bench_stream.py                       # default model size (ModelConfig()), random weights
     python tools/bench_stream.py --model ckpt.pt       # a trained checkpoint
     python tools/bench_stream.py --quick               # fewer repetitions (a smoke run)
+    python tools/bench_stream.py --latency-only        # word emission delays on .data/real (bundled model)
 
 Tables (markdown), all on ``--threads`` intra-op threads (default 1, as ``asr-live`` runs):
 
@@ -38,6 +39,16 @@ Tables (markdown), all on ``--threads`` intra-op threads (default 1, as ``asr-li
    update. Before it the process calls :func:`asr.stream.tune_for_streaming`, as a server should
    (``gc.freeze()`` and glibc malloc settings: without them, garbage-collection stalls of
    ~150-300 ms every few dozen calls, and the states' memory mapped and zeroed again every call).
+5. With ``--latency`` (or alone: ``--latency-only``): each word's emission delay on real
+   recordings, as users feel it. ``--latency-utts`` recordings spread over the ``dev_*.jsonl``
+   manifests in ``--latency-data`` (default ``.data/real``, made by ``python recipes/real/prepare.py
+   --seed 0``) go through the default ``asr.load_model(--model).stream()`` (the bundled model and
+   LM unless ``--model``) in 40 ms blocks. A word's delay runs from its end in a forced alignment
+   of the reference transcript over the offline pass's log-probs
+   (``torchaudio.functional.forced_align``) to the first partial or final segment that shows it
+   (same text, overlapping span); median and p95, also with the compute time of the showing call
+   added, for all words and apart for words a partial showed and words only a final segment
+   (its LM search) showed.
 
 Weights are random (the default) or a checkpoint's; speed does not depend on their values. The
 numbers depend on the machine and its load: the 1-minute load average is printed with them.
