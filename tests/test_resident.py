@@ -14,6 +14,7 @@ from asr.data.manifest import read_manifests
 from asr.data.resident import (
     EMPTY,
     FixedShapeSampler,
+    PlannedBatch,
     ResidentBatches,
     ResidentCorpus,
     ShapeClasses,
@@ -46,7 +47,7 @@ def test_every_utterance_fits_its_shape_and_batches_stay_within_budget(per_octav
         if k + 1 < len(shapes):
             assert d / slowest > shapes.seconds[k + 1]  # the shortest class that holds it
         assert shapes.samples_in[k] >= d * 16000
-        assert shapes.samples[k] >= shapes.samples_in[k] / slowest
+        assert shapes.samples[k] >= shapes.seconds[k] * 16000  # the stretched class length, whole
     for rows, seconds, frames in zip(shapes.rows, shapes.seconds, shapes.frames):
         assert frames % 4 == 0
         assert rows == 1 or rows * seconds <= 60.0
@@ -60,47 +61,75 @@ def test_every_utterance_fits_its_shape_and_batches_stay_within_budget(per_octav
 def test_sampler_covers_the_epoch_once_and_resumes_exactly():
     durations = [0.3 + 0.1 * (i % 37) for i in range(200)]
     shapes = ShapeClasses.build(durations, batch_seconds=8.0)
-    classes = [shapes.of(d) for d in durations]
-    sampler = FixedShapeSampler(classes, shapes, seed=3)
+    sampler = FixedShapeSampler(durations, shapes, seed=3)
     batches = list(sampler)
-    seen = [i for _, b, _ in batches for i in b if i != EMPTY]
+    seen = [i for b in batches for i in b.indices if i != EMPTY]
     assert sorted(seen) == list(range(200))
-    for k, b, _ in batches:
-        assert len(b) == shapes.rows[k]
-        assert all(classes[i] == k for i in b if i != EMPTY)
+    for b in batches:
+        assert len(b.indices) == len(b.factors) == shapes.rows[b.k]
+        assert all(shapes.of(durations[i]) == b.k for i in b.indices if i != EMPTY)
     sampler.set_epoch(1)
-    assert [b for _, b, _ in sampler] != [b for _, b, _ in batches]  # a new order each epoch
+    assert [b.indices for b in sampler] != [b.indices for b in batches]  # a new order each epoch
     sampler.advance(5)
     state = sampler.state_dict()
-    resumed = FixedShapeSampler(classes, shapes, seed=3)
+    resumed = FixedShapeSampler(durations, shapes, seed=3)
     resumed.load_state_dict(state)
     assert list(resumed) == list(sampler)
     with pytest.raises(ValueError, match="seed"):
-        FixedShapeSampler(classes, shapes, seed=4).load_state_dict(state)
+        FixedShapeSampler(durations, shapes, seed=4).load_state_dict(state)
+
+
+def test_speed_factors_are_drawn_per_epoch_and_sped_up_utterances_take_shorter_classes():
+    """Classes by the length each utterance has at its own factor: a sped-up one may go one class
+    shorter, so batches carry less padding than classes built for the slowest factor would."""
+    durations = [0.3 + 0.1 * (i % 37) for i in range(400)]
+    factors = (0.9, 1.0, 1.1)
+    shapes = ShapeClasses.build(durations, batch_seconds=8.0, slowest=0.9, fastest=1.1)
+    sampler = FixedShapeSampler(durations, shapes, factors, seed=5)
+    batches = list(sampler)
+    drawn = {i: f for b in batches for i, f in zip(b.indices, b.factors) if i != EMPTY}
+    assert sorted(drawn) == list(range(400)) and set(drawn.values()) == set(factors)
+    for b in batches:
+        for i, f in zip(b.indices, b.factors):
+            if i != EMPTY:
+                assert durations[i] / f <= shapes.seconds[b.k] + 1e-9  # fits at its own speed
+                assert durations[i] * 16000 <= shapes.samples_in[b.k]  # and is read whole
+    moved = sum(shapes.of(durations[i], f) > shapes.of(durations[i]) for i, f in drawn.items())
+    assert moved > 0
+    padded = sum(shapes.rows[b.k] * shapes.seconds[b.k] for b in batches)
+    at_slowest = FixedShapeSampler(durations, shapes, (0.9,), seed=5)
+    assert padded < sum(shapes.rows[b.k] * shapes.seconds[b.k] for b in at_slowest)
+    sampler.set_epoch(1)
+    assert sampler.epoch_factors(1) != sampler.epoch_factors(0)
+    with pytest.raises(ValueError, match="faster"):
+        FixedShapeSampler(durations, ShapeClasses.build(durations, batch_seconds=8.0, slowest=0.9), factors)
 
 
 def test_ranks_run_the_same_shape_at_every_step_on_disjoint_utterances():
     durations = [0.3 + 0.05 * (i % 61) for i in range(300)]
-    shapes = ShapeClasses.build(durations, batch_seconds=6.0)
-    classes = [shapes.of(d) for d in durations]
-    ranks = [list(FixedShapeSampler(classes, shapes, seed=1, rank=r, world_size=2)) for r in range(2)]
+    shapes = ShapeClasses.build(durations, batch_seconds=6.0, slowest=0.9, fastest=1.1)
+    ranks = [list(FixedShapeSampler(durations, shapes, (0.9, 1.0, 1.1), seed=1, rank=r, world_size=2)) for r in range(2)]
     assert len(ranks[0]) == len(ranks[1]) > 0
-    assert [k for k, _, _ in ranks[0]] == [k for k, _, _ in ranks[1]]
-    mine = [{i for _, b, _ in r for i in b if i != EMPTY} for r in ranks]
+    assert [b.k for b in ranks[0]] == [b.k for b in ranks[1]]
+    mine = [{i for b in r for i in b.indices if i != EMPTY} for r in ranks]
     assert not mine[0] & mine[1]
 
 
 def _corpus(speed=(1.0,), spec=None) -> ResidentCorpus:
     entries = _entries()
-    shapes = ShapeClasses.build([e["duration"] for e in entries], batch_seconds=4.0, slowest=min(speed))
+    shapes = ShapeClasses.build([e["duration"] for e in entries], batch_seconds=4.0, slowest=min(speed), fastest=max(speed))
     return ResidentCorpus(entries, _CharTokenizer(), shapes, "cpu", speed_factors=speed, spec_augment=spec)
+
+
+def _sampler(corpus: ResidentCorpus) -> FixedShapeSampler:
+    return FixedShapeSampler([e["duration"] for e in corpus.entries], corpus.shapes, corpus.speed_factors, seed=0)
 
 
 def test_batch_features_and_targets_equal_each_utterance_alone():
     corpus = _corpus()
-    sampler = FixedShapeSampler(corpus.classes, corpus.shapes, seed=0)
+    sampler = _sampler(corpus)
     checked = 0
-    for (k, indices, seed), batch in zip(sampler.epoch_batches(), ResidentBatches(corpus, sampler)):
+    for (k, indices, _, _), batch in zip(sampler.epoch_batches(), ResidentBatches(corpus, sampler)):
         sh = corpus.shapes
         assert batch.features.shape == (sh.rows[k], sh.frames[k], 80)
         assert batch.targets.shape[0] == sh.rows[k]
@@ -132,21 +161,16 @@ def test_a_file_listed_twice_is_held_once_and_batched_as_itself():
     assert corpus.audio.numel() == once.audio.numel()
     n = len(entries)
     for i in range(n):
-        k = corpus.classes[i]
-        a, b = corpus.batch(k, [i], 0), corpus.batch(k, [i + n], 0)
+        k = shapes.of(entries[i]["duration"])
+        a, b = corpus.batch(PlannedBatch(k, [i], [1.0], 0)), corpus.batch(PlannedBatch(k, [i + n], [1.0], 0))
         assert torch.equal(a.features, b.features) and torch.equal(a.targets, b.targets)
 
 
 def test_speed_perturbed_rows_equal_torchaudio_speed_of_the_utterance():
     corpus = _corpus(speed=(0.9, 1.1))
-    sampler = FixedShapeSampler(corpus.classes, corpus.shapes, seed=0)
-    k, indices, seed = sampler.epoch_batches()[0]
-    batch = corpus.batch(k, indices, seed)
-    import random
-
-    rng = random.Random(seed)
-    factors = [rng.choice([0.9, 1.1]) if i != EMPTY else 1.0 for i in indices]
-    for row, (i, f) in enumerate(zip(indices, factors)):
+    planned = _sampler(corpus).epoch_batches()[0]
+    batch = corpus.batch(planned)
+    for row, (i, f) in enumerate(zip(planned.indices, planned.factors)):
         if i == EMPTY:
             continue
         want = compute_fbank(speed_perturb(load_audio(corpus.entries[i]["audio"]), f))

@@ -8,16 +8,19 @@ Here the corpus is decoded once, by a process pool at start, into one int16 tens
 and SpecAugment of the whole batch: a few dozen kernels, no Python per utterance, no workers.
 
 Fixed shapes (:class:`ShapeClasses`): the longest utterance after the slowest speed factor sets
-the top length L_0; class k holds utterances of stretched length in (L_{k+1}, L_k] with
+the top length L_0; class k holds utterances of stretched length (after the speed factor drawn
+for them this epoch) in (L_{k+1}, L_k] with
 ``L_k = L_0 * 2 ** (-k / per_octave)``, and every batch of class k has exactly ``rows_k =
 batch_seconds // L_k`` rows of ``frames_k`` feature frames. A class's last batch of an epoch is
 filled with empty rows (length 0, no target), which cost exactly 0 in the CTC loss. With
 ``per_octave=1`` padding wastes at most half a row and about a quarter on average; 2 halves that at
 twice the shapes.
 
-Randomness: speed factors are drawn on the host per utterance, SpecAugment masks on the device from
-a generator seeded per batch; both follow from (seed, epoch, batch number), so a resumed run makes
-the same batches. The masks follow :class:`asr.data.augment.SpecAugment`'s distribution (widths
+Randomness: the sampler draws each utterance's speed factor once per epoch, on the host, before it
+sorts utterances into classes (so a sped-up utterance can go to a shorter class: on the run-11
+corpus that fills 68 % of the padded batch instead of 59 %, at the same shapes); SpecAugment masks
+come on the device from a generator seeded per batch. All follow from (seed, epoch, batch number),
+so a resumed run makes the same batches. The masks follow :class:`asr.data.augment.SpecAugment`'s distribution (widths
 uniform below the bound, starts uniform where the mask fits), not its exact draws.
 """
 from __future__ import annotations
@@ -27,11 +30,11 @@ import math
 import random
 from dataclasses import dataclass
 from multiprocessing import get_context
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
-import torchaudio.functional as AF
+import torchaudio.transforms as T
 from torch import Tensor
 
 from asr.data.augment import SpecAugmentConfig
@@ -77,8 +80,9 @@ def decode_corpus(paths: Sequence[str], jobs: int = 1) -> tuple[Tensor, list[int
 
 @dataclass(frozen=True)
 class ShapeClasses:
-    """The batch shapes: class k has ``rows[k]`` rows of ``samples_in[k]`` samples as read (before
-    speed perturbation) and ``samples[k]`` samples / ``frames[k]`` fbank frames after it."""
+    """The batch shapes: class k has ``rows[k]`` rows of at most ``samples_in[k]`` samples as read
+    (before speed perturbation: the class length at the fastest factor) and ``samples[k]`` samples /
+    ``frames[k]`` fbank frames after it."""
 
     seconds: tuple[float, ...]  # L_k: the longest stretched utterance of the class
     rows: tuple[int, ...]
@@ -89,11 +93,13 @@ class ShapeClasses:
 
     @classmethod
     def build(cls, durations: Sequence[float], batch_seconds: float, per_octave: int = 1,
-              slowest: float = 1.0, max_rows: int = 0, longest: Optional[float] = None) -> "ShapeClasses":
+              slowest: float = 1.0, max_rows: int = 0, longest: Optional[float] = None,
+              fastest: float = 1.0) -> "ShapeClasses":
         """Classes covering ``durations`` (seconds, as read) once stretched by ``1 / slowest``.
         ``longest``: the top class's length as read (default the longest duration); fixing it (the
         trainer passes ``data.max_duration``) makes the shapes the same for every corpus, so that
-        compiled graphs and their cache serve any of them."""
+        compiled graphs and their cache serve any of them. ``fastest``: the fastest speed factor (an
+        utterance played faster fits a class of its stretched length, so it is read longer)."""
         if not durations:
             raise ValueError("no utterances to build batch shapes for")
         if per_octave < 1:
@@ -112,15 +118,16 @@ class ShapeClasses:
             t = 4 * math.ceil((1 + max(0, math.ceil((need - FEATURE_WINDOW) / FEATURE_HOP))) / 4)
             samples.append(FEATURE_WINDOW + FEATURE_HOP * (t - 1))
             frames.append(t)
-            samples_in.append(math.ceil(length * slowest * SAMPLE_RATE))
+            samples_in.append(math.ceil(length * max(slowest, fastest) * SAMPLE_RATE))
         return cls(tuple(seconds), tuple(rows), tuple(samples_in), tuple(samples), tuple(frames), slowest)
 
     def __len__(self) -> int:
         return len(self.seconds)
 
-    def of(self, duration: float) -> int:
-        """The class of an utterance of ``duration`` seconds (as read): the shortest that holds it."""
-        stretched = duration / self.slowest
+    def of(self, duration: float, factor: Optional[float] = None) -> int:
+        """The class of an utterance of ``duration`` seconds (as read) played ``factor`` times faster
+        (default: the slowest factor): the shortest class that holds it."""
+        stretched = duration / (self.slowest if factor is None else max(factor, self.slowest))
         k = 0
         while k + 1 < len(self.seconds) and stretched <= self.seconds[k + 1]:
             k += 1
@@ -130,29 +137,60 @@ class ShapeClasses:
         return ", ".join(f"{r} x {s:.2f} s" for r, s in zip(self.rows, self.seconds))
 
 
+def check_factors(factors: Sequence[float], shapes: ShapeClasses) -> None:
+    """Refuse speed factors the shapes were not built for (``slowest``, ``fastest``)."""
+    if min(factors) < shapes.slowest - 1e-9:
+        raise ValueError(f"speed factor {min(factors)} is slower than the shapes allow ({shapes.slowest})")
+    longest_read = shapes.seconds[0] * max(factors) * SAMPLE_RATE
+    if longest_read > shapes.samples_in[0] + 1:
+        raise ValueError(f"speed factor {max(factors)} is faster than the shapes allow (build them with fastest=)")
+
+
+class PlannedBatch(NamedTuple):
+    """One batch as the sampler plans it: shape class ``k``, ``rows[k]`` corpus indices (EMPTY for
+    an empty row), each row's speed factor, and the seed of the batch's SpecAugment draws."""
+
+    k: int
+    indices: list[int]
+    factors: list[float]
+    seed: int
+
+
 class FixedShapeSampler:
-    """Batches ``(class, [index or EMPTY] * rows[class], batch_seed)`` for an epoch, with the
-    position bookkeeping of :class:`asr.data.sampler.BucketingBatchSampler` (``advance`` per
-    consumed batch, ``state_dict`` / ``load_state_dict`` for an exact resume).
+    """:class:`PlannedBatch` es for an epoch, with the position bookkeeping of
+    :class:`asr.data.sampler.BucketingBatchSampler` (``advance`` per consumed batch,
+    ``state_dict`` / ``load_state_dict`` for an exact resume).
+
+    ``durations``: each utterance's length as read; ``speed_factors``: drawn uniformly per
+    utterance and epoch (the shapes must be built with ``slowest=min(speed_factors)``).
 
     DDP: batches come in groups of ``world_size`` of one class, and rank r takes the r-th of each
     group, so all ranks run the same shape at every step; a class's incomplete last group is
     dropped (those utterances come back in a later epoch's shuffle)."""
 
-    def __init__(self, classes: Sequence[int], shapes: ShapeClasses, seed: int = 0,
-                 rank: int = 0, world_size: int = 1) -> None:
-        self.classes = list(classes)
+    def __init__(self, durations: Sequence[float], shapes: ShapeClasses, speed_factors: Sequence[float] = (1.0,),
+                 seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        self.durations = [float(d) for d in durations]
+        self.speed_factors = [float(f) for f in speed_factors] or [1.0]
+        check_factors(self.speed_factors, shapes)
         self.shapes = shapes
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         self.epoch = 0
         self.position = 0
         self._cache: Optional[tuple[int, list]] = None
 
-    def _global_batches(self, epoch: int) -> list[tuple[int, list[int]]]:
+    def epoch_factors(self, epoch: int) -> list[float]:
+        """Each utterance's speed factor in ``epoch``."""
+        if len(self.speed_factors) == 1:
+            return [self.speed_factors[0]] * len(self.durations)
+        rng = random.Random(sample_seed(self.seed, epoch, -3))
+        return [rng.choice(self.speed_factors) for _ in self.durations]
+
+    def _global_batches(self, epoch: int, factors: list[float]) -> list[tuple[int, list[int]]]:
         rng = random.Random(sample_seed(self.seed, epoch, -2))
         members: list[list[int]] = [[] for _ in range(len(self.shapes))]
-        for i, k in enumerate(self.classes):
-            members[k].append(i)
+        for i, (d, f) in enumerate(zip(self.durations, factors)):
+            members[self.shapes.of(d, f)].append(i)
         groups: list[list[tuple[int, list[int]]]] = []
         for k, idx in enumerate(members):
             rng.shuffle(idx)
@@ -164,16 +202,18 @@ class FixedShapeSampler:
         rng.shuffle(groups)
         return [b for g in groups for b in g]
 
-    def epoch_batches(self, epoch: Optional[int] = None) -> list[tuple[int, list[int], int]]:
+    def epoch_batches(self, epoch: Optional[int] = None) -> list[PlannedBatch]:
         """This rank's batches of an epoch (default: the current one)."""
         epoch = self.epoch if epoch is None else epoch
         if self._cache is None or self._cache[0] != epoch:
-            every = self._global_batches(epoch)
-            mine = [(k, b, sample_seed(self.seed, epoch, n)) for n, (k, b) in enumerate(every)][self.rank::self.world_size]
+            factors = self.epoch_factors(epoch)
+            every = self._global_batches(epoch, factors)
+            mine = [PlannedBatch(k, b, [factors[i] if i != EMPTY else 1.0 for i in b], sample_seed(self.seed, epoch, n))
+                    for n, (k, b) in enumerate(every)][self.rank::self.world_size]
             self._cache = (epoch, mine)
         return self._cache[1]
 
-    def __iter__(self) -> Iterator[tuple[int, list[int], int]]:
+    def __iter__(self) -> Iterator[PlannedBatch]:
         yield from self.epoch_batches()[self.position:]
 
     def __len__(self) -> int:
@@ -190,10 +230,10 @@ class FixedShapeSampler:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
-                "world_size": self.world_size, "num_items": len(self.classes), "shapes": len(self.shapes)}
+                "world_size": self.world_size, "num_items": len(self.durations), "shapes": len(self.shapes)}
 
     def load_state_dict(self, state: dict) -> None:
-        mine = {"world_size": self.world_size, "num_items": len(self.classes), "seed": self.seed,
+        mine = {"world_size": self.world_size, "num_items": len(self.durations), "seed": self.seed,
                 "shapes": len(self.shapes)}
         for key, value in mine.items():
             if key in state and int(state[key]) != value:
@@ -305,10 +345,10 @@ class ResidentCorpus:
         self.shapes = shapes
         self.device = torch.device(device)
         self.speed_factors = [float(f) for f in speed_factors] or [1.0]
-        if min(self.speed_factors) < shapes.slowest - 1e-9:
-            raise ValueError(f"speed factor {min(self.speed_factors)} is slower than the shapes allow ({shapes.slowest})")
+        check_factors(self.speed_factors, shapes)
         self.spec_augment = spec_augment if spec_augment is not None and spec_augment.enabled else None
         self.fbank = DeviceFbank()
+        self._resamplers: dict[tuple[int, int], torch.nn.Module] = {}
         # A file listed several times (a part weighted up by repeating its entries) is decoded and
         # held once; its entries share its samples.
         paths = list(dict.fromkeys(e["audio"] for e in self.entries))
@@ -325,10 +365,11 @@ class ResidentCorpus:
         self.token_offsets = torch.from_numpy(token_offsets).to(self.device)  # [U + 1]
         flat_tokens = [tok for t in tokens for tok in t] + [0]
         self.tokens = torch.tensor(flat_tokens, dtype=torch.long, device=self.device)
-        self.classes = [shapes.of(e["duration"]) for e in self.entries]
-        self.max_tokens = [1] * len(shapes)
-        for k, n in zip(self.classes, self.token_counts):
-            self.max_tokens[k] = max(self.max_tokens[k], n)
+        self.max_tokens = [1] * len(shapes)  # per class, over every speed factor that can put an utterance there
+        for e, n in zip(self.entries, self.token_counts):
+            for f in self.speed_factors:
+                k = shapes.of(e["duration"], f)
+                self.max_tokens[k] = max(self.max_tokens[k], n)
         log.info("resident corpus: %d utterances (%d files), %.2f h, %.0f MB on %s; %d batch shapes: %s",
                  len(self.entries), len(paths), sum(lengths) / SAMPLE_RATE / 3600, self.audio.numel() * 2 / 1e6,
                  self.device, len(shapes), shapes.describe())
@@ -342,13 +383,14 @@ class ResidentCorpus:
         index = (offsets[rows_t][:, None] + pos).clamp(max=max(0, flat.numel() - 1))
         return torch.where(pos < counts_t[:, None], flat[index], torch.zeros((), dtype=flat.dtype, device=dev))
 
-    def batch(self, k: int, indices: Sequence[int], seed: int) -> Batch:
-        """The batch of class ``k`` holding ``indices`` (EMPTY for an empty row), augmented with
-        draws seeded by ``seed``: features ``[rows_k, frames_k, 80]`` on the device."""
-        sh = self.shapes
+    def batch(self, planned: PlannedBatch) -> Batch:
+        """The batch of class ``planned.k`` holding ``planned.indices`` (EMPTY for an empty row), each
+        row played ``planned.factors`` times faster, SpecAugment drawn with ``planned.seed``:
+        features ``[rows_k, frames_k, 80]`` on the device."""
+        sh, k, indices, factors, seed = self.shapes, planned.k, planned.indices, planned.factors, planned.seed
+        if any(self.shapes.of(self.entries[i]["duration"], f) < k for i, f in zip(indices, factors) if i != EMPTY):
+            raise ValueError(f"an utterance of batch class {k} does not fit it at its speed factor")
         rows = [i if i != EMPTY else len(self.entries) for i in indices]
-        rng = random.Random(seed)
-        factors = [rng.choice(self.speed_factors) if i != EMPTY else 1.0 for i in indices]
         read = [min(self.lengths[r], sh.samples_in[k]) for r in rows]
         waves = self._gather(self.audio, self.offsets, rows, read, sh.samples_in[k]).float() / 32768.0
         waves, lengths = self._perturb(waves, read, factors, sh.samples[k])
@@ -368,6 +410,14 @@ class ResidentCorpus:
             durations=[self.entries[i]["duration"] for i in real],
         )
 
+    def _resampler(self, source: int, target: int) -> torch.nn.Module:
+        """torchaudio's ``Resample(source, target)`` on the corpus device, its sinc kernel made once
+        (``torchaudio.functional.resample`` builds it again on every call, a few dozen kernels)."""
+        key = (source, target)
+        if key not in self._resamplers:
+            self._resamplers[key] = T.Resample(source, target).to(self.device)
+        return self._resamplers[key]
+
     def _perturb(self, waves: Tensor, lengths: list[int], factors: list[float], width: int) -> tuple[Tensor, list[int]]:
         """Rows of ``waves`` played ``factors`` times faster (:func:`torchaudio.functional.speed`'s
         resampling), in a ``[R, width]`` batch, and their new lengths."""
@@ -379,7 +429,7 @@ class ResidentCorpus:
             part = waves.index_select(0, rows)
             if f != 1.0:
                 source, target = _speed_ratio(f)
-                part = AF.resample(part, source, target)
+                part = self._resampler(source, target)(part)
                 for r in picked:
                     new_lengths[r] = min(width, math.ceil(lengths[r] * target / source))
             n = min(width, part.shape[1])
@@ -395,8 +445,8 @@ class ResidentBatches:
         self.corpus, self.sampler = corpus, sampler
 
     def __iter__(self) -> Iterator[Batch]:
-        for k, indices, seed in self.sampler:
-            yield self.corpus.batch(k, indices, seed)
+        for planned in self.sampler:
+            yield self.corpus.batch(planned)
 
     def __len__(self) -> int:
         return self.sampler.remaining()

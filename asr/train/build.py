@@ -187,10 +187,11 @@ def build_resident_data(ds: ManifestDataset, tokenizer: Any, dc: DictConfig, see
     factors = [float(f) for f in aug.speed.factors] if aug.speed.enabled else [1.0]
     longest = float(dc.max_duration) if math.isfinite(float(dc.max_duration)) else None
     shapes = ShapeClasses.build(ds.durations, float(dc.max_batch_seconds), int(dc.get("resident_per_octave", 1)),
-                                min(factors), int(dc.get("max_batch_size", 0) or 0), longest=longest)
+                                min(factors), int(dc.get("max_batch_size", 0) or 0), longest=longest,
+                                fastest=max(factors))
     corpus = ResidentCorpus(ds.entries, tokenizer, shapes, env.device, factors, aug.spec_augment,
                             jobs=max(1, int(dc.num_workers)))
-    sampler = FixedShapeSampler(corpus.classes, shapes, seed=seed, rank=env.rank, world_size=env.world_size)
+    sampler = FixedShapeSampler(ds.durations, shapes, factors, seed=seed, rank=env.rank, world_size=env.world_size)
     return ResidentBatches(corpus, sampler), sampler
 
 

@@ -46,4 +46,4 @@ for name in os.environ.get("RUNS", "workers graphed fixed").split():
     print(f"| {name} | {statistics.median(r[1] for r in half):,.0f} | {statistics.median(r[2] for r in half):.0f} % "
           f"| {rows[0][0]} s | {len(rows)} |")
 PY
-[ -n "${SAVE_CACHE:-}" ] && save_compile_cache
+if [ -n "${SAVE_CACHE:-}" ]; then save_compile_cache; fi

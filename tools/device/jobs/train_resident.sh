@@ -34,4 +34,4 @@ if (( PROBE > 0 )); then
     trainer.init_from=$RUN data.resident=true trainer.compile=fixed hydra.run.dir=exp/probe_fixed 2>&1 | stamp > "$OUT/probe_fixed.log"
   echo "probe (resident, compile=fixed):"; grep -E "audio-s/s|Error|error" "$OUT/probe_fixed.log" | tail -8 | cut -c1-200
 fi
-[ -n "${SAVE_CACHE:-}" ] && save_compile_cache
+if [ -n "${SAVE_CACHE:-}" ]; then save_compile_cache; fi
