@@ -4,7 +4,7 @@
     model = asr.load_model()            # bundled model; or asr.load_model("ckpt.pt")
     print(model.transcribe("speech.flac").text)
 
-``load_model`` and ``ASRModel`` are imported lazily (PEP 562), so ``import asr`` and
+``load_model``, ``ASRModel`` and ``TranscribeOptions`` are imported lazily (PEP 562), so ``import asr`` and
 ``asr --version`` stay fast and do not load torch.
 """
 from __future__ import annotations
@@ -14,14 +14,15 @@ from typing import TYPE_CHECKING, Any
 from asr.version import __version__
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names resolve in __getattr__
-    from asr.api import ASRModel, load_model
+    from asr.api import ASRModel, TranscribeOptions, load_model
     from asr.transcript import Segment, Transcript, Word
 
-__all__ = ["ASRModel", "Segment", "Transcript", "Word", "__version__", "load_model"]
+__all__ = ["ASRModel", "Segment", "Transcript", "TranscribeOptions", "Word", "__version__", "load_model"]
 
 _LAZY = {
     "load_model": "asr.api",
     "ASRModel": "asr.api",
+    "TranscribeOptions": "asr.api",
     "Transcript": "asr.transcript",
     "Segment": "asr.transcript",
     "Word": "asr.transcript",

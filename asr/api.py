@@ -34,6 +34,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
@@ -42,15 +43,17 @@ import soundfile as sf
 import torch
 from torch import Tensor
 
-from asr.audio import SAMPLE_RATE, AudioError, iter_audio_blocks, load_audio, prepare_waveform
+from asr.audio import AudioError, iter_audio_blocks, load_audio, prepare_waveform
 from asr.decode.align import Word, words_from_tokens
 from asr.decode.beam import Hotwords
 from asr.decode.incremental import HypothesisDecoder, hypothesis_decoder
 from asr.features import compute_fbank
+from asr.frames import SAMPLE_RATE
 from asr.transcript import Segment, Transcript
 
 __all__ = [
     "ASRModel",
+    "TranscribeOptions",
     "BUNDLED_MODEL",
     "DEFAULT_BLOCK_SECONDS",
     "DEFAULT_LONG_AUDIO_SECONDS",
@@ -78,10 +81,46 @@ AudioInput = Union[str, os.PathLike, io.IOBase, bytes, bytearray, np.ndarray, Te
 ProgressCallback = Callable[[float], None]
 
 
+@dataclass(frozen=True)
+class TranscribeOptions:
+    """How :meth:`ASRModel.transcribe`, :meth:`~ASRModel.transcribe_batch` and
+    :meth:`~ASRModel.iter_transcribe` decode. Those methods take an ``options`` object, or the same
+    fields as keyword arguments (which override the object's), as whisper's ``DecodingOptions``.
+
+    ``beam_size`` > 1: CTC prefix beam search; ``hotwords`` ({word or phrase: bonus in nats})
+    boosts words and implies beam search (``beam_size`` 1 becomes 8). With a language model
+    (``load_model(lm=...)``) both are refused: the LM search is the beam search.
+    Inputs longer than ``long_audio_seconds`` go through the block-wise recurrent path
+    (``block_seconds`` per block); the result is the same, memory stays flat. A gap of at least
+    ``pause_seconds`` between words starts a new segment. ``None``: the model's attribute of the
+    same name (:data:`DEFAULT_LONG_AUDIO_SECONDS`, :data:`DEFAULT_BLOCK_SECONDS`,
+    :data:`DEFAULT_PAUSE_SECONDS` unless set).
+    """
+
+    beam_size: int = 1
+    hotwords: Optional[Mapping[str, float]] = None
+    long_audio_seconds: Optional[float] = None
+    block_seconds: Optional[float] = None
+    pause_seconds: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Options resolved against a model: what one call decodes with."""
+
+    beam_size: int
+    hotwords: Optional[Hotwords]
+    hotwords_map: Optional[dict]
+    lexicon: Any
+    long_audio_seconds: float
+    block_seconds: float
+    pause_seconds: float
+
+
 def load_model(
     path: Union[str, os.PathLike, None] = None, device: Union[str, torch.device] = "cpu", *, int8: bool = False,
     compile: bool = False, lm: Union[str, os.PathLike, None] = "auto", lm_weight: Optional[float] = None,
-    word_score: Optional[float] = None,
+    word_score: Optional[float] = None, compile_frames: tuple[int, ...] = (1, 4),
 ) -> "ASRModel":
     """Load a model for transcription.
 
@@ -95,6 +134,8 @@ def load_model(
     160 ms of audio; CPU only, needs a C++ compiler, up to a minute or two the first time; see
     :meth:`asr.model.CTCModel.prepare_for_inference`): a :meth:`ASRModel.stream` fed 160 ms chunks
     then runs ~2.5x faster with ``int8``. File transcription does not use it. Off by default.
+    ``compile_frames``: the encoder frames per call compiled for (``asr-live --compile`` feeds
+    160 ms blocks and compiles ``(4,)`` only).
     With either, the model's weights are frozen (``prepare_for_inference(freeze=True)``): edit
     ``ASRModel.model``'s parameters in place and call its ``drop_inference_cache()``.
     ``lm``: an ARPA word n-gram model (``tools/build_lm.py``): final hypotheses then come from a
@@ -105,10 +146,10 @@ def load_model(
     checkpoint carries, if any (the bundled model carries its word 3-gram, as pocketsphinx ships
     its LM), when flashlight-text is installed; a call with ``beam_size`` > 1 or ``hotwords`` then
     decodes without it instead of refusing. ``None``: no LM (greedy unless a call asks for a beam).
-    Raises :class:`asr.train.checkpoint.CheckpointError` with a one-line message when the model is
+    Raises :class:`asr.model_file.CheckpointError` with a one-line message when the model is
     missing or unusable, and ``ValueError`` for an unavailable device.
     """
-    from asr.train.checkpoint import CheckpointError, load_inference_parts
+    from asr.model_file import CheckpointError, load_inference_parts
 
     dev = _resolve_device(device)
     if int8 and dev.type != "cpu":
@@ -124,7 +165,7 @@ def load_model(
         path = BUNDLED_MODEL
     model, tokenizer, carried_lm = load_inference_parts(path, device=dev)
     if int8 or compile:
-        model.prepare_for_inference(int8=int8, compile=compile, compile_frames=(1, 4), freeze=True)
+        model.prepare_for_inference(int8=int8, compile=compile, compile_frames=compile_frames, freeze=True)
     lexicon, default_lm = language_model_decoder(tokenizer, lm, carried_lm, lm_weight=lm_weight, word_score=word_score)
     return ASRModel(model, tokenizer, device=dev, lexicon=lexicon, lexicon_optional=default_lm)
 
@@ -313,22 +354,17 @@ class ASRModel:
         audio: AudioInput,
         sample_rate: Optional[int] = None,
         *,
-        beam_size: int = 1,
-        hotwords: Optional[Mapping[str, float]] = None,
-        long_audio_seconds: Optional[float] = None,
-        block_seconds: Optional[float] = None,
-        pause_seconds: Optional[float] = None,
+        options: Optional[TranscribeOptions] = None,
         progress: Optional[ProgressCallback] = None,
+        **kwargs: Any,
     ) -> Transcript:
         """Transcribe one input: text, words with times and confidence, pause-split segments.
 
         ``audio``: a path, a binary file object (seekable), encoded bytes, or samples as a numpy
         array / tensor shaped ``[N]`` or ``[N, channels]`` (float in [-1, 1], or int16/int32 PCM)
         at ``sample_rate`` (default 16000). Any format soundfile reads, any rate and channel count.
-        ``beam_size`` > 1: CTC prefix beam search; ``hotwords`` ({word or phrase: bonus in nats})
-        boosts words and implies beam search (``beam_size`` 1 becomes 8).
-        Inputs longer than ``long_audio_seconds`` go through the block-wise recurrent path
-        (``block_seconds`` per block); the result is the same, memory stays flat.
+        ``options`` and keyword arguments (``beam_size``, ``hotwords``, ``long_audio_seconds``,
+        ``block_seconds``, ``pause_seconds``): see :class:`TranscribeOptions`.
         ``progress`` is called with seconds of audio done, as they are done.
 
         Raises :class:`asr.audio.AudioError` (one line naming the input) for missing, unreadable,
@@ -336,12 +372,11 @@ class ASRModel:
         transcript.
         """
         _check_sample_rate(audio, sample_rate)
-        opts = self._options(beam_size, hotwords, pause_seconds)
+        opts = self._plan(options, kwargs)
         audio = _as_file(audio)
-        threshold = self.long_audio_seconds if long_audio_seconds is None else float(long_audio_seconds)
         seconds = probe_seconds(audio, sample_rate)
-        if seconds is not None and seconds > threshold:
-            blocks = self._blocks(audio, sample_rate, self.block_seconds if block_seconds is None else block_seconds)
+        if seconds is not None and seconds > opts.long_audio_seconds:
+            blocks = self._blocks(audio, sample_rate, opts.block_seconds)
             return self._transcribe_blocks(blocks, _source_name(audio), opts, progress)
         wave = self._load(audio, sample_rate)
         result = self._transcribe_batch_waves([wave], [_source_name(audio)], opts)[0]
@@ -356,8 +391,6 @@ class ASRModel:
         batch_size: int = 8,
         sample_rate: Optional[int] = None,
         *,
-        beam_size: int = 1,
-        hotwords: Optional[Mapping[str, float]] = None,
         return_exceptions: bool = False,
         **kwargs: Any,
     ) -> list[Union[Transcript, AudioError]]:
@@ -367,12 +400,12 @@ class ASRModel:
         ``batch_size`` (and at most MAX_BATCH_SECONDS of padded audio); long ones one at a time
         through the block path. With ``return_exceptions=True`` a bad input's AudioError takes its
         place in the list instead of being raised (the other inputs are still transcribed).
-        Other keyword arguments as for :meth:`transcribe`.
+        Other keyword arguments (``options``, ``progress``, the fields of :class:`TranscribeOptions`)
+        as for :meth:`iter_transcribe`.
         """
         inputs = list(inputs)
         out: list[Any] = [None] * len(inputs)
-        for i, res in self.iter_transcribe(inputs, batch_size, sample_rate, beam_size=beam_size, hotwords=hotwords,
-                                           **kwargs):
+        for i, res in self.iter_transcribe(inputs, batch_size, sample_rate, **kwargs):
             if isinstance(res, AudioError) and not return_exceptions:
                 raise res
             out[i] = res
@@ -384,13 +417,10 @@ class ASRModel:
         batch_size: int = 8,
         sample_rate: Optional[int] = None,
         *,
-        beam_size: int = 1,
-        hotwords: Optional[Mapping[str, float]] = None,
-        long_audio_seconds: Optional[float] = None,
-        block_seconds: Optional[float] = None,
-        pause_seconds: Optional[float] = None,
+        options: Optional[TranscribeOptions] = None,
         progress: Optional[ProgressCallback] = None,
         durations: Optional[Sequence[Optional[float]]] = None,
+        **kwargs: Any,
     ) -> Iterator[tuple[int, Union[Transcript, AudioError]]]:
         """Like :meth:`transcribe_batch` but yields ``(index, Transcript or AudioError)`` as each
         input finishes (the CLI writes outputs and advances its progress bar from this).
@@ -398,12 +428,11 @@ class ASRModel:
         Only one batch of decoded audio is in memory at a time: inputs are sorted by their header
         durations and loaded batch by batch. ``durations`` (seconds, None where unknown) skips
         reading the headers again when the caller already did (see :func:`probe_seconds`).
+        ``options`` and the other keyword arguments: see :class:`TranscribeOptions`.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        opts = self._options(beam_size, hotwords, pause_seconds)
-        threshold = self.long_audio_seconds if long_audio_seconds is None else float(long_audio_seconds)
-        blk = self.block_seconds if block_seconds is None else float(block_seconds)
+        opts = self._plan(options, kwargs)
         if sample_rate is not None and not all(_is_samples(a) for a in inputs):
             raise ValueError("sample_rate is only for arrays of samples; files carry their own rate")
         items = [_as_file(a) for a in inputs]
@@ -412,9 +441,10 @@ class ASRModel:
             raise ValueError(f"{len(durations)} durations for {len(items)} inputs")
         for i, a in enumerate(items):
             seconds = probe_seconds(a, sample_rate) if durations is None else durations[i]
-            if seconds is not None and seconds > threshold:
+            if seconds is not None and seconds > opts.long_audio_seconds:
                 try:
-                    yield i, self._transcribe_blocks(self._blocks(a, sample_rate, blk), _source_name(a), opts, progress)
+                    blocks = self._blocks(a, sample_rate, opts.block_seconds)
+                    yield i, self._transcribe_blocks(blocks, _source_name(a), opts, progress)
                 except AudioError as err:
                     yield i, err
             else:
@@ -463,7 +493,11 @@ class ASRModel:
             return None
         return self.lexicon
 
-    def _options(self, beam_size: int, hotwords: Optional[Mapping[str, float]], pause_seconds: Optional[float]) -> dict:
+    def _plan(self, options: Optional[TranscribeOptions], overrides: Mapping[str, Any]) -> _Plan:
+        """``options`` with ``overrides`` (keyword arguments of a call) applied, resolved against
+        this model's defaults and language model; a ``TypeError`` names an unknown keyword."""
+        opts = replace(options or TranscribeOptions(), **overrides)
+        beam_size, hotwords = int(opts.beam_size), opts.hotwords
         if beam_size < 1:
             raise ValueError(f"beam_size must be >= 1, got {beam_size}")
         lexicon = self._lexicon_for(beam_size, hotwords)
@@ -476,12 +510,15 @@ class ASRModel:
             hot = Hotwords.from_words(hot_map, self.tokenizer)
             if beam_size == 1:
                 beam_size = 8  # boosting works by re-ranking beams; greedy has none to re-rank
-        pause = self.pause_seconds if pause_seconds is None else float(pause_seconds)
-        return {"beam_size": beam_size, "hotwords": hot, "hotwords_map": hot_map, "pause_seconds": pause,
-                "lexicon": lexicon}
+        return _Plan(
+            beam_size=beam_size, hotwords=hot, hotwords_map=hot_map, lexicon=lexicon,
+            long_audio_seconds=float(_default(opts.long_audio_seconds, self.long_audio_seconds)),
+            block_seconds=float(_default(opts.block_seconds, self.block_seconds)),
+            pause_seconds=float(_default(opts.pause_seconds, self.pause_seconds)),
+        )
 
-    def _decoder(self, opts: dict) -> Any:
-        return hypothesis_decoder(opts["beam_size"], opts["hotwords"], self.tokenizer, lexicon=opts["lexicon"])
+    def _decoder(self, opts: _Plan) -> Any:
+        return hypothesis_decoder(opts.beam_size, opts.hotwords, self.tokenizer, lexicon=opts.lexicon)
 
     def _load(self, audio: Any, sample_rate: Optional[int]) -> Tensor:
         """16 kHz mono float32 samples of a file or an array (AudioError on bad input)."""
@@ -499,7 +536,7 @@ class ASRModel:
         return (wave[i : i + n] for i in range(0, wave.numel(), n))
 
     @torch.inference_mode()
-    def _transcribe_batch_waves(self, waves: list[Tensor], names: list[Optional[str]], opts: dict) -> list[Transcript]:
+    def _transcribe_batch_waves(self, waves: list[Tensor], names: list[Optional[str]], opts: _Plan) -> list[Transcript]:
         """One-pass path: fbank per input, padded batch through the parallel model, decode each."""
         feats = [compute_fbank(w) for w in waves]
         lengths = torch.tensor([f.shape[0] for f in feats])
@@ -519,7 +556,7 @@ class ASRModel:
 
     @torch.inference_mode()
     def _transcribe_blocks(
-        self, blocks: Iterable[Tensor], name: Optional[str], opts: dict, progress: Optional[ProgressCallback]
+        self, blocks: Iterable[Tensor], name: Optional[str], opts: _Plan, progress: Optional[ProgressCallback]
     ) -> Transcript:
         """Block path: the streaming recognizer (StreamingFbank -> model.step with the state
         carried -> incremental greedy / prefix beam decoder -> spike words) fed block by block.
@@ -532,14 +569,18 @@ class ASRModel:
         from asr.stream.endpoint import EndpointConfig
         from asr.stream.recognizer import Recognizer
 
-        rec = Recognizer(self.model, self.tokenizer, endpoint=EndpointConfig.disabled(), beam_size=opts["beam_size"],
-                         hotwords=opts["hotwords_map"], device=self.device, lexicon=opts["lexicon"])
+        rec = Recognizer(self.model, self.tokenizer, endpoint=EndpointConfig.disabled(), beam_size=opts.beam_size,
+                         hotwords=opts.hotwords_map, device=self.device, lexicon=opts.lexicon)
         for block in blocks:
             rec.accept_waveform(block, SAMPLE_RATE)
             if progress is not None:
                 progress(block.numel() / SAMPLE_RATE)
         streamed = rec.finalize()
-        return _transcript_from_words(streamed.words, streamed.duration, name, opts["pause_seconds"])
+        return _transcript_from_words(streamed.words, streamed.duration, name, opts.pause_seconds)
 
-    def _finish(self, dec: HypothesisDecoder, num_samples: int, name: Optional[str], opts: dict) -> Transcript:
-        return _build_transcript(dec, self.tokenizer, num_samples / SAMPLE_RATE, name, opts["pause_seconds"])
+    def _finish(self, dec: HypothesisDecoder, num_samples: int, name: Optional[str], opts: _Plan) -> Transcript:
+        return _build_transcript(dec, self.tokenizer, num_samples / SAMPLE_RATE, name, opts.pause_seconds)
+
+
+def _default(value: Optional[float], default: float) -> float:
+    return default if value is None else value

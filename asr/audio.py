@@ -38,7 +38,7 @@ import soundfile as sf
 import torch
 import torchaudio.functional as taF
 
-SAMPLE_RATE = 16000
+from asr.frames import SAMPLE_RATE
 
 AudioSource = Union[str, os.PathLike, BinaryIO]
 
@@ -395,7 +395,6 @@ def iter_audio_blocks(
 
 
 __all__ = [
-    "SAMPLE_RATE",
     "AudioError",
     "TruncatedAudioWarning",
     "StreamingResampler",

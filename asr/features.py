@@ -8,26 +8,11 @@ samples (25 ms) every 160 (10 ms), ``snip_edges`` (only whole frames: T = 0 if N
 window, zero-pad to 512, power spectrum, 80 triangular mel filters 20 Hz..8 kHz, log.
 
 Why kaldi.fbank and not torchaudio.transforms.MelSpectrogram: both are far faster than the model
-(over 1000x real time), so speed does not decide; kaldi.fbank gives the contract's frame
-count (``MelSpectrogram(center=False)`` needs n_fft = 512 samples per frame, so it returns one
-frame fewer than snip_edges on most lengths, and it has no DC removal / pre-emphasis), and its
-features match Kaldi/WeNet/k2 recipes. Measured on this machine (2 CPU cores shared with other
-jobs, torch 2.14.1 / torchaudio 2.11.0, median of 20 calls, over 4 runs; ranges are run-to-run spread),
-input of 60 s (960k samples, 5998 frames) and of 10 frames (a typical streaming call):
-
-    ===========================================  ============  ============
-    extractor                                    1 thread      2 threads
-    ===========================================  ============  ============
-    kaldi.fbank, 60 s                            31 - 57 ms    17 - 24 ms
-    MelSpectrogram(n_fft=512, center=False), 60s 17 - 32 ms    10 - 50 ms
-    kaldi.fbank, 10 frames                       0.27 - 0.39 ms
-    MelSpectrogram, 10 frames                    0.09 - 0.13 ms
-    ===========================================  ============  ============
-
-MelSpectrogram is about 2x faster, but kaldi.fbank already runs at over 1000x real time (under
-0.1 % of a CPU core per second of audio), far below the encoder's cost, so we keep it. (Note: with
-2 intra-op threads on a busy 2-core machine, tiny calls can stall for milliseconds in OpenMP
-wake-ups; for streaming, 1 thread is faster.)
+(over 1000x real time on one CPU core), so speed does not decide; kaldi.fbank gives the contract's
+frame count (``MelSpectrogram(center=False)`` needs n_fft = 512 samples per frame, so it returns
+one frame fewer than snip_edges on most lengths, and it has no DC removal / pre-emphasis), and its
+features match Kaldi/WeNet/k2 recipes. With 2 intra-op threads on a busy 2-core machine, tiny calls can
+stall for milliseconds in OpenMP wake-ups; for streaming, 1 thread is faster.
 
 Scale: input is float in [-1, 1] (what :mod:`asr.audio` returns) and is multiplied by 32768
 before extraction, i.e. features are computed on the int16 scale like Kaldi's ``compute-fbank-feats``
@@ -56,19 +41,11 @@ import torch
 import torchaudio.compliance.kaldi as kaldi
 from torch import nn
 
+from asr.frames import FEATURE_HOP, FEATURE_WINDOW, SAMPLE_RATE, feature_frames_for_samples
+
 NUM_MEL_BINS = 80
-FRAME_LENGTH = 400  # samples, 25 ms at 16 kHz
-FRAME_SHIFT = 160  # samples, 10 ms at 16 kHz
-SAMPLE_RATE = 16000
 WAVE_SCALE = 32768.0  # float [-1, 1] -> int16 scale, as Kaldi reads 16-bit PCM
 LOG_FLOOR = float(torch.log(torch.tensor(torch.finfo(torch.float32).eps)))  # -15.9424, value of silence
-
-
-def num_frames(num_samples: int) -> int:
-    """Frames compute_fbank returns for ``num_samples`` samples (Kaldi snip_edges=True)."""
-    if num_samples < FRAME_LENGTH:
-        return 0
-    return 1 + (num_samples - FRAME_LENGTH) // FRAME_SHIFT
 
 
 def compute_fbank(wave: torch.Tensor, dither: float = 0.0) -> torch.Tensor:
@@ -81,14 +58,14 @@ def compute_fbank(wave: torch.Tensor, dither: float = 0.0) -> torch.Tensor:
     if wave.dim() != 1:
         raise ValueError(f"compute_fbank expects a 1-D waveform [N], got shape {tuple(wave.shape)}")
     wave = wave.to(torch.float32)
-    t = num_frames(wave.numel())
+    t = feature_frames_for_samples(wave.numel())
     if t == 0:
         return torch.zeros(0, NUM_MEL_BINS, dtype=torch.float32, device=wave.device)
     feats = kaldi.fbank(
         (wave * WAVE_SCALE).unsqueeze(0),
         num_mel_bins=NUM_MEL_BINS,
-        frame_length=1000.0 * FRAME_LENGTH / SAMPLE_RATE,
-        frame_shift=1000.0 * FRAME_SHIFT / SAMPLE_RATE,
+        frame_length=1000.0 * FEATURE_WINDOW / SAMPLE_RATE,
+        frame_shift=1000.0 * FEATURE_HOP / SAMPLE_RATE,
         dither=dither,
         energy_floor=0.0,
         snip_edges=True,
@@ -109,16 +86,16 @@ def compute_fbank_batch(waves: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     each waveform, plus a few that straddle two waveforms, which are dropped.
     """
     waves = [torch.as_tensor(w).to(torch.float32) for w in waves]
-    counts = [num_frames(w.numel()) for w in waves]
+    counts = [feature_frames_for_samples(w.numel()) for w in waves]
     pieces: list[torch.Tensor] = []
     first_frame: list[int] = []
     pos = 0
     for w, t in zip(waves, counts):
-        first_frame.append(pos // FRAME_SHIFT)
+        first_frame.append(pos // FEATURE_HOP)
         if t == 0:
             continue
-        used = (t - 1) * FRAME_SHIFT + FRAME_LENGTH  # samples the frames read
-        span = -(-used // FRAME_SHIFT) * FRAME_SHIFT
+        used = (t - 1) * FEATURE_HOP + FEATURE_WINDOW  # samples the frames read
+        span = -(-used // FEATURE_HOP) * FEATURE_HOP
         pieces.append(w[:used])
         if span > used:
             pieces.append(w.new_zeros(span - used))
@@ -142,14 +119,14 @@ def compute_fbank_padded(waves: torch.Tensor, lengths: Sequence[int]) -> torch.T
     frames read its own samples only (as in :func:`compute_fbank_batch`); frames past a row's
     length, which read padding or the next row, are zeroed."""
     B = waves.shape[0]
-    counts = [num_frames(int(n)) for n in lengths]
+    counts = [feature_frames_for_samples(int(n)) for n in lengths]
     T = max(counts, default=0)
     if B == 0 or T == 0:
         return torch.zeros(B, T, NUM_MEL_BINS, dtype=torch.float32, device=waves.device)
-    row = -(-waves.shape[1] // FRAME_SHIFT) * FRAME_SHIFT  # samples per row, a multiple of the shift
+    row = -(-waves.shape[1] // FEATURE_HOP) * FEATURE_HOP  # samples per row, a multiple of the shift
     flat = torch.nn.functional.pad(waves.to(torch.float32), (0, row - waves.shape[1])).reshape(-1)
     feats = compute_fbank(flat)  # frame f of row b is frame b * row / shift + f of the whole
-    per_row = row // FRAME_SHIFT
+    per_row = row // FEATURE_HOP
     feats = torch.nn.functional.pad(feats, (0, 0, 0, B * per_row - feats.shape[0])).reshape(B, per_row, -1)[:, :T]
     valid = torch.arange(T, device=waves.device)[None, :] < torch.tensor(counts, device=waves.device)[:, None]
     return torch.where(valid[:, :, None], feats, 0.0)
@@ -174,7 +151,7 @@ class StreamingFbank:
 
     @property
     def buffered_samples(self) -> int:
-        """Samples kept as state (always < FRAME_LENGTH)."""
+        """Samples kept as state (always < FEATURE_WINDOW)."""
         return int(self._tail.numel())
 
     def accept_waveform(self, samples: torch.Tensor) -> torch.Tensor:
@@ -197,8 +174,8 @@ class StreamingFbank:
 
     def _advance(self, buf: torch.Tensor, frames: int) -> None:
         """``frames`` frames of ``buf`` were computed: keep from the start of the first frame not yet
-        computed (< FRAME_LENGTH samples remain)."""
-        self._tail = buf[frames * FRAME_SHIFT :].clone()
+        computed (< FEATURE_WINDOW samples remain)."""
+        self._tail = buf[frames * FEATURE_HOP :].clone()
         self.num_frames += frames
 
 
@@ -295,8 +272,6 @@ def compute_cmvn_stats(
 
 __all__ = [
     "NUM_MEL_BINS",
-    "FRAME_LENGTH",
-    "FRAME_SHIFT",
     "LOG_FLOOR",
     "WAVE_SCALE",
     "GlobalCMVN",
@@ -305,5 +280,4 @@ __all__ = [
     "compute_cmvn_stats",
     "compute_fbank",
     "compute_fbank_batch",
-    "num_frames",
 ]

@@ -30,9 +30,10 @@ from typing import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
-__all__ = ["BLANK_ID", "UNK_ID", "WORD_BOUNDARY", "Tokenizer", "normalize_text"]
+from asr.frames import BLANK_ID
 
-BLANK_ID = 0
+__all__ = ["UNK_ID", "WORD_BOUNDARY", "Tokenizer", "normalize_text"]
+
 UNK_ID = 1
 BLANK_PIECE = "<blk>"
 #: sentencepiece marks the first piece of every word with this character (U+2581).

@@ -48,7 +48,7 @@ def one_thread():
 
 def read_test_manifest() -> list[dict]:
     lines = (DATA / "manifest.jsonl").read_text().splitlines()
-    return [dict(json.loads(l), audio=str(DATA / json.loads(l)["audio"])) for l in lines if l.strip()]
+    return [dict(json.loads(line), audio=str(DATA / json.loads(line)["audio"])) for line in lines if line.strip()]
 
 
 def overfit_tiny_model(entries: list[dict], max_steps: int = 400, seed: int = 0):

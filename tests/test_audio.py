@@ -14,7 +14,6 @@ import torch
 import torchaudio.functional as taF
 
 from asr.audio import (
-    SAMPLE_RATE,
     AudioError,
     StreamingResampler,
     TruncatedAudioWarning,
@@ -25,6 +24,7 @@ from asr.audio import (
     resample,
     to_mono,
 )
+from asr.frames import SAMPLE_RATE
 
 DATA = Path(__file__).parent / "data"
 MANIFEST = DATA / "manifest.jsonl"

@@ -1,5 +1,5 @@
 """tools/bench_accuracy.py: the side-by-side WER table of our model and pocketsphinx (real run on 3
-short recordings, plus the scoring on hand-made hypotheses). CI installs pocketsphinx (setup.py's
+short recordings, plus the scoring on hand-made hypotheses). CI installs pocketsphinx (pyproject.toml's
 ``dev`` extra), so this test does not skip without it."""
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def _bench():
 def _dev_dir(tmp_path: Path) -> Path:
     """dev_digits.jsonl (the FSDD "seven") and dev_commands.jsonl (two pocketsphinx test phrases)."""
     tmp_path.mkdir(parents=True, exist_ok=True)
-    lines = [json.loads(l) for l in (DATA / "manifest.jsonl").read_text().splitlines() if l.strip()]
+    lines = [json.loads(line) for line in (DATA / "manifest.jsonl").read_text().splitlines() if line.strip()]
     for e in lines:
         e["audio"] = str(DATA / e["audio"])
     (tmp_path / "dev_digits.jsonl").write_text(json.dumps(lines[0]) + "\n")
@@ -87,7 +87,7 @@ def test_bench_resumes_from_its_cache(tmp_path: Path, capsys) -> None:
     args = ["--dev-dir", str(dev), "--parts", "commands", "--systems", "ours-greedy", "--jobs", "1",
             "--cache", str(cache), "--json", str(tmp_path / "b.json")]
     assert bench.main(args) == 0
-    lines = [json.loads(l) for l in cache.read_text().splitlines()]
+    lines = [json.loads(line) for line in cache.read_text().splitlines()]
     assert sorted(r["id"] for r in lines) == ["pocketsphinx_cards_001", "pocketsphinx_goforward"]
     # A rerun recognises nothing again: it takes the cached hypotheses (here edited to be right).
     refs = {"pocketsphinx_cards_001": "ten of clubs", "pocketsphinx_goforward": "go forward ten meters"}

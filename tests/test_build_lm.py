@@ -131,9 +131,8 @@ def test_bad_input_is_one_line(args, message, tmp_path, capsys):
 def test_an_exported_model_reexports_with_a_new_lm_and_the_same_weights(tmp_path, capsys):
     """The bundled LM is swapped by exporting the shipped model again: its int8 weights must come
     through unchanged (re-quantising int8-restored weights is exact) and the new LM replace the old."""
-    import torch
-
     import export_model
+    import torch
 
     bundled = REPO / "asr" / "pretrained" / "model.pt"
     if not bundled.is_file():

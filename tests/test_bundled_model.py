@@ -23,8 +23,9 @@ import pytest
 import asr
 from asr.api import BUNDLED_MODEL, ASRModel
 from asr.audio import load_audio
+from asr.model_file import load_checkpoint, load_inference_parts
 from asr.stream.endpoint import EndpointConfig
-from asr.train.checkpoint import atomic_torch_save, load_checkpoint, load_inference_parts
+from asr.train.checkpoint import atomic_torch_save
 
 HELDOUT = Path(__file__).parent / "data" / "audio" / "heldout"
 SENTENCE = HELDOUT / "speechocean_090700006.opus"  # a non-native adult reader of the real dev split, never trained on

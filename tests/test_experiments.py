@@ -12,8 +12,8 @@ from hydra import compose, initialize_config_dir
 
 import asr.cli.train  # noqa: F401  (registers the asr_* resolvers the config uses)
 from asr.model import CTCModel, ModelConfig
+from asr.model_file import load_checkpoint
 from asr.train.build import model_config
-from asr.train.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))

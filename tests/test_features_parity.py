@@ -12,8 +12,6 @@ import torchaudio.compliance.kaldi as kaldi
 
 from asr.audio import iter_audio_blocks, load_audio
 from asr.features import (
-    FRAME_LENGTH,
-    FRAME_SHIFT,
     LOG_FLOOR,
     NUM_MEL_BINS,
     GlobalCMVN,
@@ -23,8 +21,8 @@ from asr.features import (
     compute_fbank,
     compute_fbank_batch,
     compute_fbank_padded,
-    num_frames,
 )
+from asr.frames import FEATURE_HOP, FEATURE_WINDOW, feature_frames_for_samples
 
 DATA = Path(__file__).parent / "data"
 MANIFEST = DATA / "manifest.jsonl"
@@ -69,9 +67,9 @@ def stream(x: torch.Tensor, sizes) -> torch.Tensor:
         i += n
         out = fb.accept_waveform(piece)
         assert out.shape[1] == NUM_MEL_BINS and out.dtype == torch.float32
-        assert fb.buffered_samples < FRAME_LENGTH
+        assert fb.buffered_samples < FEATURE_WINDOW
         outs.append(out)
-    assert fb.num_samples == x.numel() and fb.num_frames == num_frames(x.numel())
+    assert fb.num_samples == x.numel() and fb.num_frames == feature_frames_for_samples(x.numel())
     return torch.cat(outs) if outs else torch.zeros(0, NUM_MEL_BINS)
 
 
@@ -87,7 +85,7 @@ def random_sizes(seed: int, max_size: int, count: int = 4000) -> list[int]:
 def test_frame_count_snip_edges(n):
     feats = compute_fbank(random_speechlike(n, n) if n else torch.zeros(0))
     expected = 0 if n < 400 else 1 + (n - 400) // 160
-    assert feats.shape == (expected, NUM_MEL_BINS) == (num_frames(n), NUM_MEL_BINS)
+    assert feats.shape == (expected, NUM_MEL_BINS) == (feature_frames_for_samples(n), NUM_MEL_BINS)
     assert feats.dtype == torch.float32 and torch.isfinite(feats).all()
 
 
@@ -121,7 +119,7 @@ def test_digital_silence_and_dc_are_finite(value):
     """All-zero or constant input: DC removal leaves exact zeros, the log is floored at
     log(float32 eps) = -15.94 instead of -inf."""
     feats = compute_fbank(torch.full((4000,), value))
-    assert feats.shape == (num_frames(4000), NUM_MEL_BINS)
+    assert feats.shape == (feature_frames_for_samples(4000), NUM_MEL_BINS)
     assert torch.isfinite(feats).all()
     torch.testing.assert_close(feats, torch.full_like(feats, LOG_FLOOR), rtol=0, atol=1e-6)
     assert abs(LOG_FLOOR - math.log(torch.finfo(torch.float32).eps)) < 1e-6
@@ -144,7 +142,7 @@ def test_each_frame_depends_only_on_its_400_samples():
     x = load_audio(GOFORWARD)[: 16000]
     whole = compute_fbank(x)
     single = torch.stack(
-        [compute_fbank(x[FRAME_SHIFT * i : FRAME_SHIFT * i + FRAME_LENGTH])[0] for i in range(whole.shape[0])]
+        [compute_fbank(x[FEATURE_HOP * i : FEATURE_HOP * i + FEATURE_WINDOW])[0] for i in range(whole.shape[0])]
     )
     torch.testing.assert_close(single, whole, rtol=0, atol=ATOL)
 
@@ -202,7 +200,7 @@ def test_parity_reset_starts_a_new_stream():
 def test_parity_real_files_random_chunkings(row):
     x = load_audio(MANIFEST.parent / row["audio"])
     ref = compute_fbank(x)
-    assert ref.shape[0] == num_frames(x.numel()) > 0
+    assert ref.shape[0] == feature_frames_for_samples(x.numel()) > 0
     for seed, max_size in enumerate((50, 480, 3200, 100000)):
         got = stream(x, random_sizes(seed, max_size))
         assert got.shape == ref.shape
@@ -343,7 +341,7 @@ def test_fbank_of_padded_rows_equals_one_call_per_waveform():
         waves[i, :n] = torch.randn(n, generator=g) * (0.05 + 0.1 * i)
     waves[0, :] = 0.0
     got = compute_fbank_padded(waves, lengths)
-    assert got.shape == (len(lengths), num_frames(3001), 80)
+    assert got.shape == (len(lengths), feature_frames_for_samples(3001), 80)
     for i, n in enumerate(lengths):
         ref = compute_fbank(waves[i, :n])
         torch.testing.assert_close(got[i, : ref.shape[0]], ref, rtol=0, atol=ATOL)

@@ -10,7 +10,17 @@ import re
 
 import pytest
 
-from asr.formats import FORMATS, format_transcript, subtitle_cues, to_json, to_srt, to_tsv, to_txt, to_vtt, write_transcript
+from asr.formats import (
+    FORMATS,
+    format_transcript,
+    subtitle_cues,
+    to_json,
+    to_srt,
+    to_tsv,
+    to_txt,
+    to_vtt,
+    write_transcript,
+)
 from asr.transcript import Segment, Transcript, Word
 
 SRT_TIME = re.compile(r"^(\d{2,}):(\d{2}):(\d{2}),(\d{3}) --> (\d{2,}):(\d{2}):(\d{2}),(\d{3})$")

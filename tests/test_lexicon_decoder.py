@@ -10,7 +10,7 @@ pytest.importorskip("flashlight.lib.text", reason="flashlight-text is in the dev
 
 from asr.decode.lexicon import LexiconDecoder, arpa_vocabulary  # noqa: E402
 from asr.decode.ngram import NGramCounts, write_arpa  # noqa: E402
-from asr.train.checkpoint import load_for_inference  # noqa: E402
+from asr.model_file import load_for_inference  # noqa: E402
 
 BUNDLED = Path(__file__).resolve().parents[1] / "asr" / "pretrained" / "model.pt"
 SENTENCES = ["the cat sat on the mat", "a dog sat on the log", "the cat ran to the dog", "go forward ten meters"]
@@ -173,7 +173,7 @@ def test_a_model_carries_its_lm_through_export(commands_lm, tmp_path, capsys):
 
     import asr
     from asr.cli import evaluate
-    from asr.train.checkpoint import load_inference_parts
+    from asr.model_file import load_inference_parts
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
     try:

@@ -28,10 +28,10 @@ import soundfile as sf
 import torch
 
 from asr.audio import load_audio
-from asr.decode.greedy import ctc_greedy
 from asr.decode.align import words_from_tokens
+from asr.decode.greedy import ctc_greedy
 from asr.features import compute_fbank
-from asr.train.checkpoint import load_for_inference
+from asr.model_file import load_for_inference
 
 DATA = Path(__file__).parent / "data"
 STREAM_MODEL = DATA / "stream_tiny.pt"
@@ -62,7 +62,7 @@ def offline_words(ckpt: Path, wave: torch.Tensor) -> list[tuple[str, float, floa
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def env_for_child(**extra: str) -> dict:
@@ -148,7 +148,7 @@ def test_missing_device_is_a_one_line_error(overfit_checkpoint, args, tmp_path):
     r = subprocess.run(LIVE + ["--model", str(overfit_checkpoint)] + args, capture_output=True, text=True,
                        env=env, timeout=120)
     assert r.returncode != 0
-    lines = [l for l in r.stderr.splitlines() if l.startswith("asr-live")]
+    lines = [line for line in r.stderr.splitlines() if line.startswith("asr-live")]
     assert len(lines) == 1 and lines[0].startswith("asr-live: error:"), r.stderr
     assert "Traceback" not in r.stderr
 
@@ -344,7 +344,7 @@ class StderrReader:
 
     def wait_for(self, needle: str, timeout: float) -> bool:
         with self._new:
-            return self._new.wait_for(lambda: any(needle in l for l in self.lines), timeout)
+            return self._new.wait_for(lambda: any(needle in line for line in self.lines), timeout)
 
     def text(self) -> str:
         self._thread.join(timeout=10)  # the child has exited: read to EOF
@@ -449,7 +449,7 @@ def test_virtual_microphone_lost_mid_stream_saves_what_was_heard(tmp_path):
         if proc.poll() is None:
             proc.kill()
     stderr = err.text()
-    ours = [l for l in stderr.splitlines() if l.startswith("asr-live: error")]
+    ours = [line for line in stderr.splitlines() if line.startswith("asr-live: error")]
     assert proc.returncode == 1 and len(ours) == 1 and "lost" in ours[0], stderr
     rec = torch.from_numpy(sf.read(captured, dtype="float32")[0])
     want = " ".join(w for w, _, _ in offline_words(STREAM_MODEL, rec))

@@ -7,12 +7,12 @@ import random
 
 import pytest
 import torch
+from conftest import rel_err, stream_in_pieces
 
 from asr.decode.greedy import ctc_greedy
 from asr.features import StreamingFbank, compute_fbank
 from asr.model import CTCModel, ModelConfig
 from asr.model.subsampling import ConvSubsampling
-from conftest import rel_err, stream_in_pieces
 
 
 def tiny_model(seed: int = 0, dtype=torch.float32) -> CTCModel:

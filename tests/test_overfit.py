@@ -1,12 +1,12 @@
 """A tiny model learns a few real utterances under CTC until greedy decoding returns their text:
 the end-to-end check that features, model, loss, tokenizer, decoder and checkpoint loading fit."""
 import torch
+from conftest import read_test_manifest
 
 from asr.audio import load_audio
 from asr.decode.greedy import ctc_greedy
 from asr.features import compute_fbank
-from asr.train.checkpoint import load_for_inference
-from conftest import read_test_manifest
+from asr.model_file import load_for_inference
 
 
 def test_tiny_model_overfits_real_utterances(overfit_checkpoint):

@@ -293,7 +293,7 @@ def test_real_prepare_on_the_shared_data(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------- bundled: GPU carry pack
 def test_pack_gpu_writes_a_checked_self_contained_folder(tmp_path: Path, capsys) -> None:
     pack = _load_script(REPO / "recipes" / "bundled" / "pack_gpu.py")
-    entries = [json.loads(l) for l in (DATA / "manifest.jsonl").read_text().splitlines() if l.strip()]
+    entries = [json.loads(line) for line in (DATA / "manifest.jsonl").read_text().splitlines() if line.strip()]
     for e in entries:
         e.update(audio=str(DATA / e["audio"]), source="testdata", part="read", text_raw="dropped")
     manifest = tmp_path / "train.jsonl"
@@ -334,6 +334,7 @@ def test_pack_gpu_kokoro_subset_is_seeded_and_bounded(tmp_path: Path) -> None:
     budget = sum((src / e["audio"]).stat().st_size for e in entries) // 2
     first = pack.copy_subset(src, tmp_path / "one", budget)
     again = pack.copy_subset(src, tmp_path / "two", budget)
+    assert again == first  # the same subset, drawn again
     assert 0 < first["audio_bytes"] <= budget and first["utterances"] < 12
     ids = [e["id"] for e in read_manifest(tmp_path / "one" / "train.jsonl")]
     assert ids == [e["id"] for e in read_manifest(tmp_path / "two" / "train.jsonl")]

@@ -11,8 +11,15 @@ import torch
 from asr.audio import load_audio
 from asr.data.augment import SpecAugmentConfig, speed_perturb
 from asr.data.manifest import read_manifests
-from asr.data.resident import (EMPTY, FixedShapeSampler, PlannedBatch, ResidentBatches, ResidentCorpus, ShapeClasses,
-                                spec_augment_batch)
+from asr.data.resident import (
+    EMPTY,
+    FixedShapeSampler,
+    PlannedBatch,
+    ResidentBatches,
+    ResidentCorpus,
+    ShapeClasses,
+    spec_augment_batch,
+)
 from asr.features import compute_fbank
 
 DATA = Path(__file__).parent / "data"
@@ -260,16 +267,16 @@ def test_compile_fixed_needs_the_resident_corpus(tmp_path: Path):
 def test_device_fbank_equals_kaldi_fbank_of_each_row():
     """The resident batches' fbank (no host copies) is compute_fbank's, row by row, zero past a row."""
     from asr.data.resident import DeviceFbank
-    from asr.features import num_frames
+    from asr.frames import feature_frames_for_samples
 
     torch.manual_seed(0)
     lengths = [16000, 9000, 401, 0]
     waves = torch.zeros(4, 16000)
     for r, n in enumerate(lengths):
         waves[r, :n] = 0.3 * torch.randn(n) * torch.linspace(0.1, 1.0, n)
-    counts = torch.tensor([num_frames(n) for n in lengths])
+    counts = torch.tensor([feature_frames_for_samples(n) for n in lengths])
     feats = DeviceFbank()(waves, counts)
-    assert feats.shape == (4, num_frames(16000), 80)
+    assert feats.shape == (4, feature_frames_for_samples(16000), 80)
     for r, n in enumerate(lengths):
         t = int(counts[r])
         if t:

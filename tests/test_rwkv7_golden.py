@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from asr.model.rwkv7 import Block, BlockState
+from asr.model.rwkv7 import Block
 from asr.ops.wkv7 import wkv7
 
 GOLDEN = Path(__file__).parent / "data" / "rwkv7_blocks.pt"

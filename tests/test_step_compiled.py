@@ -15,9 +15,9 @@ import shutil
 
 import pytest
 import torch
+from test_step_fast import random_model, rel_err, run
 
 from asr.model import token_step
-from test_step_fast import random_model, rel_err, run
 
 needs_compile = pytest.mark.skipif(
     os.environ.get("ASR_TEST_COMPILE") == "0" or not (shutil.which("c++") or shutil.which("g++")),

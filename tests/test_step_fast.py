@@ -9,10 +9,10 @@ import random
 
 import pytest
 import torch
+from conftest import rel_err, stream_in_pieces
 
 from asr.model import CTCModel, ModelConfig
 from asr.model.subsampling import ConvSubsampling
-from conftest import rel_err, stream_in_pieces
 
 
 def random_model(seed: int = 0, dtype=torch.float32, **sizes) -> CTCModel:

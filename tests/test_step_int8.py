@@ -16,9 +16,9 @@ import subprocess
 
 import pytest
 import torch
+from test_step_fast import cuts, random_model, rel_err, run
 
 from asr.model.rwkv7 import packed_step
-from test_step_fast import cuts, random_model, rel_err, run
 
 
 def int8_model(seed: int = 0, **sizes):
@@ -91,11 +91,12 @@ def test_int8_needs_a_float32_cpu_model():
 def test_int8_greedy_tokens_on_the_overfit_model(overfit_checkpoint):
     """The tiny model that recognises tests/data: int8 greedy decoding gives the same tokens as
     float32, one pass and frame by frame."""
+    from conftest import read_test_manifest
+
     from asr.audio import load_audio
     from asr.decode.greedy import ctc_greedy
     from asr.features import compute_fbank
-    from asr.train.checkpoint import load_for_inference
-    from conftest import read_test_manifest
+    from asr.model_file import load_for_inference
 
     model, tok = load_for_inference(overfit_checkpoint)
     for e in read_test_manifest():
@@ -111,9 +112,10 @@ def test_int8_greedy_tokens_on_the_overfit_model(overfit_checkpoint):
 
 
 def test_load_model_int8_and_cli_flags(overfit_checkpoint, capsys, tmp_path):
+    from test_live_mic import DATA, LIVE, env_for_child
+
     import asr
     from asr.cli import transcribe as cli
-    from test_live_mic import DATA, LIVE, env_for_child
 
     wav = DATA / "audio/pocketsphinx_goforward.flac"
     m = asr.load_model(overfit_checkpoint, int8=True)

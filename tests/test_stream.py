@@ -25,13 +25,14 @@ from asr.audio import AudioError, load_audio, resample
 from asr.decode.align import Word, words_from_tokens
 from asr.decode.beam import ctc_prefix_beam_search
 from asr.decode.greedy import ctc_greedy
-from asr.features import compute_fbank, num_frames
+from asr.features import compute_fbank
+from asr.frames import feature_frames_for_samples
 from asr.model import CTCModel, ModelConfig
+from asr.model_file import load_for_inference
 from asr.stream import EndpointConfig, Endpointer, EndpointRule, Recognizer, split_state, stack_states, step_batch
 from asr.stream.endpoint import StreamingEnergy
 from asr.stream.state import is_stackable
 from asr.tokenizer import Tokenizer
-from asr.train.checkpoint import load_for_inference
 
 DATA = Path(__file__).parent / "data"
 FILES = {  # id -> (file, text)
@@ -423,7 +424,7 @@ def test_thirty_minute_stream_has_flat_state_and_memory():
             rss[i] = _rss_bytes()
     elapsed = time.perf_counter() - start
     assert rec.duration == pytest.approx(30 * 60)
-    n_feats = num_frames(30 * 60 * SR)
+    n_feats = feature_frames_for_samples(30 * 60 * SR)
     assert rec.num_frames == math.ceil(math.ceil(n_feats / 2) / 2)
     assert len(sizes) == 1  # the model state never changes size
     assert rec.state_size_bytes() < sizes.pop() + 4 * 400 + 100

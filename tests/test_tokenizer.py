@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 
-from asr.tokenizer import BLANK_ID, Tokenizer, normalize_text
+from asr.frames import BLANK_ID
+from asr.tokenizer import Tokenizer, normalize_text
 
 MANIFEST = Path("/work/shared/data/real/manifest.jsonl")
 

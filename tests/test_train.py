@@ -15,14 +15,9 @@ import pytest
 import torch
 
 from asr.data.manifest import read_manifest, write_manifest
-from asr.train.checkpoint import (
-    CheckpointManager,
-    atomic_torch_save,
-    load_checkpoint,
-    load_for_inference,
-    resolve_checkpoint,
-)
+from asr.model_file import load_checkpoint, load_for_inference, resolve_checkpoint
 from asr.train.build import lr_factor
+from asr.train.checkpoint import CheckpointManager, atomic_torch_save
 from asr.train.resume import state_digest
 
 DATA = Path(__file__).parent / "data" / "fsdd_small"
@@ -255,7 +250,7 @@ def test_export_with_int8_weights_halves_the_file_and_keeps_the_outputs(trained:
     """tools/export_model.py --int8-weights (how the bundled model fits beside its LM): large matrices
     as int8 per row, restored to float32 on load, within half a quantisation step of the fp16 export;
     the logits barely move. A damaged int8 entry is a CheckpointError, not a crash."""
-    from asr.train.checkpoint import CheckpointError, quantize_weights_int8
+    from asr.model_file import CheckpointError, quantize_weights_int8
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
     try:

@@ -20,15 +20,15 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from conftest import read_test_manifest
+from test_formats import check_all_formats, check_cues, check_json, parse_srt, parse_tsv, parse_vtt
 
 import asr
 from asr.api import ASRModel, load_model
 from asr.audio import AudioError, load_audio, resample
 from asr.cli import main as asr_main
 from asr.cli import transcribe as cli
-from asr.train.checkpoint import CheckpointError
-from conftest import read_test_manifest
-from test_formats import check_all_formats, check_cues, check_json, parse_srt, parse_tsv, parse_vtt
+from asr.model_file import CheckpointError
 
 DATA = Path(__file__).parent / "data"
 GOFORWARD = DATA / "audio" / "pocketsphinx_goforward.flac"  # "go forward ten meters", 2.79 s
@@ -213,6 +213,20 @@ def test_beam_search_and_hotwords(model):
     assert_words_inside_and_ordered(beam, beam.duration)
     hot = model.transcribe(GOFORWARD, hotwords={"forward": 2.0})  # implies beam search
     assert hot.text == "go forward ten meters"
+
+
+def test_options_object_and_keywords_agree(model):
+    opts = asr.TranscribeOptions(beam_size=4, pause_seconds=0.05)
+    by_object = model.transcribe(GOFORWARD, options=opts)
+    assert by_object.to_dict() == model.transcribe(GOFORWARD, beam_size=4, pause_seconds=0.05).to_dict()
+    assert len(by_object.segments) > 1  # the tiny pause took effect: every gap cuts a segment
+    # keyword arguments override the object's fields, in every entry point
+    default = model.transcribe(GOFORWARD).to_dict()
+    assert model.transcribe(GOFORWARD, options=opts, pause_seconds=None, beam_size=1).to_dict() == default
+    assert model.transcribe_batch([GOFORWARD], options=opts, pause_seconds=None)[0].to_dict() == \
+        model.transcribe(GOFORWARD, beam_size=4).to_dict()
+    with pytest.raises(TypeError, match="beams"):
+        model.transcribe(GOFORWARD, beams=4)
 
 
 def _long_audio(seconds: float, seed: int) -> np.ndarray:

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from asr.train.checkpoint import CheckpointError, CheckpointManager, atomic_torch_save, load_checkpoint
+from asr.model_file import CheckpointError, load_checkpoint
+from asr.train.checkpoint import CheckpointManager, atomic_torch_save
 
 
 def average(paths: list[Path]) -> dict:

@@ -68,7 +68,7 @@ def load_system(name: str, model_path: str | None):
 
     torch.set_num_threads(1)
     from asr.api import load_model
-    from asr.train.checkpoint import CheckpointError
+    from asr.model_file import CheckpointError
 
     try:
         model = load_model(model_path, lm="auto" if name == "ours-lm" else None)

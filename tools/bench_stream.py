@@ -3,6 +3,7 @@
     python tools/bench_stream.py                       # default model size (ModelConfig()), random weights
     python tools/bench_stream.py --model ckpt.pt       # a trained checkpoint
     python tools/bench_stream.py --quick               # fewer repetitions (a smoke run)
+    python tools/bench_stream.py --latency-only        # word emission delays on .data/real (bundled model)
 
 Tables (markdown), all on ``--threads`` intra-op threads (default 1, as ``asr-live`` runs):
 
@@ -38,6 +39,16 @@ Tables (markdown), all on ``--threads`` intra-op threads (default 1, as ``asr-li
    update. Before it the process calls :func:`asr.stream.tune_for_streaming`, as a server should
    (``gc.freeze()`` and glibc malloc settings: without them, garbage-collection stalls of
    ~150-300 ms every few dozen calls, and the states' memory mapped and zeroed again every call).
+5. With ``--latency`` (or alone: ``--latency-only``): each word's emission delay on real
+   recordings, as users feel it. ``--latency-utts`` recordings spread over the ``dev_*.jsonl``
+   manifests in ``--latency-data`` (default ``.data/real``, made by ``python recipes/real/prepare.py
+   --seed 0``) go through the default ``asr.load_model(--model).stream()`` (the bundled model and
+   LM unless ``--model``) in 40 ms blocks. A word's delay runs from its end in a forced alignment
+   of the reference transcript over the offline pass's log-probs
+   (``torchaudio.functional.forced_align``) to the first partial or final segment that shows it
+   (same text, overlapping span); median and p95, also with the compute time of the showing call
+   added, for all words and apart for words a partial showed and words only a final segment
+   (its LM search) showed.
 
 Weights are random (the default) or a checkpoint's; speed does not depend on their values. The
 numbers depend on the machine and its load: the 1-minute load average is printed with them.
@@ -58,12 +69,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from asr.frames import FRAME_SECONDS as FRAME  # noqa: E402
+from asr.frames import SAMPLE_RATE as SR  # noqa: E402
 from asr.model import CTCModel, ModelConfig  # noqa: E402
 from asr.stream import Recognizer, stack_states, step_batch, tune_for_streaming  # noqa: E402
 from asr.tokenizer import Tokenizer  # noqa: E402
 
-SR = 16000
-FRAME = 0.04
+REPO = Path(__file__).resolve().parents[1]
 
 
 def pct(values: list[float], q: float) -> float:
@@ -84,7 +96,7 @@ def timeit(fn: Callable[[], object], reps: int, warmup: int = 5) -> list[float]:
 
 def build_model(path: Optional[str]) -> tuple[CTCModel, Tokenizer]:
     if path:
-        from asr.train.checkpoint import load_for_inference
+        from asr.model_file import load_for_inference
 
         return load_for_inference(path)
     import random
@@ -314,6 +326,127 @@ def batch_capacity(model: CTCModel, tok: Tokenizer, block: float, reps: int, max
     return {"block": block, "table": sorted(cache.items()), "capacity": cap_full, "capacity_step_only": cap_step}
 
 
+# ---------------------------------------------------------------------------------------------
+# Latency as users feel it (--latency): each word's emission delay on real recordings.
+
+#: A streaming word counts as a reference word when the texts match and their spans, widened by
+#: this many seconds (two encoder frames), overlap: spike times and forced-aligned spans differ by
+#: a frame or so, and a repeated word ("five five") must not match its neighbour.
+LATENCY_MATCH_TOLERANCE = 0.08
+
+
+def latency_entries(data: Path, count: int) -> list[dict]:
+    """``count`` entries spread evenly over the ``dev_*.jsonl`` manifests in ``data`` (every part)."""
+    from asr.data.manifest import read_manifest
+
+    files = sorted(data.glob("dev_*.jsonl"))
+    if not files:
+        raise FileNotFoundError(f"no dev_*.jsonl in {data} (make them: python recipes/real/prepare.py --seed 0)")
+    rows = [e for f in files for e in read_manifest(f)]
+    step = max(1, len(rows) // max(1, count))
+    return rows[::step][:count]
+
+
+def reference_words(asr_model, wave: torch.Tensor, text: str) -> list:
+    """Words of ``text`` with their spans from ``torchaudio.functional.forced_align`` over the
+    offline (one-pass) log-probs of ``wave``; [] when the frames cannot hold the tokens."""
+    from asr.decode.align import forced_align_words
+    from asr.features import compute_fbank
+
+    feats = compute_fbank(wave)
+    ids = asr_model.tokenizer.encode(text)
+    if feats.shape[0] == 0 or not ids:
+        return []
+    with torch.inference_mode():
+        logits, lengths = asr_model.model(feats[None], torch.tensor([feats.shape[0]]))
+    lp = logits[0, : int(lengths[0])].float().log_softmax(-1)
+    try:
+        return forced_align_words(lp, ids, asr_model.tokenizer, backend="torchaudio")
+    except ValueError:
+        return []
+
+
+def _shows(words: list, ref) -> bool:
+    tol = LATENCY_MATCH_TOLERANCE
+    return any(w.word == ref.word and w.start < ref.end + tol and w.end > ref.start - tol for w in words)
+
+
+def word_delays(asr_model, wave: torch.Tensor, refs: list) -> tuple[list[tuple[float, float, bool]], int]:
+    """Stream ``wave`` in 40 ms blocks through ``asr_model.stream()`` (the default recognizer).
+    For each reference word shown: ``(delay, delay plus the showing call's compute time, whether a
+    partial showed it)``, the delay being the audio time at which a partial or a final segment
+    first shows it minus the word's aligned end; also the count of words never shown. Audio time:
+    the end of the block just fed (the end of the audio for words only ``finalize`` shows)."""
+    rec = asr_model.stream()
+    hop = int(FRAME * SR)
+    first_seen: list[Optional[tuple[float, float, bool]]] = [None] * len(refs)
+    final_words: list = []
+
+    def look(partial_words: list, audio_time: float, compute: float) -> None:
+        for i, ref in enumerate(refs):
+            if first_seen[i] is None:
+                by_partial = _shows(partial_words, ref)
+                if by_partial or _shows(final_words, ref):
+                    first_seen[i] = (audio_time - ref.end, audio_time - ref.end + compute, by_partial)
+
+    for pos in range(0, wave.numel(), hop):
+        t0 = time.perf_counter()
+        partial = rec.accept_waveform(wave[pos : pos + hop])
+        compute = time.perf_counter() - t0
+        for seg in partial.segments:
+            final_words.extend(seg.words)
+        look(partial.words, min(pos + hop, wave.numel()) / SR, compute)
+    t0 = time.perf_counter()
+    transcript = rec.finalize()
+    final_words = [w for seg in transcript.segments for w in seg.words]
+    look([], wave.numel() / SR, time.perf_counter() - t0)
+    seen = [s for s in first_seen if s is not None]
+    return seen, len(refs) - len(seen)
+
+
+def latency_section(model_path: Optional[str], data: Path, count: int) -> dict:
+    """Word emission delays over ``count`` real dev recordings (see :func:`word_delays`)."""
+    import asr
+    from asr.audio import load_audio
+
+    t0 = time.perf_counter()
+    asr_model = asr.load_model(model_path)
+    load_s = time.perf_counter() - t0
+    seen: list[tuple[float, float, bool]] = []
+    missed = words = utts = 0
+    audio_s = 0.0
+    for entry in latency_entries(data, count):
+        wave = load_audio(entry["audio"])
+        refs = reference_words(asr_model, wave, entry["text"])
+        if not refs:
+            continue
+        got, m = word_delays(asr_model, wave, refs)
+        seen += got
+        missed += m
+        words += len(refs)
+        utts += 1
+        audio_s += wave.numel() / SR
+    return {"seen": seen, "missed": missed, "words": words, "utts": utts,
+            "audio_s": audio_s, "load_s": load_s, "model": repr(asr_model)}
+
+
+def print_latency(res: dict, data: Path) -> None:
+    print(f"\nWord emission delay (word end in a forced alignment of the reference over the offline pass "
+          f"-> first partial or final segment showing it; default `asr.load_model().stream()`, 40 ms blocks, "
+          f"no lookahead), {res['utts']} recordings ({res['audio_s']:.0f} s) from {data}/dev_*.jsonl, "
+          f"{res['words']} words, {res['missed']} never shown (misrecognised):")
+    print("| words | count | median ms | p95 ms | median ms with compute | p95 ms with compute |")
+    print("|---|---:|---:|---:|---:|---:|")
+    groups = (("all words shown", res["seen"]),
+              ("first shown by a partial", [s for s in res["seen"] if s[2]]),
+              ("shown only by a final segment (LM)", [s for s in res["seen"] if not s[2]]))
+    for name, rows in groups:
+        if rows:
+            d, dc = [r[0] for r in rows], [r[1] for r in rows]
+            cells = [round(1000 * v) for v in (statistics.median(d), pct(d, 0.95), statistics.median(dc), pct(dc, 0.95))]
+            print(f"| {name} | {len(rows)} | " + " | ".join(str(c) for c in cells) + " |")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="checkpoint (default: ModelConfig() with random weights)")
@@ -324,8 +457,16 @@ def main(argv=None) -> int:
     ap.add_argument("--max-streams", type=int, default=512)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip", nargs="*", default=[], choices=["int8", "emformer", "batch", "compile"])
+    ap.add_argument("--latency", action="store_true",
+                    help="also measure word emission delays on real recordings (the bundled model unless --model)")
+    ap.add_argument("--latency-only", action="store_true", help="only the word emission delays")
+    ap.add_argument("--latency-data", type=Path, default=REPO / ".data" / "real",
+                    help="folder of dev_*.jsonl (python recipes/real/prepare.py --seed 0; default .data/real)")
+    ap.add_argument("--latency-utts", type=int, default=100, help="recordings the delays are measured on")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.latency_only:
+        return run_latency(args)
     reps = 30 if args.quick else args.frames
     model, tok = build_model(args.model)
     n_params = model.num_parameters()
@@ -432,6 +573,21 @@ def main(argv=None) -> int:
                 print(f"| {b} | {1000 * full:.1f} | {full / block:.3f} | {1000 * step:.1f} |")
             print(f"\nlargest real-time batch: {res['capacity']} streams with step_batch, "
                   f"{res['capacity_step_only']} with model.step on a kept stacked state")
+    return run_latency(args) if args.latency else 0
+
+
+def run_latency(args: argparse.Namespace) -> int:
+    """The --latency section: its own header, so it can run alone (--latency-only)."""
+    if not sorted(args.latency_data.glob("dev_*.jsonl")):
+        print(f"bench_stream: error: no dev_*.jsonl in {args.latency_data} (make them: python "
+              "recipes/real/prepare.py --seed 0, or pass --latency-data)", file=sys.stderr)
+        return 1
+    print(f"# latency: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"torch {torch.__version__}, {args.threads} thread(s), load average {os.getloadavg()[0]:.2f}, "
+          f"{time.strftime('%Y-%m-%d %H:%M')}")
+    res = latency_section(args.model, args.latency_data, args.latency_utts)
+    print(f"# model: {res['model']} (loaded in {res['load_s']:.1f} s)")
+    print_latency(res, args.latency_data)
     return 0
 
 

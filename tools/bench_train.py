@@ -39,8 +39,8 @@ import argparse
 import contextlib
 import sys
 import time
-from typing import Optional
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import nn

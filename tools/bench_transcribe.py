@@ -115,8 +115,8 @@ def default_model(tmp: Path, random_default: bool) -> tuple[Path, str]:
 
     entries = read_test_manifest()
     if random_default:
-        from asr.features import compute_cmvn_stats, compute_fbank
         from asr.audio import load_audio
+        from asr.features import compute_cmvn_stats, compute_fbank
         from asr.model import CTCModel, ModelConfig
         from asr.tokenizer import Tokenizer
 

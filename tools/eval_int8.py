@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from asr.audio import load_audio  # noqa: E402
 from asr.decode.greedy import ctc_greedy  # noqa: E402
 from asr.features import compute_fbank  # noqa: E402
+from asr.model_file import load_for_inference  # noqa: E402
 from asr.tokenizer import normalize_text  # noqa: E402
-from asr.train.checkpoint import load_for_inference  # noqa: E402
 from asr.train.metrics import error_counts  # noqa: E402
 
 
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     model, tok = load_for_inference(args.model)
     entries = []
     for m in args.manifest:
-        lines = [json.loads(l) for l in Path(m).read_text().splitlines() if l.strip()]
+        lines = [json.loads(line) for line in Path(m).read_text().splitlines() if line.strip()]
         lines = lines[: args.limit] if args.limit > 0 else lines
         entries += [dict(e, audio=str(Path(m).parent / e["audio"])) for e in lines]
     errs, agree, frames = [], 0, 0

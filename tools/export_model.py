@@ -10,7 +10,7 @@ reads the result like any checkpoint; loading copies the fp16 values into the fl
 To export an average of the last checkpoints, run ``tools/average_checkpoints.py`` first.
 
 ``--int8-weights`` stores the large matrices as int8 with a scale per row
-(``asr.train.checkpoint.quantize_weights_int8``); loading restores them to float32, so the model
+(``asr.model_file.quantize_weights_int8``); loading restores them to float32, so the model
 runs in float32 as before (this is storage, not ``--int8`` inference). The bundled model uses it to
 leave room for its language model under 25 MB.
 
@@ -31,13 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from asr.decode.lexicon import lm_bytes_to_carry  # noqa: E402
-from asr.train.checkpoint import (  # noqa: E402
-    CheckpointError,
-    atomic_torch_save,
-    load_checkpoint,
-    quantize_weights_int8,
-    resolve_checkpoint,
-)
+from asr.model_file import CheckpointError, load_checkpoint, quantize_weights_int8, resolve_checkpoint  # noqa: E402
+from asr.train.checkpoint import atomic_torch_save  # noqa: E402
 
 
 def compact_state(ckpt: dict, int8_weights: bool = False, lm_arpa_xz: Optional[bytes] = None) -> dict:

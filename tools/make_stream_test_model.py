@@ -45,7 +45,8 @@ sys.path.insert(0, str(ROOT))
 
 from asr.decode.greedy import ctc_greedy  # noqa: E402
 from asr.features import compute_cmvn_stats, compute_fbank  # noqa: E402
-from asr.model import FRAME_SHIFT_SECONDS as FRAME  # noqa: E402
+from asr.frames import BLANK_ID  # noqa: E402
+from asr.frames import FRAME_SECONDS as FRAME  # noqa: E402
 from asr.model import CTCModel, ModelConfig  # noqa: E402
 from asr.tokenizer import Tokenizer  # noqa: E402
 
@@ -55,7 +56,7 @@ SR = 16000
 
 
 def load_waves(waves_file: str | None) -> tuple[list[torch.Tensor], list[str]]:
-    lines = [json.loads(l) for l in (ROOT / "tests/data/manifest.jsonl").read_text().splitlines() if l.strip()]
+    lines = [json.loads(line) for line in (ROOT / "tests/data/manifest.jsonl").read_text().splitlines() if line.strip()]
     texts = [e["text"] for e in lines]
     if waves_file:
         d = torch.load(waves_file)
@@ -168,7 +169,7 @@ def windowed_ctc(logits: torch.Tensor, out_lengths: torch.Tensor, windows) -> to
         tl.append(len(target))
     x = torch.stack(rows).transpose(0, 1)  # [L, W, V]
     targets = torch.nn.utils.rnn.pad_sequence(tg, batch_first=True).to(logits.device)
-    return torch.nn.functional.ctc_loss(x, targets, torch.tensor(lens), torch.tensor(tl), blank=0,
+    return torch.nn.functional.ctc_loss(x, targets, torch.tensor(lens), torch.tensor(tl), blank=BLANK_ID,
                                         reduction="mean", zero_infinity=True)
 
 

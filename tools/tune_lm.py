@@ -58,7 +58,7 @@ def select(entries: list[dict], parts: Optional[list[str]], per_part: Optional[i
 def compute_log_probs(model_path: Path, entries: list[dict]) -> dict:
     """{"ids", "parts", "refs", "durations", "log_probs" [T_i, V] each, "model_seconds"} for ``entries``."""
     from asr.data.dataset import ManifestDataset, collate
-    from asr.train.checkpoint import load_inference_parts
+    from asr.model_file import load_inference_parts
 
     model, tokenizer, _ = load_inference_parts(model_path)
     ds = ManifestDataset(entries, None, filter_ctc=False)
@@ -129,7 +129,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     torch.set_num_threads(1)
     from asr.decode.greedy import ctc_greedy
     from asr.decode.lexicon import LexiconDecoder
-    from asr.train.checkpoint import CheckpointError, load_inference_parts
+    from asr.model_file import CheckpointError, load_inference_parts
 
     try:
         cache = load_cache(args)
@@ -146,7 +146,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         cells = " | ".join(f"{per_part[p]:.1f}" for p in parts)
         print(f"| {name} | {wer:.2f} | {cells} | {load} | {rtf} |", flush=True)
 
-    wer, per_part, secs = score(cache, lambda lp: tokenizer.decode(ctc_greedy(lp, blank=0)[0]))
+    wer, per_part, secs = score(cache, lambda lp: tokenizer.decode(ctc_greedy(lp)[0]))
     row("greedy | - | -", wer, per_part, "-", f"{secs / audio:.4f}")
     for lm_name in args.lm:
         lm = carried if lm_name == "model" else Path(lm_name)

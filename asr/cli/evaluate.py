@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     from asr.data.dataset import ManifestDataset, collate
     from asr.data.manifest import ManifestError, read_manifests
     from asr.data.sampler import BucketingBatchSampler
-    from asr.train.checkpoint import CheckpointError, load_inference_parts
+    from asr.model_file import CheckpointError, load_inference_parts
     from asr.train.evaluate import evaluate_model
 
     if args.device == "auto":

@@ -31,8 +31,8 @@ compile_frames=(4,))``): with ``--int8``, ~2.5x less compute per 40 ms than with
 (tools/bench_stream.py). It needs a C++ compiler; the first start compiles for up to a minute or two
 (inductor caches the result on disk, so later starts take seconds). Words appear up to 60 ms later.
 
-One intra-op thread: per-frame operations are tiny, and with 2 OpenMP threads on a busy 2-core
-machine they stall waiting for each other (measured: slower than 1 thread).
+One intra-op thread: per-frame operations are tiny, and 2 OpenMP threads on a busy 2-core machine
+stall waiting for each other (slower than 1 thread).
 """
 from __future__ import annotations
 
@@ -190,7 +190,7 @@ class Stats:
             s = mic.stats
             lines.append(f"input: {s.blocks} blocks, {s.overflows} overflows, {s.dropped_samples} samples dropped")
         lines.append(f"recognizer state: {state_bytes} bytes")
-        return "\n".join("stats: " + l for l in lines)
+        return "\n".join("stats: " + line for line in lines)
 
 
 def _file_blocks(path: str, block_seconds: float = BLOCK_SECONDS) -> Iterator[np.ndarray]:
@@ -200,27 +200,25 @@ def _file_blocks(path: str, block_seconds: float = BLOCK_SECONDS) -> Iterator[np
         yield block.numpy()
 
 
-def _load_model(path: Optional[str], int8: bool = False, compile: bool = False) -> tuple[Any, Any, Optional[bytes]]:
-    """(model, tokenizer, the word LM the checkpoint carries or None)."""
-    from asr.api import BUNDLED_MODEL
-    from asr.stream.process import tune_for_streaming
-    from asr.train.checkpoint import load_inference_parts
+def _load_model(args: argparse.Namespace) -> Any:
+    """``asr.load_model`` as the flags ask (an :class:`asr.api.ASRModel`); a language model that
+    cannot be loaded is reported as a warning on stderr (decoding goes on without it)."""
+    import warnings
 
-    if path is None:
-        if not BUNDLED_MODEL.is_file():
-            raise FileNotFoundError(f"no bundled model ({BUNDLED_MODEL} is not installed); pass --model PATH")
-        path = str(BUNDLED_MODEL)
-    model, tokenizer, carried_lm = load_inference_parts(path)
-    if int8 or compile:
-        try:
-            model.prepare_for_inference(int8=int8, compile=compile, compile_frames=COMPILED_FRAMES, freeze=True)
-        except Exception as err:  # no C++ compiler, a model the compiled step does not take...
-            what = "--compile" if compile else "--int8"
-            raise RuntimeError(f"{what} failed: {' '.join(str(err).split())[:200]}") from None
+    from asr.api import load_model
+    from asr.stream.process import tune_for_streaming
+
+    # the model's own LM unless --no-lm; --beam-size makes stream() leave that default LM out
+    lm = args.lm if args.lm is not None else (None if args.no_lm else "auto")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = load_model(args.model, int8=args.int8, compile=args.compile, compile_frames=COMPILED_FRAMES, lm=lm)
+    for warning in caught:
+        print(f"asr-live: warning: {warning.message}", file=sys.stderr)
     # No garbage-collection stalls mid-stream (asr.stream.process); one stream's states are small,
     # so malloc keeps its defaults.
     tune_for_streaming(keep_freed_memory=False)
-    return model, tokenizer, carried_lm
+    return model
 
 
 def _error(msg: str) -> int:
@@ -252,7 +250,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     torch.set_num_threads(1)
     from asr.audio import AudioError
-    from asr.stream import Recognizer
+    from asr.model_file import CheckpointError
 
     block_seconds = COMPILED_BLOCK_SECONDS if args.compile else BLOCK_SECONDS
     mic: Optional[Microphone] = None
@@ -266,16 +264,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if args.compile:
             print("asr-live: compiling the model step (up to a minute or two the first time)", file=sys.stderr, flush=True)
-        model, tokenizer, carried_lm = _load_model(args.model, args.int8, args.compile)
-        from asr.api import language_model_decoder
-
-        # the model's own LM unless --no-lm, or --beam-size asks for the prefix beam search instead
-        lm = args.lm if args.lm is not None else (None if args.no_lm or args.beam_size > 1 else "auto")
-        lexicon, _ = language_model_decoder(
-            tokenizer, lm, carried_lm, warn=lambda message: print(f"asr-live: warning: {message}", file=sys.stderr))
-    except Exception as err:  # CheckpointError, FileNotFoundError: one line
+        model = _load_model(args)
+    except (CheckpointError, OSError, ValueError) as err:  # the model or the LM file: one line
         return _error(" ".join(str(err).split()))
-    rec = Recognizer(model, tokenizer, beam_size=args.beam_size, keep_segments=False, lexicon=lexicon)
+    except Exception as err:  # no C++ compiler, a model the compiled step does not take...
+        what = "--compile" if args.compile else "--int8" if args.int8 else "loading the model"
+        return _error(f"{what} failed: {' '.join(str(err).split())[:200]}")
+    rec = model.stream(beam_size=args.beam_size, keep_segments=False)
     try:
         writer = Writer(args.output, args.format)
     except OSError as err:

@@ -91,7 +91,7 @@ def _task(cfg: DictConfig) -> Optional[float]:
                 h.setLevel(logging.WARNING)
     from asr.audio import AudioError
     from asr.data.manifest import ManifestError
-    from asr.train.checkpoint import CheckpointError
+    from asr.model_file import CheckpointError
 
     out_dir = HydraConfig.get().runtime.output_dir
     try:

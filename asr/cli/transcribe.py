@@ -243,7 +243,7 @@ def _run(args: argparse.Namespace, hotwords: dict[str, float], console: _Console
     from asr.api import load_model, probe_seconds
     from asr.audio import AudioError
     from asr.formats import format_transcript
-    from asr.train.checkpoint import CheckpointError
+    from asr.model_file import CheckpointError
 
     try:
         # "auto": the LM the model carries, if any (it gives way to --beam-size / --hotword)

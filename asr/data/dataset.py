@@ -129,9 +129,9 @@ class ManifestDataset(Dataset):
                 item: dict = {"wave": wave, "seed": seed}
                 if self.spec_augment is not None:  # drawn here, off the training loop
                     from asr.data.device_features import utterance_masks
-                    from asr.features import num_frames
+                    from asr.frames import feature_frames_for_samples
 
-                    item["spec_masks"] = utterance_masks(self.spec_augment, num_frames(wave.numel()), seed)
+                    item["spec_masks"] = utterance_masks(self.spec_augment, feature_frames_for_samples(wave.numel()), seed)
             else:
                 feats = self._fbank(wave, dither=self.dither if seed is not None else 0.0)
                 if self.spec_augment is not None and seed is not None:
@@ -184,7 +184,7 @@ class Batch:
         from asr.data.device_features import batch_features
 
         assert self.waves is not None and self.wave_lengths is not None and self.seeds is not None
-        # feature_lengths stay collate's num_frames(wave length): compute_fbank_padded makes exactly those
+        # feature_lengths stay collate's feature_frames_for_samples(wave length): compute_fbank_padded makes exactly those
         feats, _ = batch_features(self.waves, self.wave_lengths, spec_augment, self.seeds, self.spec_masks)
         return replace(self, features=feats, waves=None)
 
@@ -199,11 +199,11 @@ def collate(items: list[dict]) -> Batch:
         raise ValueError("empty batch")
     waves = wave_lengths = seeds = feats = spec_masks = None
     if "wave" in items[0]:
-        from asr.features import num_frames
+        from asr.frames import feature_frames_for_samples
 
         wave_lengths = [it["wave"].numel() for it in items]
         waves = pad_sequence([it["wave"] for it in items], batch_first=True)  # zeros after each end
-        lengths = torch.tensor([num_frames(n) for n in wave_lengths], dtype=torch.long)
+        lengths = torch.tensor([feature_frames_for_samples(n) for n in wave_lengths], dtype=torch.long)
         seeds = [int(it["seed"]) for it in items]
         if "spec_masks" in items[0]:
             from asr.data.device_features import stack_masks

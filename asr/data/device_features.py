@@ -22,7 +22,8 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
 from asr.data.augment import SpecAugment, SpecAugmentConfig
-from asr.features import NUM_MEL_BINS, compute_fbank_padded, num_frames
+from asr.features import NUM_MEL_BINS, compute_fbank_padded
+from asr.frames import feature_frames_for_samples
 
 
 def utterance_masks(spec: SpecAugment, frames: int, seed: int, num_bins: int = NUM_MEL_BINS) -> tuple[Tensor, Tensor]:
@@ -64,7 +65,7 @@ def batch_features(
     """Log-mel features [B, T, 80] (zero padded) and their lengths [B] of padded waveforms
     [B, N] (on any device), with SpecAugment masks filled with each utterance's mean. ``masks``:
     :func:`spec_masks` already drawn (by the workers), else drawn here."""
-    lengths = torch.tensor([num_frames(int(n)) for n in wave_lengths], dtype=torch.long)
+    lengths = torch.tensor([feature_frames_for_samples(int(n)) for n in wave_lengths], dtype=torch.long)
     feats = compute_fbank_padded(waves, wave_lengths)
     B, T, F = feats.shape
     if spec is None or not spec.enabled or T == 0:

@@ -41,7 +41,8 @@ from asr.data.augment import SpecAugmentConfig
 from asr.data.dataset import Batch
 from asr.data.device_features import fill_masked
 from asr.data.sampler import sample_seed
-from asr.features import FRAME_LENGTH, FRAME_SHIFT, NUM_MEL_BINS, SAMPLE_RATE, num_frames
+from asr.features import NUM_MEL_BINS
+from asr.frames import FEATURE_HOP, FEATURE_WINDOW, SAMPLE_RATE, feature_frames_for_samples
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +115,8 @@ class ShapeClasses:
             rows.append(min(r, max_rows) if max_rows else r)
             # frames a multiple of 4 (the x4 subsampling), samples exactly those frames' span
             need = math.ceil(length * SAMPLE_RATE)
-            t = 4 * math.ceil((1 + max(0, math.ceil((need - FRAME_LENGTH) / FRAME_SHIFT))) / 4)
-            samples.append(FRAME_LENGTH + FRAME_SHIFT * (t - 1))
+            t = 4 * math.ceil((1 + max(0, math.ceil((need - FEATURE_WINDOW) / FEATURE_HOP))) / 4)
+            samples.append(FEATURE_WINDOW + FEATURE_HOP * (t - 1))
             frames.append(t)
             samples_in.append(math.ceil(length * max(slowest, fastest) * SAMPLE_RATE))
         return cls(tuple(seconds), tuple(rows), tuple(samples_in), tuple(samples), tuple(frames), slowest)
@@ -262,15 +263,15 @@ class DeviceFbank:
 
             mel, _ = get_mel_banks(NUM_MEL_BINS, 512, float(SAMPLE_RATE), 20.0, 0.0, 100.0, -500.0, 1.0)
             mel = torch.nn.functional.pad(mel, (0, 1)).T.contiguous()  # [257, 80]: no weight on Nyquist
-            window = torch.hann_window(FRAME_LENGTH, periodic=False, dtype=torch.float64).pow(0.85).float()
+            window = torch.hann_window(FEATURE_WINDOW, periodic=False, dtype=torch.float64).pow(0.85).float()
             self._cache[device] = (mel.to(device), window.to(device))
         return self._cache[device]
 
     def __call__(self, waves: Tensor, frame_counts: Tensor) -> Tensor:
         """Log-mel ``[R, T, 80]`` of ``waves [R, S]`` (float in [-1, 1]); frames at or past a row's
-        ``frame_counts [R]`` (on the waves' device) are zero. T = num_frames(S)."""
+        ``frame_counts [R]`` (on the waves' device) are zero. T = feature_frames_for_samples(S)."""
         mel, window = self._constants(waves.device)
-        frames = (waves * 32768.0).unfold(1, FRAME_LENGTH, FRAME_SHIFT)  # [R, T, 400]
+        frames = (waves * 32768.0).unfold(1, FEATURE_WINDOW, FEATURE_HOP)  # [R, T, 400]
         frames = frames - frames.mean(dim=-1, keepdim=True)
         previous = torch.cat([frames[..., :1], frames[..., :-1]], dim=-1)
         frames = (frames - 0.97 * previous) * window
@@ -393,7 +394,7 @@ class ResidentCorpus:
         read = [min(self.lengths[r], sh.samples_in[k]) for r in rows]
         waves = self._gather(self.audio, self.offsets, rows, read, sh.samples_in[k]).float() / 32768.0
         waves, lengths = self._perturb(waves, read, factors, sh.samples[k])
-        frame_counts = torch.tensor([num_frames(n) for n in lengths], dtype=torch.long)
+        frame_counts = torch.tensor([feature_frames_for_samples(n) for n in lengths], dtype=torch.long)
         counts_dev = _to_device(frame_counts, self.device)
         feats = self.fbank(waves, counts_dev)  # [R, frames_k, 80]
         if self.spec_augment is not None:

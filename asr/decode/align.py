@@ -24,10 +24,9 @@ from typing import Protocol, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["FRAME_SHIFT", "Word", "TokenSpan", "words_from_tokens", "forced_align", "forced_align_words"]
+from asr.frames import BLANK_ID, FRAME_SECONDS
 
-#: Seconds per model output frame (10 ms fbank shift x 4 subsampling).
-FRAME_SHIFT = 0.04
+__all__ = ["Word", "TokenSpan", "words_from_tokens", "forced_align", "forced_align_words"]
 
 
 class _TokenizerLike(Protocol):
@@ -74,7 +73,7 @@ def words_from_tokens(
     tokens: Sequence[int] | Tensor,
     frames: Sequence[int] | Tensor,
     tokenizer: _TokenizerLike,
-    frame_shift: float = FRAME_SHIFT,
+    frame_shift: float = FRAME_SECONDS,
     log_probs: Tensor | None = None,
     num_frames: int | None = None,
     frame_offset: int = 0,
@@ -181,7 +180,7 @@ def _viterbi_align(log_probs: Tensor, targets: list[int], blank: int) -> tuple[l
 
 
 def forced_align(
-    log_probs: Tensor, tokens: Sequence[int] | Tensor, blank: int = 0, backend: str = "auto"
+    log_probs: Tensor, tokens: Sequence[int] | Tensor, blank: int = BLANK_ID, backend: str = "auto"
 ) -> list[TokenSpan]:
     """Align ``tokens`` to [T, V] ``log_probs``; one :class:`TokenSpan` per token, in order.
 
@@ -243,8 +242,8 @@ def forced_align_words(
     log_probs: Tensor,
     tokens: Sequence[int] | Tensor,
     tokenizer: _TokenizerLike,
-    frame_shift: float = FRAME_SHIFT,
-    blank: int = 0,
+    frame_shift: float = FRAME_SECONDS,
+    blank: int = BLANK_ID,
     backend: str = "auto",
 ) -> list[Word]:
     """Words with times from a forced alignment of ``tokens`` (e.g. the decoded hypothesis) to

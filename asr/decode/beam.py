@@ -33,6 +33,8 @@ from typing import Callable, Mapping, Protocol, Sequence
 import torch
 from torch import Tensor
 
+from asr.frames import BLANK_ID
+
 __all__ = ["BeamHypothesis", "Hotwords", "CTCPrefixBeamSearch", "ctc_prefix_beam_search"]
 
 NEG_INF = float("-inf")
@@ -166,7 +168,7 @@ class CTCPrefixBeamSearch:
     def __init__(
         self,
         beam_size: int,
-        blank: int = 0,
+        blank: int = BLANK_ID,
         top_k: int | None = DEFAULT_TOP_K,
         hotwords: Hotwords | Mapping[str, float] | None = None,
         tokenizer: _TokenizerLike | None = None,
@@ -294,7 +296,7 @@ class CTCPrefixBeamSearch:
 def ctc_prefix_beam_search(
     log_probs: Tensor,
     beam_size: int,
-    blank: int = 0,
+    blank: int = BLANK_ID,
     top_k: int | None = DEFAULT_TOP_K,
     hotwords: Hotwords | Mapping[str, float] | None = None,
     tokenizer: _TokenizerLike | None = None,

@@ -18,6 +18,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from asr.frames import BLANK_ID
+
 __all__ = ["ctc_greedy", "GreedyCTCState", "IncrementalGreedyDecoder"]
 
 
@@ -32,7 +34,7 @@ def _emit_mask(best: Tensor, prev: Tensor, blank: int) -> Tensor:
 
 
 def ctc_greedy(
-    logits: Tensor, lengths: Tensor | list[int] | None = None, blank: int = 0
+    logits: Tensor, lengths: Tensor | list[int] | None = None, blank: int = BLANK_ID
 ) -> tuple[list[int], list[int]] | tuple[list[list[int]], list[list[int]]]:
     """Best-path CTC decoding.
 
@@ -98,7 +100,7 @@ class IncrementalGreedyDecoder:
     any chunking equals :func:`ctc_greedy` on the concatenated frames.
     """
 
-    def __init__(self, blank: int = 0) -> None:
+    def __init__(self, blank: int = BLANK_ID) -> None:
         self.blank = blank
         self.state = GreedyCTCState(prev=blank)
 

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from asr.decode.beam import CTCPrefixBeamSearch, Hotwords
 from asr.decode.greedy import IncrementalGreedyDecoder
+from asr.frames import BLANK_ID
 
 Hypothesis = tuple[list[int], list[int], Optional[list[float]]]  # tokens, absolute frames, log-posteriors
 
@@ -32,7 +33,7 @@ class HypothesisDecoder:
         beam_size: int = 1,
         hotwords: Union[Hotwords, Mapping[str, float], None] = None,
         tokenizer: Any = None,
-        blank: int = 0,
+        blank: int = BLANK_ID,
     ) -> None:
         if beam_size < 1:
             raise ValueError(f"beam_size must be >= 1, got {beam_size}")
@@ -120,7 +121,7 @@ def hypothesis_decoder(
     beam_size: int = 1,
     hotwords: Union[Hotwords, Mapping[str, float], None] = None,
     tokenizer: Any = None,
-    blank: int = 0,
+    blank: int = BLANK_ID,
     lexicon: Any = None,
 ) -> Any:
     """The decoder a segment uses: :class:`HypothesisDecoder`, or with a ``lexicon``

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from asr.decode.greedy import ctc_greedy
+from asr.frames import BLANK_ID
 from asr.tokenizer import Tokenizer
 
 __all__ = ["LexiconDecoder", "LexiconHypothesisDecoder", "arpa_vocabulary", "lm_bytes_to_carry"]
@@ -144,7 +145,7 @@ class LexiconDecoder:
     """Decode CTC log-probabilities [T, V] of one utterance to words with a lexicon and an LM.
 
     ``lm``: an ARPA file (plain or ``.xz``), or the xz-compressed ARPA bytes a checkpoint carries
-    (:class:`asr.train.checkpoint.InferenceParts`). ``lm_weight`` / ``word_score``: None takes
+    (:class:`asr.model_file.InferenceParts`). ``lm_weight`` / ``word_score``: None takes
     ``DEFAULT_LM_WEIGHT`` / ``DEFAULT_WORD_SCORE``. ``beam_size``: hypotheses kept per frame;
     ``beam_threshold``: and only those within this score of the best; ``beam_size_token``: tokens
     tried per frame (None: all; see ``DEFAULT_TOKEN_BEAM``)."""
@@ -226,7 +227,7 @@ class LexiconHypothesisDecoder:
 
     is_greedy = False
 
-    def __init__(self, lexicon: LexiconDecoder, blank: int = 0) -> None:
+    def __init__(self, lexicon: LexiconDecoder, blank: int = BLANK_ID) -> None:
         self.lexicon = lexicon
         self.blank = blank
         self.num_frames = 0

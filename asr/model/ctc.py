@@ -3,11 +3,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-BLANK = 0
+from asr.frames import BLANK_ID
 
 
 def ctc_loss(
@@ -27,7 +26,7 @@ def ctc_loss(
         targets,
         out_lengths,
         target_lengths,
-        blank=BLANK,
+        blank=BLANK_ID,
         reduction="sum",
         zero_infinity=True,
     )

@@ -32,12 +32,10 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from asr.features import GlobalCMVN
-from asr.model.rwkv7 import Block, BlockState, PackedBlock, default_lora_ranks, packed_step
 from asr.model.frontend_step import CompiledFrontend
+from asr.model.rwkv7 import Block, BlockState, PackedBlock, default_lora_ranks, packed_step
 from asr.model.subsampling import ConvSubsampling, Int8Frontend
 from asr.model.token_step import CompiledTokenStep, compiled_wkv_update
-
-FRAME_SHIFT_SECONDS = 0.04  # one encoder frame: 4 feature frames of 10 ms
 
 
 @dataclass

@@ -38,7 +38,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from asr.features import FRAME_LENGTH, FRAME_SHIFT
+from asr.frames import FEATURE_HOP, FEATURE_WINDOW, FRAME_SECONDS
 
 __all__ = ["EndpointRule", "EndpointConfig", "Endpointer", "StreamingEnergy", "ENERGY_FLOOR_DB"]
 
@@ -99,7 +99,7 @@ class Endpointer:
     an endpoint the next frame starts a new segment.
     """
 
-    def __init__(self, config: EndpointConfig, frame_shift: float = 0.04) -> None:
+    def __init__(self, config: EndpointConfig, frame_shift: float = FRAME_SECONDS) -> None:
         self.config = config
         self.frame_shift = frame_shift
         # Rules in frames: comparing integers avoids float drift (0.04 * 30 != 1.2 in binary).
@@ -160,11 +160,11 @@ class StreamingEnergy:
 
     def accept_waveform(self, samples: Tensor) -> Tensor:
         buf = torch.cat([self._tail, samples.to(torch.float32)]) if self._tail.numel() else samples.to(torch.float32)
-        if buf.numel() < FRAME_LENGTH:
+        if buf.numel() < FEATURE_WINDOW:
             self._tail = buf.clone()
             return torch.zeros(0)
-        frames = buf.unfold(0, FRAME_LENGTH, FRAME_SHIFT)  # [t, 400]
+        frames = buf.unfold(0, FEATURE_WINDOW, FEATURE_HOP)  # [t, 400]
         ms = frames.double().square().mean(dim=1)
         db = (10.0 * torch.log10(ms.clamp_min(10 ** (ENERGY_FLOOR_DB / 10)))).float()
-        self._tail = buf[frames.shape[0] * FRAME_SHIFT :].clone()
+        self._tail = buf[frames.shape[0] * FEATURE_HOP :].clone()
         return db

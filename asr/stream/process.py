@@ -5,16 +5,14 @@ Two costs come from the Python process rather than from the model:
 
 - **Garbage collection.** Each call leaves a few thousand new Python objects alive until the next
   one, and every few dozen calls the interpreter runs a full collection that walks every object
-  alive: ~330k of them after torch and the model are loaded, ~150-300 ms per collection on the
-  2-core dev box, against 40 ms of audio per call. ``gc.freeze()`` after start-up moves those
+  alive: ~330k of them after torch and the model are loaded, ~150-300 ms per collection on two
+  CPU cores, against 40 ms of audio per call. ``gc.freeze()`` after start-up moves those
   objects out of the collector's sight; later garbage is still collected.
 - **Memory returned to the OS and taken back.** At 100 streams every call makes a new wkv state
   of 8 MB per block (65 MB for the bundled model: states are values, ``step`` never writes into
   the one it is given) and frees the previous one. glibc's malloc hands freed memory at the top of
   its heap back to the OS, so the next call maps it again and the kernel zeroes every page:
-  ~4-8 ms of a ~35 ms call at 100 streams, 2 threads (session 10, median per call,
-  alternating processes: 30.6 and 31.5 ms with glibc told to keep it against 34.8 and 39.5 ms
-  without). ``mallopt`` keeps freed memory in the process (its resident size stays at its peak).
+  ~4-8 ms of a ~35 ms call at 100 streams on 2 threads. ``mallopt`` keeps freed memory in the process (its resident size stays at its peak).
 
 Neither changes any result. Call :func:`tune_for_streaming` once after loading the model.
 """

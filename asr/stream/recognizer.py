@@ -42,16 +42,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from asr.audio import SAMPLE_RATE, AudioError, StreamingResampler, float_mono
-from asr.decode.align import FRAME_SHIFT, Word, words_from_tokens
+from asr.audio import AudioError, StreamingResampler, float_mono
+from asr.decode.align import Word, words_from_tokens
 from asr.decode.incremental import hypothesis_decoder
 from asr.features import NUM_MEL_BINS, StreamingFbank, accept_waveforms
+from asr.frames import BLANK_ID, FEATURES_PER_FRAME, FRAME_SECONDS, SAMPLE_RATE
 from asr.model import CTCModel, EncoderState
 from asr.stream.endpoint import EndpointConfig, Endpointer, StreamingEnergy
-from asr.stream.state import FEATURES_PER_FRAME, is_stackable, split_state, stack_states
+from asr.stream.state import is_stackable, split_state, stack_states
 from asr.transcript import Segment, Transcript
 
-__all__ = ["Partial", "Recognizer", "step_batch"]
+__all__ = ["Partial", "Recognizer", "check_block", "step_batch"]
 
 Samples = Union[np.ndarray, Tensor, Sequence[float]]
 
@@ -75,8 +76,9 @@ class Partial:
         return bool(self.segments)
 
 
-def _as_waveform(samples: Samples) -> Tensor:
-    """Mono float32 1-D tensor from float/int16/int32 samples ([n] or [n, channels])."""
+def check_block(samples: Samples) -> Tensor:
+    """Mono float32 1-D tensor from float/int16/int32 samples ([n] or [n, channels]); raises
+    :class:`asr.audio.AudioError` for NaN/Inf samples or a bad shape."""
     wave = float_mono(samples, name="stream")
     if wave.numel() and not bool(torch.isfinite(wave).all()):
         # NaN would poison the recurrent state for the rest of the stream: refuse the block whole.
@@ -88,7 +90,7 @@ class Recognizer:
     """One audio stream: ``accept_waveform`` as audio arrives, ``finalize`` at the end.
 
     Args:
-        model, tokenizer: e.g. from :func:`asr.train.checkpoint.load_for_inference`; the model is
+        model, tokenizer: e.g. from :func:`asr.model_file.load_for_inference`; the model is
             shared (not copied), so many recognizers can serve one model.
         endpoint: endpoint rules; ``None`` uses the defaults (:class:`EndpointConfig`);
             ``EndpointConfig.disabled()`` makes the stream one segment.
@@ -124,7 +126,7 @@ class Recognizer:
         self.device = torch.device(device)
         self.keep_segments = keep_segments
         self.lexicon = lexicon
-        self.blank = 0
+        self.blank = BLANK_ID
         self.reset()
 
     # ------------------------------------------------------------------ lifecycle
@@ -138,7 +140,7 @@ class Recognizer:
         self._rate: Optional[int] = None
         self._state: EncoderState = self.model.init_state(1, device=self.device)
         self._held = torch.zeros(0, NUM_MEL_BINS)  # feature frames not yet given to the model (batch mode)
-        self._endpointer = Endpointer(self.endpoint_config, FRAME_SHIFT)
+        self._endpointer = Endpointer(self.endpoint_config, FRAME_SECONDS)
         self._num_samples = 0  # 16 kHz samples accepted
         self._num_frames = 0  # encoder frames decoded
         self._segments: list[Segment] = []
@@ -170,7 +172,12 @@ class Recognizer:
 
     @property
     def state(self) -> EncoderState:
+        """The encoder state; a batched step (:func:`step_batch`) sets the stream's part of its result."""
         return self._state
+
+    @state.setter
+    def state(self, state: EncoderState) -> None:
+        self._state = state
 
     def state_size_bytes(self) -> int:
         """Bytes of recurrent state: model state + frontend buffers (constant in stream length)."""
@@ -192,7 +199,7 @@ class Recognizer:
         if self._held.shape[0]:
             feats = torch.cat([self._held, feats])
             self._held = self._held[:0]
-        return self._consume(self._run(feats))
+        return self.accept_features(feats)
 
     @torch.inference_mode()
     def finalize(self) -> Transcript:
@@ -211,7 +218,7 @@ class Recognizer:
                 tail = self._resampler.flush()
                 self._num_samples += tail.numel()
                 feats = torch.cat([feats, self._features(tail)])
-            new = self._consume(self._run(feats)).segments
+            new = self.accept_features(feats).segments
             seg = self._end_segment()
             if seg is not None:
                 self._emit(seg, new)
@@ -223,7 +230,7 @@ class Recognizer:
     # ------------------------------------------------------------------ pipeline stages
     def _ingest(self, samples: Samples, sample_rate: int) -> Tensor:
         """Samples -> 16 kHz -> new feature frames [t, 80] (levels recorded for endpointing)."""
-        return self._features(self._to_16k(_as_waveform(samples), sample_rate))
+        return self._features(self._to_16k(check_block(samples), sample_rate))
 
     def _to_16k(self, wave: Tensor, sample_rate: int) -> Tensor:
         """A checked mono waveform (``_as_waveform``) at ``sample_rate`` -> the new 16 kHz samples."""
@@ -262,9 +269,10 @@ class Recognizer:
         logits, self._state = self.model.step(feats.to(self.device)[None], self._state)
         return logits[0]
 
-    def _consume(self, logits: Tensor, decoded: Optional[tuple[Tensor, list[int]]] = None) -> Partial:
-        """Decode new encoder frames [t', V]; cut segments where an endpoint fires. ``decoded``:
-        their log-probs (on the CPU) and arg-max ids, when the caller computed them already."""
+    def accept_logits(self, logits: Tensor, decoded: Optional[tuple[Tensor, list[int]]] = None) -> Partial:
+        """Decode new encoder frames [t', V] of this stream (the model already stepped its state);
+        cut segments where an endpoint fires. ``decoded``: their log-probs (on the CPU) and arg-max
+        ids, when the caller computed them already (:func:`step_batch` does, for all streams at once)."""
         new: list[Segment] = []
         T = logits.shape[0]
         if T:
@@ -334,8 +342,30 @@ class Recognizer:
         if self.keep_segments:
             self._segments.append(seg)
 
-    # ------------------------------------------------------------------ batching support
-    def _split_for_batch(self, feats: Tensor) -> Tensor:
+    # ------------------------------------------------------------------ batching (step_batch)
+    @property
+    def finished(self) -> bool:
+        """True after :meth:`finalize` (until :meth:`reset`)."""
+        return self._finished
+
+    @property
+    def feature_extractor(self) -> StreamingFbank:
+        """The stream's feature extractor (:func:`asr.features.accept_waveforms` runs many at once)."""
+        return self._fbank
+
+    def accept_samples(self, wave: Tensor, sample_rate: int) -> Tensor:
+        """A checked mono block (:func:`check_block`) at ``sample_rate`` -> its new 16 kHz samples,
+        counted in :attr:`duration` and their levels kept for endpointing; the caller turns them
+        into features with :attr:`feature_extractor`."""
+        wave = self._to_16k(wave, sample_rate)
+        self._record_levels(wave)
+        return wave
+
+    def accept_features(self, feats: Tensor) -> Partial:
+        """Feature frames [t, 80] -> the model stepped alone on this stream, then decoded."""
+        return self.accept_logits(self._run(feats))
+
+    def frames_to_step(self, feats: Tensor) -> Tensor:
         """New feature frames -> the frames to step now, holding back the rest.
 
         The frames returned end on a multiple of 4 feature frames since the stream start (one
@@ -382,49 +412,46 @@ def step_batch(
         raise ValueError("step_batch: all recognizers must share one model")
     if len({id(r) for r in recognizers}) != len(recognizers):
         raise ValueError("step_batch: a recognizer appears twice")
-    stackable = [is_stackable(r._state) for r in recognizers]
-    if any(r._finished for r in recognizers):
+    stackable = [is_stackable(r.state) for r in recognizers]
+    if any(r.finished for r in recognizers):
         raise RuntimeError("step_batch: a stream was finalized; call reset() to start a new stream")
-    checked = [_as_waveform(b) for b in blocks]  # a bad block raises before any stream has moved on
-    waves = [r._to_16k(w, rate) for r, w, rate in zip(recognizers, checked, rates)]
-    for rec, wave in zip(recognizers, waves):
-        rec._record_levels(wave)
-    new_feats = accept_waveforms([r._fbank for r in recognizers], waves)  # one fbank call for all
-    feats = [r._split_for_batch(f) for r, f in zip(recognizers, new_feats)]
-    # per stream: (logits, (log-probs, arg-max ids) or None) of each model call it took part in
+    checked = [check_block(b) for b in blocks]  # a bad block raises before any stream has moved on
+    waves = [r.accept_samples(w, rate) for r, w, rate in zip(recognizers, checked, rates)]
+    new_feats = accept_waveforms([r.feature_extractor for r in recognizers], waves)  # one fbank call for all
+    feats = [r.frames_to_step(f) for r, f in zip(recognizers, new_feats)]
+    # per stackable stream: (logits, (log-probs, arg-max ids)) of each batched call it took part in
     logits: list[list[tuple[Tensor, Optional[tuple[Tensor, list[int]]]]]] = [[] for _ in recognizers]
-    for i, rec in enumerate(recognizers):
-        if not stackable[i]:
-            logits[i].append((rec._run(feats[i]), None))
     # Packed stepping: all streams for the frames every one has, then the longer ones, and so on.
     pending = sorted((i for i, ok in enumerate(stackable) if ok and feats[i].shape[0]), key=lambda i: feats[i].shape[0])
     done = 0
     while pending:
         n = feats[pending[0]].shape[0]
         x = torch.stack([feats[i][done:n] for i in pending]).to(recognizers[pending[0]].device)
-        out, state = model.step(x, stack_states(model, [recognizers[i]._state for i in pending]))
+        out, state = model.step(x, stack_states(model, [recognizers[i].state for i in pending]))
         parts = split_state(state,
-                            [recognizers[i]._state.frames_in + (n - done) for i in pending],
-                            [recognizers[i]._state.frames_out + out.shape[1] for i in pending])
+                            [recognizers[i].state.frames_in + (n - done) for i in pending],
+                            [recognizers[i].state.frames_out + out.shape[1] for i in pending])
         lp, best = _log_probs_and_best(out)
         for j, i in enumerate(pending):
-            recognizers[i]._state = parts[j]
+            recognizers[i].state = parts[j]
             logits[i].append((out[j], (lp[j], best[j])))
         done = n
         pending = [i for i in pending if feats[i].shape[0] > n]
     vocab = model.config.vocab_size
     results = []
-    for rec, lg in zip(recognizers, logits):
-        if len(lg) == 1:  # the usual case: one row of one batched call
-            results.append(rec._consume(*lg[0]))
+    for i, (rec, lg) in enumerate(zip(recognizers, logits)):
+        if not stackable[i]:  # stepped alone, with its own frame count
+            results.append(rec.accept_features(feats[i]))
+        elif len(lg) == 1:  # the usual case: one row of one batched call
+            results.append(rec.accept_logits(*lg[0]))
         else:
             joined = torch.cat([part[0] for part in lg]) if lg else torch.zeros(0, vocab)
-            results.append(rec._consume(joined))
+            results.append(rec.accept_logits(joined))
     return results
 
 
 def _log_probs_and_best(logits: Tensor) -> tuple[Tensor, list[int]]:
     """Log-softmax on the CPU and the arg-max ids of logits [..., T, V] (for all streams at once in
-    :func:`step_batch`: one call instead of one per stream, ~4 ms at 100 streams on the dev box)."""
+    :func:`step_batch`: one call instead of one per stream)."""
     lp = logits.detach().float().cpu().log_softmax(dim=-1)
     return lp, lp.argmax(dim=-1).tolist()

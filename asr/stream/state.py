@@ -22,10 +22,9 @@ order, hands back the batched tensors themselves. States are values here: ``step
 and nothing assigns to a state's fields, so a view still is what its row holds.
 
 The per-stream block states are made when read (:class:`_RowBlocks`), not at the split: a
-server that restacks the same streams never reads them. Making them eagerly cost 24 tensor views
-per stream and call (~2 ms at 100 streams on the dev box), and the ~2,600 new Python objects per
-call set off the interpreter's full garbage collections (~145 ms each, every few dozen calls,
-session 10).
+server that restacks the same streams never reads them. Made eagerly they would cost 24 tensor
+views per stream and call (~2 ms at 100 streams), and their ~2,600 new Python objects per call
+would set off the interpreter's full garbage collections (~145 ms each, every few dozen calls).
 """
 from __future__ import annotations
 
@@ -34,13 +33,11 @@ from typing import Optional, Sequence, Union, overload
 import torch
 from torch import Tensor
 
+from asr.frames import FEATURES_PER_FRAME
 from asr.model import CTCModel, EncoderState
 from asr.model.rwkv7 import BlockState
 
-__all__ = ["FEATURES_PER_FRAME", "initial_caches", "is_stackable", "stack_states", "split_state"]
-
-#: Feature frames (10 ms) per encoder frame (40 ms): the subsampling factor.
-FEATURES_PER_FRAME = 4
+__all__ = ["initial_caches", "is_stackable", "stack_states", "split_state"]
 
 
 def initial_caches(model: CTCModel, batch: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

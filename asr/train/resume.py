@@ -15,7 +15,8 @@ from typing import Any, Optional
 
 import torch
 
-from asr.train.checkpoint import CheckpointError, CheckpointManager, restore_rng_state
+from asr.model_file import CheckpointError
+from asr.train.checkpoint import CheckpointManager, restore_rng_state
 
 log = logging.getLogger("asr.train")
 

@@ -35,10 +35,11 @@ from torch.utils.data import DataLoader
 
 from asr.data.dataset import Batch
 from asr.model import CTCModel
+from asr.model_file import load_checkpoint, resolve_checkpoint
 from asr.stop import StopSignals
 from asr.train import build
 from asr.train.build import TOKENIZER_FILE, lr_factor
-from asr.train.checkpoint import CheckpointManager, capture_rng_state, load_checkpoint, resolve_checkpoint
+from asr.train.checkpoint import CheckpointManager, capture_rng_state
 from asr.train.compile import check_activation_checkpointing, check_cuda_graphs, check_fixed_shapes, compile_model
 from asr.train.cuda_graphs import GraphedTrainForward, keep_grads_allocated
 from asr.train.distributed import DistEnv, barrier, gather_objects, init_distributed
