@@ -42,6 +42,7 @@ setup(
         "gpu": ["fla-core", "packaging"],
         "mic": ["sounddevice>=0.4"],
         "serve": ["aiohttp>=3.9"],  # asr-serve (WebSocket + HTTP server)
+        "onnx": ["onnx>=1.16", "onnxruntime>=1.18"],  # asr-export --format onnx, asr.export.runtime
     },
     entry_points={
         "console_scripts": [
@@ -51,6 +52,7 @@ setup(
             "asr-transcribe=asr.cli.transcribe:main",
             "asr-live=asr.cli.live:main",
             "asr-serve=asr.cli.serve:main",
+            "asr-export=asr.cli.export:main",
         ],
     },
 )

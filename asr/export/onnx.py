@@ -138,10 +138,16 @@ def export_step(model: CTCModel, path: Path, frames: int = 1, opset: int = 17) -
 def quantize_int8(src: Path, dst: Path) -> Path:
     """ONNX Runtime's dynamic int8 quantization of ``src`` (the matrix products' weights, per
     output channel, symmetric) written to ``dst``."""
+    import logging
+
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
-                     op_types_to_quantize=["MatMul", "Gemm"])
+    logging.disable(logging.WARNING)  # its advice to pre-process, which is for static quantization
+    try:
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=["MatMul", "Gemm"])
+    finally:
+        logging.disable(logging.NOTSET)
     return dst
 
 

@@ -8,8 +8,8 @@
 
 ``step`` emits the same frames at the same moments as ``CTCModel.step`` (``ceil(n / 4)`` encoder
 frames after n feature frames, for any cut of the input) and the same logits to float rounding
-(int8: to int8 rounding). It keeps fewer than 4 feature frames pending in the state and runs the
-one-frame graph once per completed frame; ``forward`` runs the largest exported graph over the
+(int8: to int8 rounding) when its smallest step graph has one frame per call. It keeps the feature
+frames that do not fill a graph call pending in the state (fewer than 4 with the one-frame graph); ``forward`` runs the largest exported graph over the
 utterance (streaming equals one pass, so that is the whole-utterance forward).
 
 Sessions run on ``threads`` intra-op threads (default 1, as a live stream runs), sequentially, with
@@ -27,7 +27,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -100,10 +100,13 @@ def create_session(path: Path, threads: int = 1, cache_dir: Optional[Path] = Non
 class OnnxEncoder:
     """An exported model under ONNX Runtime with ``init_state`` / ``step`` / ``forward``
     (module docstring). ``int8`` picks the int8 graphs; ``cache_dir=None`` turns the
-    optimized-graph cache off (default: ``~/.cache/rwkv-asr/onnx``, or ``$XDG_CACHE_HOME``)."""
+    optimized-graph cache off (default: ``~/.cache/rwkv-asr/onnx``, or ``$XDG_CACHE_HOME``).
+    ``step_frames``: the graphs (frames per call) ``step`` may use, loaded now; a call runs the
+    largest that its completed frames fill, then smaller ones (default: the smallest graph alone).
+    ``forward`` runs the largest exported graph, loaded on first use."""
 
     def __init__(self, folder: Union[str, Path], int8: bool = False, threads: int = 1,
-                 cache_dir: Union[str, Path, None, bool] = True):
+                 cache_dir: Union[str, Path, None, bool] = True, step_frames: Optional[Sequence[int]] = None):
         self.folder = Path(folder)
         self.meta = read_meta(self.folder)
         if self.meta["features_per_frame"] != FEATURES_PER_FRAME or self.meta["pre_roll"] != PRE_ROLL:
@@ -119,7 +122,13 @@ class OnnxEncoder:
         self.vocab_size = self.meta["config"]["vocab_size"]
         self._sessions: dict[int, object] = {}
         self._bindings: dict[int, "_Binding"] = {}
-        self.session(self.frames[0])  # the streaming graph, loaded now (forward's on first use)
+        self.step_frames = sorted(set(step_frames or self.frames[:1]), reverse=True)
+        missing = [t for t in self.step_frames if t not in self.frames]
+        if missing:
+            raise OnnxExportError(f"{self.folder} has no {self.kind} graph of {missing[0]} frames per call "
+                                  f"(it has {self.frames})")
+        for frames in self.step_frames:
+            self.session(frames)
 
     def session(self, frames: int):
         """The session of the graph of ``frames`` encoder frames per call (created on first use)."""
@@ -154,14 +163,14 @@ class OnnxEncoder:
         x = np.concatenate([state.pending, feats], axis=1)
         valid = np.concatenate([state.pending_valid, np.ones((B, feats.shape[1]), np.float32)], axis=1)
         n = x.shape[1] // FEATURES_PER_FRAME
-        tensors, outs = state.tensors, []
-        frames = self.frames[0]
-        binding = self._binding(frames)
-        for j in range(0, n - n % frames, frames):
-            cut = slice(FEATURES_PER_FRAME * j, FEATURES_PER_FRAME * (j + frames))
-            logits, tensors = binding.run(x[:, cut], valid[:, cut], tensors)
-            outs.append(logits)
-        done = FEATURES_PER_FRAME * (n - n % frames)
+        tensors, outs, j = state.tensors, [], 0
+        for frames in self.step_frames:
+            while n - j >= frames:
+                cut = slice(FEATURES_PER_FRAME * j, FEATURES_PER_FRAME * (j + frames))
+                logits, tensors = self._binding(frames).run(x[:, cut], valid[:, cut], tensors)
+                outs.append(logits)
+                j += frames
+        done = FEATURES_PER_FRAME * j
         logits = np.concatenate(outs, axis=1) if outs else np.zeros((B, 0, self.vocab_size), np.float32)
         new = OnnxEncoderState(pending=x[:, done:].copy(), pending_valid=valid[:, done:].copy(), tensors=tensors,
                                frames_in=state.frames_in + feats.shape[1], frames_out=state.frames_out + logits.shape[1])
