@@ -142,8 +142,11 @@ def single_stream(model: CTCModel, tok: Tokenizer, frames: int, compile: bool = 
         out[f"step_{key}"], out[f"step4_{key}"] = [], []
     out["recognizer_compiled"] = []
     onnx = onnx or {}
-    for key in onnx:
-        out[f"step_{key}"], out[f"step4_{key}"] = [], []
+    onnx_recs = {}
+    for key, enc in onnx.items():
+        out[f"step_{key}"], out[f"step4_{key}"], out[f"recognizer_{key}"] = [], [], []
+        onnx_recs[key] = Recognizer(enc, tok)
+        onnx_recs[key].accept_waveform(audio[:SR])
     with torch.inference_mode():
         for rnd in range(4):  # alternate the paths so load drift on a shared machine hits all alike
             for key, (fast, int8, comp) in modes.items():
@@ -173,6 +176,15 @@ def single_stream(model: CTCModel, tok: Tokenizer, frames: int, compile: bool = 
             for key, enc in onnx.items():
                 out[f"step_{key}"] += timeit(_stepper(enc, feats), max(5, frames // 4))
                 out[f"step4_{key}"] += [t / 4 for t in timeit(_stepper(enc, feats4), max(5, frames // 16))]
+                rec_pos = [SR]
+
+                def feed(rec=onnx_recs[key]) -> None:  # the next 40 ms of the audio, looping
+                    if rec_pos[0] + hop > len(audio):
+                        rec_pos[0] = SR
+                    rec.accept_waveform(audio[rec_pos[0] : rec_pos[0] + hop])
+                    rec_pos[0] += hop
+
+                out[f"recognizer_{key}"] += timeit(feed, max(5, frames // 4), warmup=0)
         model.prepare_for_inference(int8=False)
         out["init_state"] = timeit(lambda: model.init_state(1), frames)
     return out
@@ -405,7 +417,9 @@ def main(argv=None) -> int:
                  ("recognizer, compiled one-frame step", single["recognizer_compiled"])]
     if onnx:
         rows += [("OnnxEncoder.step, ONNX Runtime float32 (`asr-export --format onnx`)", single["step_onnx"]),
-                 ("OnnxEncoder.step, ONNX Runtime int8 (dynamic quantization)", single["step_onnx_int8"])]
+                 ("OnnxEncoder.step, ONNX Runtime int8 (dynamic quantization)", single["step_onnx_int8"]),
+                 ("recognizer on OnnxEncoder, float32", single["recognizer_onnx"]),
+                 ("recognizer on OnnxEncoder, int8", single["recognizer_onnx_int8"])]
     rows += [
             ("model.step, 160 ms (4 frames) per call, per 40 ms, general path", single["step4_False"]),
             ("model.step, 160 ms (4 frames) per call, per 40 ms, packed path", single["step4_True"]),

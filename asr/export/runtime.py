@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from asr.model import ModelConfig
 from asr.export.onnx import FEATURES_PER_FRAME, FORMAT, META_FILE, OUTPUT_NAMES, PRE_ROLL, STATE_NAMES
 
 
@@ -118,8 +119,8 @@ class OnnxEncoder:
             raise OnnxExportError(f"{self.folder} has no {self.kind} graphs (export it with --int8?)")
         self.threads = threads
         self.cache_dir = default_cache_dir() if cache_dir is True else (Path(cache_dir) if cache_dir else None)
-        self.n_mels = self.meta["config"]["n_mels"]
-        self.vocab_size = self.meta["config"]["vocab_size"]
+        self.config = ModelConfig.from_dict(self.meta["config"])
+        self.n_mels, self.vocab_size = self.config.n_mels, self.config.vocab_size
         self._sessions: dict[int, object] = {}
         self._bindings: dict[int, "_Binding"] = {}
         self.step_frames = sorted(set(step_frames or self.frames[:1]), reverse=True)
@@ -139,10 +140,13 @@ class OnnxEncoder:
             self._sessions[frames] = create_session(path, self.threads, self.cache_dir)
         return self._sessions[frames]
 
-    def init_state(self, batch_size: int = 1) -> OnnxEncoderState:
-        """The state of ``batch_size`` new streams: zero caches and the pre-roll pending."""
+    def init_state(self, batch_size: int = 1, device: Optional[torch.device] = None) -> OnnxEncoderState:
+        """The state of ``batch_size`` new streams: zero caches and the pre-roll pending.
+        ``device``: as ``CTCModel.init_state``'s; only the CPU is served."""
         from onnxruntime import OrtValue
 
+        if device is not None and torch.device(device).type != "cpu":
+            raise ValueError(f"OnnxEncoder runs on the CPU, not {device}")
         shapes = {name: list(shape) for name, shape in self.meta["state_shapes"].items()}
         shapes["shifts"][2] = shapes["wkv"][1] = batch_size
         for name in ("conv1_cache", "conv2_cache"):
