@@ -9,8 +9,13 @@
 ``step`` emits the same frames at the same moments as ``CTCModel.step`` (``ceil(n / 4)`` encoder
 frames after n feature frames, for any cut of the input) and the same logits to float rounding
 (int8: to int8 rounding) when its smallest step graph has one frame per call. It keeps the feature
-frames that do not fill a graph call pending in the state (fewer than 4 with the one-frame graph); ``forward`` runs the largest exported graph over the
-utterance (streaming equals one pass, so that is the whole-utterance forward).
+frames that do not fill a graph call pending in the state (fewer than 4 with the one-frame graph).
+``forward`` runs the largest exported graph over the utterance (streaming equals one pass, so
+that is the whole-utterance forward).
+
+int8 graphs quantize each product's input per call (ONNX Runtime's ``DynamicQuantizeLinear``: one
+scale per tensor), so their outputs depend slightly on the frames per call and on which streams
+share a batch (within int8 rounding; the PyTorch int8 path scales per row and does not).
 
 Sessions run on ``threads`` intra-op threads (default 1, as a live stream runs), sequentially, with
 all graph optimizations. The optimized graph is saved in ``cache_dir`` on first use (keyed by the
@@ -33,8 +38,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from asr.model import ModelConfig
 from asr.export.onnx import FEATURES_PER_FRAME, FORMAT, META_FILE, OUTPUT_NAMES, PRE_ROLL, STATE_NAMES
+from asr.model import ModelConfig
 
 
 class OnnxExportError(ValueError):
@@ -177,7 +182,8 @@ class OnnxEncoder:
         done = FEATURES_PER_FRAME * j
         logits = np.concatenate(outs, axis=1) if outs else np.zeros((B, 0, self.vocab_size), np.float32)
         new = OnnxEncoderState(pending=x[:, done:].copy(), pending_valid=valid[:, done:].copy(), tensors=tensors,
-                               frames_in=state.frames_in + feats.shape[1], frames_out=state.frames_out + logits.shape[1])
+                               frames_in=state.frames_in + feats.shape[1],
+                               frames_out=state.frames_out + logits.shape[1])
         return torch.from_numpy(logits), new
 
     def forward(self, features: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
