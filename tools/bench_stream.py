@@ -19,7 +19,12 @@ Tables (markdown), all on ``--threads`` intra-op threads (default 1, as ``asr-li
    compile_frames=(1, 4))``, float32 and int8; the compile time is printed), all in the same
    alternating rounds; the recognizer is also timed with the compiled step. The int8 and compiled
    modes run with frozen weights (``freeze=True``: no per-step check of the parameters' versions),
-   as ``asr.load_model`` and ``asr-live`` load them.
+   as ``asr.load_model`` and ``asr-live`` load them. Unless ``--skip onnx``, the model is exported
+   to ONNX (:mod:`asr.export.onnx`, one and four frames per call, float32 and ONNX Runtime's
+   dynamic int8) and :class:`asr.export.runtime.OnnxEncoder` ``step`` is timed in the same rounds
+   (one intra-op and one inter-op thread, sequential, all graph optimizations); the export time
+   and the sessions' creation times (without, writing and reading the optimized-graph cache) are
+   printed below the table.
    The floor the issue sets: one fp32 matrix-vector product over as many weights as the model has
    (reading every weight once per frame), measured in the same run, and the int8 floor: one int8
    mat-vec over as many weights with the kernel the int8 path uses (``torch._int_mm``); and the
@@ -120,8 +125,10 @@ def speech_like(seconds: float, seed: int = 0) -> torch.Tensor:
     return (0.2 * env * torch.sin(2 * math.pi * 220 * t) + 0.02 * torch.randn(t.shape, generator=g)).float()
 
 
-def single_stream(model: CTCModel, tok: Tokenizer, frames: int, compile: bool = False) -> dict:
-    """Per-frame cost of the whole recognizer and of model.step alone."""
+def single_stream(model: CTCModel, tok: Tokenizer, frames: int, compile: bool = False,
+                  onnx: Optional[dict] = None) -> dict:
+    """Per-frame cost of the whole recognizer and of model.step alone (and of the ``onnx``
+    encoders' ``step``, by name, in the same rounds)."""
     audio = speech_like(frames * FRAME + 2.0)
     rec = Recognizer(model, tok)
     rec.accept_waveform(audio[:SR])  # warm-up: the first second
@@ -146,6 +153,12 @@ def single_stream(model: CTCModel, tok: Tokenizer, frames: int, compile: bool = 
     for key in modes:
         out[f"step_{key}"], out[f"step4_{key}"] = [], []
     out["recognizer_compiled"] = []
+    onnx = onnx or {}
+    onnx_recs = {}
+    for key, enc in onnx.items():
+        out[f"step_{key}"], out[f"step4_{key}"], out[f"recognizer_{key}"] = [], [], []
+        onnx_recs[key] = Recognizer(enc, tok)
+        onnx_recs[key].accept_waveform(audio[:SR])
     with torch.inference_mode():
         for rnd in range(4):  # alternate the paths so load drift on a shared machine hits all alike
             for key, (fast, int8, comp) in modes.items():
@@ -172,9 +185,60 @@ def single_stream(model: CTCModel, tok: Tokenizer, frames: int, compile: bool = 
                         rec.accept_waveform(audio[pos : pos + hop])
                         out["recognizer_compiled"].append(time.perf_counter() - t)
                         pos += hop
+            for key, enc in onnx.items():
+                out[f"step_{key}"] += timeit(_stepper(enc, feats), max(5, frames // 4))
+                out[f"step4_{key}"] += [t / 4 for t in timeit(_stepper(enc, feats4), max(5, frames // 16))]
+                rec_pos = [SR]
+
+                def feed(rec=onnx_recs[key]) -> None:  # the next 40 ms of the audio, looping
+                    if rec_pos[0] + hop > len(audio):
+                        rec_pos[0] = SR
+                    rec.accept_waveform(audio[rec_pos[0] : rec_pos[0] + hop])
+                    rec_pos[0] += hop
+
+                out[f"recognizer_{key}"] += timeit(feed, max(5, frames // 4), warmup=0)
         model.prepare_for_inference(int8=False)
         out["init_state"] = timeit(lambda: model.init_state(1), frames)
     return out
+
+
+def _stepper(encoder, feats: torch.Tensor) -> Callable[[], None]:
+    """A call of ``encoder.step(feats, state)`` that carries its own stream's state along."""
+    state = encoder.init_state(1)
+    _, state = encoder.step(feats, state)
+
+    def one() -> None:
+        nonlocal state
+        _, state = encoder.step(feats, state)
+
+    return one
+
+
+def onnx_encoders(model: CTCModel, threads: int) -> tuple[dict, list[tuple[str, float]]]:
+    """The model exported to ONNX (1 and 4 frames per call, float32 and int8) in a temporary
+    folder, and ONNX Runtime encoders on it: ({"onnx": float32, "onnx_int8": int8}, [(what, seconds)]
+    of export and session creation: without the optimized-graph cache, the first start with it
+    (optimizes and writes it) and a later start (reads it))."""
+    import tempfile
+
+    from asr.export.onnx import export_onnx
+    from asr.export.runtime import OnnxEncoder
+
+    folder = Path(tempfile.mkdtemp(prefix="bench_stream_onnx_"))
+    times = []
+    t = time.perf_counter()
+    export_onnx(model, folder / "model", frames=(1, 4), int8=True)
+    times.append(("export (1 and 4 frames per call, float32 + int8)", time.perf_counter() - t))
+    encoders = {}
+    for key, int8 in (("onnx", False), ("onnx_int8", True)):
+        for what, cache in (("no cache", None), ("first start, writes the cache", folder / "cache"),
+                            ("later start, reads the cache", folder / "cache")):
+            t = time.perf_counter()
+            OnnxEncoder(folder / "model", int8=int8, threads=threads, cache_dir=cache)
+            times.append((f"{key}: one-frame graph session, {what}", time.perf_counter() - t))
+        encoders[key] = OnnxEncoder(folder / "model", int8=int8, threads=threads, cache_dir=folder / "cache",
+                                    step_frames=(1, 4))
+    return encoders, times
 
 
 def matvec_floor(n_params: int, reps: int) -> list[float]:
@@ -456,7 +520,7 @@ def main(argv=None) -> int:
                     help="seconds of audio per stream per batched call")
     ap.add_argument("--max-streams", type=int, default=512)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["int8", "emformer", "batch", "compile"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["int8", "emformer", "batch", "compile", "onnx"])
     ap.add_argument("--latency", action="store_true",
                     help="also measure word emission delays on real recordings (the bundled model unless --model)")
     ap.add_argument("--latency-only", action="store_true", help="only the word emission delays")
@@ -477,7 +541,8 @@ def main(argv=None) -> int:
     print(f"# model: d_model={cfg.d_model}, n_layers={cfg.n_layers}, head_size={cfg.head_size}, "
           f"vocab={cfg.vocab_size}, {n_params / 1e6:.2f} M parameters\n")
 
-    single = single_stream(model, tok, reps, compile="compile" not in args.skip)
+    onnx, onnx_times = ({}, []) if "onnx" in args.skip else onnx_encoders(model, args.threads)
+    single = single_stream(model, tok, reps, compile="compile" not in args.skip, onnx=onnx)
     floor = matvec_floor(n_params, reps)
     floor8 = int8_matvec_floor(n_params, reps)
     q = None if "int8" in args.skip else int8_step(model, reps)
@@ -491,6 +556,11 @@ def main(argv=None) -> int:
         rows += [("model.step, compiled one-frame step (`prepare_for_inference(compile=True)`)", single["step_compiled"]),
                  ("model.step, compiled one-frame step, int8 (`int8=True, compile=True`)", single["step_compiled_int8"]),
                  ("recognizer, compiled one-frame step", single["recognizer_compiled"])]
+    if onnx:
+        rows += [("OnnxEncoder.step, ONNX Runtime float32 (`asr-export --format onnx`)", single["step_onnx"]),
+                 ("OnnxEncoder.step, ONNX Runtime int8 (dynamic quantization)", single["step_onnx_int8"]),
+                 ("recognizer on OnnxEncoder, float32", single["recognizer_onnx"]),
+                 ("recognizer on OnnxEncoder, int8", single["recognizer_onnx_int8"])]
     rows += [
             ("model.step, 160 ms (4 frames) per call, per 40 ms, general path", single["step4_False"]),
             ("model.step, 160 ms (4 frames) per call, per 40 ms, packed path", single["step4_True"]),
@@ -498,6 +568,9 @@ def main(argv=None) -> int:
     if "compile_s" in single:
         rows += [("model.step, 160 ms (4 frames) per call, per 40 ms, compiled", single["step4_compiled"]),
                  ("model.step, 160 ms (4 frames) per call, per 40 ms, compiled int8", single["step4_compiled_int8"])]
+    if onnx:
+        rows += [("OnnxEncoder.step, 160 ms (4 frames) per call, per 40 ms, ONNX Runtime float32", single["step4_onnx"]),
+                 ("OnnxEncoder.step, 160 ms (4 frames) per call, per 40 ms, ONNX Runtime int8", single["step4_onnx_int8"])]
     if q is not None:
         rows.append(("model.step, torch.ao int8 dynamic (nn.Linear; general path)", q))
     rows.append((f"floor: fp32 matvec over {n_params / 1e6:.1f} M weights", floor))
@@ -517,6 +590,17 @@ def main(argv=None) -> int:
               f"compile time (1 and 4 frames) {single['compile_s']['compiled']:.1f} s (float32), "
               f"{single['compile_s']['compiled_int8']:.1f} s (int8), in this process (inductor's disk cache "
               f"makes later processes faster)")
+    if onnx:
+        pk8 = statistics.median(single["step_int8"])
+        ratios = [f"{name} {pk8 / statistics.median(single[f'step_{key}']):.2f}x"
+                  for name, key in (("float32", "onnx"), ("int8", "onnx_int8"))]
+        if "compile_s" in single:
+            c8 = statistics.median(single["step_compiled_int8"])
+            ratios += [f"compiled int8 / ONNX Runtime int8: {c8 / statistics.median(single['step_onnx_int8']):.2f}x"]
+        print(f"\nONNX Runtime against the packed int8 step, frame by frame: {', '.join(ratios)}")
+        print("\n| ONNX load (s) | seconds |\n|---|---:|")
+        for what, seconds in onnx_times:
+            print(f"| {what} | {seconds:.2f} |")
     if emf is not None:
         seg = emf["segment"]
         med = statistics.median(seg) / emf["frames_per_call"]
