@@ -48,7 +48,8 @@ def greedy() -> ASRModel:
 def _bundled_copy(tmp_path: Path, lm) -> Path:
     """The bundled checkpoint with its carried LM replaced (None: removed)."""
     ckpt = load_checkpoint(BUNDLED_MODEL)
-    ckpt.pop("lm_arpa_xz")
+    ckpt.pop("lm_arpa_xz", None)
+    ckpt.pop("lm", None)
     if lm is not None:
         ckpt["lm_arpa_xz"] = lm
     path = tmp_path / "model.pt"

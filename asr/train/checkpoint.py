@@ -19,9 +19,9 @@ Only ``config``, ``model`` and ``tokenizer`` are needed for inference. An export
 (``tools/export_model.py --int8-weights``) may hold its large matrices in ``model_int8`` instead of
 ``model`` (int8 values and a float32 scale per output row); :func:`load_checkpoint` turns them back
 into float32 entries of ``model``, so every reader sees an ordinary state_dict. It may also carry
-its word language model (``lm_arpa_xz``: the bytes of an xz-compressed ARPA file as a uint8
-tensor, ``--lm``), which it then
-decodes with by default, as the bundled model does.
+its word language model (``lm``: :mod:`asr.decode.packed_lm`'s packed form, ``--lm``; older files
+``lm_arpa_xz``, the bytes of an xz-compressed ARPA file), which it then decodes with by default, as
+the bundled model does.
 """
 from __future__ import annotations
 
@@ -263,11 +263,12 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 class InferenceParts(NamedTuple):
     """What a checkpoint holds for inference: the model (eval mode), its tokenizer, and the word LM
-    it carries, if any (the xz-compressed ARPA bytes ``asr.decode.lexicon.LexiconDecoder`` takes)."""
+    it carries, if any (``asr.decode.packed_lm.carried_language_model``: a ``PackedLM``, or an older
+    file's xz-compressed ARPA bytes; ``asr.decode.lexicon.LexiconDecoder`` takes either)."""
 
     model: Any
     tokenizer: Any
-    lm_arpa_xz: Optional[bytes]
+    lm_arpa_xz: Any  # PackedLM | bytes | None (the name predates the packed form)
 
 
 def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cpu"):
@@ -292,8 +293,13 @@ def load_inference_parts(path: str | os.PathLike, device: str | torch.device = "
     except RuntimeError as e:
         raise CheckpointError(f"{file}: weights do not match its model config: {e}") from e
     model.to(device).eval()
-    lm = ckpt.get("lm_arpa_xz")  # a uint8 tensor of the xz file's bytes (tools/export_model.py --lm)
-    return InferenceParts(model, Tokenizer.from_bytes(ckpt["tokenizer"]), None if lm is None else lm.numpy().tobytes())
+    from asr.decode.packed_lm import carried_language_model
+
+    try:
+        lm = carried_language_model(ckpt)
+    except ValueError as e:
+        raise CheckpointError(f"{file}: {e}") from e
+    return InferenceParts(model, Tokenizer.from_bytes(ckpt["tokenizer"]), lm)
 
 
 # ---------------------------------------------------------------------- RNG state
