@@ -7,7 +7,8 @@ The model (default: the bundled one) turns the first ``--seconds`` of speech of 
 (default: the real dev set's read sentences, ``.data/real/dev_read.jsonl``) into log-probabilities,
 one utterance at a time; then, on one thread, each utterance goes through the decoder a stream
 uses (:class:`asr.decode.lexicon.LexiconHypothesisDecoder`) one encoder frame per call, as
-``asr-live`` feeds it, and its final hypothesis is taken at the utterance's end (an endpoint).
+``asr-live`` feeds it, reading the partial hypothesis after each call as the recognizer does, and
+its final hypothesis is taken at the utterance's end (an endpoint).
 Printed: the LM's load time (building the decoder from what the model file carries, or from
 ``--lm``), the search's CPU time per frame (the calls and the final, over all frames) and its
 real-time factor, the final call's median and largest cost (what a user waits at an endpoint), and
@@ -58,6 +59,7 @@ def stream_pass(lexicon, utterances: list[torch.Tensor]) -> tuple[float, list[fl
         t0 = time.process_time()
         for t in range(lp.shape[0]):
             decoder.accept(lp[t:t + 1], best[t:t + 1])
+            decoder.hypothesis(final=False)  # the partial result, which the recognizer reads every call
         t1 = time.process_time()
         tokens = decoder.hypothesis(final=True)[0]
         t2 = time.process_time()

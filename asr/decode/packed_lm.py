@@ -117,13 +117,15 @@ def find_build_binary(explicit: Optional[Union[str, Path]] = None) -> Path:
     """KenLM's ``build_binary``: ``explicit``, else ``$KENLM_BUILD_BINARY``, else ``build_binary`` on
     the PATH, else ``.data/kenlm/bin/build_binary`` under the repository or the working folder.
     FileNotFoundError (saying how to get it) when none exists."""
-    candidates = [explicit, os.environ.get("KENLM_BUILD_BINARY"), shutil.which("build_binary"),
+    if explicit:
+        if Path(explicit).is_file() and os.access(explicit, os.X_OK):
+            return Path(explicit)
+        raise FileNotFoundError(f"KenLM's build_binary not found at {explicit}")
+    candidates = [os.environ.get("KENLM_BUILD_BINARY"), shutil.which("build_binary"),
                   Path(__file__).resolve().parents[2] / LOCAL_BUILD_BINARY, LOCAL_BUILD_BINARY]
     for c in candidates:
         if c and Path(c).is_file() and os.access(c, os.X_OK):
             return Path(c)
-    if explicit:
-        raise FileNotFoundError(f"KenLM's build_binary not found at {explicit}")
     raise FileNotFoundError("packing a language model needs KenLM's build_binary: run `python tools/build_kenlm.py` "
                             "(compiles it into .data/kenlm/bin) or set KENLM_BUILD_BINARY")
 
