@@ -98,7 +98,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     frames = sum(lp.shape[0] for lp in utterances)
     runs = [stream_pass(lexicon, utterances) for _ in range(max(1, args.repeat))]
     total, finals, words = min(runs, key=lambda r: r[0])
-    print(f"| LM load s (wall) | utterances | audio s | search us/frame | search RTF | final p50 ms | final max ms | words |")
+    print("| LM load s (wall) | utterances | audio s | search us/frame | search RTF | final p50 ms | final max ms "
+          "| words |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     print(f"| {load:.2f} | {len(utterances)} | {audio:.1f} | {1e6 * total / frames:.0f} | {total / audio:.4f} | "
           f"{1e3 * statistics.median(finals):.1f} | {1e3 * max(finals):.1f} | {words} |")

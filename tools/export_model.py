@@ -16,8 +16,8 @@ leave room for its language model under 25 MB.
 
 ``--lm ARPA`` (plain or ``.xz``) makes the model carry its word language model, packed for a fast
 load (``lm``: KenLM's binary format and the lexicon, :mod:`asr.decode.packed_lm`; needs KenLM's
-``build_binary``: ``python tools/build_kenlm.py``), as it carries its tokenizer: ``asr.load_model``, ``asr-transcribe`` and
-``asr-live`` then decode with it by default (``--no-lm`` / ``lm=None`` to turn it off), and
+``build_binary``: ``python tools/build_kenlm.py``), as it carries its tokenizer: ``asr.load_model``,
+``asr-transcribe`` and ``asr-live`` then decode with it by default (``--no-lm`` / ``lm=None`` to turn it off), and
 ``asr-eval --model-lm`` scores it. The bundled model is made this way.
 """
 from __future__ import annotations

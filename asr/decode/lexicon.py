@@ -26,13 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import io
-import lzma
 import math
-import os
-import shutil
-import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
@@ -40,7 +34,16 @@ import torch
 from torch import Tensor
 
 from asr.decode.greedy import IncrementalGreedyDecoder
-from asr.decode.packed_lm import PackedLM
+from asr.decode.packed_lm import (
+    EMBEDDED_LM_NAME,
+    PackedLM,
+    arpa_vocabulary,
+    flashlight_modules,
+    load_kenlm,
+    plain_arpa,
+    spell_words,
+    unigram_scores,
+)
 from asr.tokenizer import Tokenizer
 
 __all__ = ["LexiconDecoder", "LexiconHypothesisDecoder", "LexiconSearch", "arpa_vocabulary", "frames_to_search",
@@ -63,68 +66,7 @@ DEFAULT_BEAM_THRESHOLD = 25.0
 #: A frame whose blank posterior is at least this, after a frame where it also was, is not searched
 #: (:func:`frames_to_search`).
 DEFAULT_BLANK_SKIP = 0.999
-#: How an LM a checkpoint carries is named in messages.
-EMBEDDED_LM_NAME = "the model's own language model"
 LanguageModel = Union[str, Path, bytes, PackedLM]
-
-
-def arpa_vocabulary(path: str | Path) -> list[str]:
-    """The words of an ARPA file's unigram section, without <s>, </s> and <unk>."""
-    words: list[str] = []
-    in_unigrams = False
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if line == "\\1-grams:":
-                in_unigrams = True
-                continue
-            if in_unigrams:
-                if not line:
-                    continue
-                if line.startswith("\\"):
-                    break
-                fields = line.split("\t") if "\t" in line else line.split()
-                word = fields[1]
-                if word not in ("<s>", "</s>", "<unk>"):
-                    words.append(word)
-    if not words:
-        raise ValueError(f"{path}: no unigrams found (not an ARPA file?)")
-    return words
-
-
-@contextlib.contextmanager
-def plain_arpa(lm: Path | bytes) -> Iterator[Path]:
-    """A plain ARPA file for ``lm``: the file itself, or for an ``.xz`` file or xz-compressed bytes
-    (an LM an older model file carries) a decompressed temporary copy, deleted afterwards
-    (KenLM reads plain files only)."""
-    if isinstance(lm, Path) and lm.suffix != ".xz":
-        yield lm
-        return
-    name = lm if isinstance(lm, Path) else EMBEDDED_LM_NAME
-    fd, tmp = tempfile.mkstemp(suffix=".arpa")
-    try:
-        try:
-            with os.fdopen(fd, "wb") as out, lzma.open(lm if isinstance(lm, Path) else io.BytesIO(lm)) as src:
-                shutil.copyfileobj(src, out, 1 << 20)
-        except (lzma.LZMAError, EOFError) as e:  # damaged, or cut short
-            raise ValueError(f"{name}: not a readable xz file ({e})") from e
-        yield Path(tmp)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def _quiet_stderr() -> Iterator[None]:
-    """Silence the process's stderr (file descriptor 2, where C++ libraries write) for a while."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
 
 
 @contextlib.contextmanager
@@ -139,40 +81,6 @@ def _gc_paused() -> Iterator[None]:
     finally:
         if was_enabled:
             gc.enable()
-
-
-def _flashlight() -> tuple[Any, Any]:
-    """flashlight-text's decoder and dictionary modules (RuntimeError saying how to install them)."""
-    try:
-        from flashlight.lib.text import decoder, dictionary
-    except ImportError as e:
-        raise RuntimeError("language-model decoding needs flashlight-text: pip install flashlight-text "
-                           '(or pip install -e ".[lm]")') from e
-    return decoder, dictionary
-
-
-def _load_kenlm(path: Path, words: Sequence[str]) -> tuple[Any, Any]:
-    """(flashlight KenLM, word dictionary) for a KenLM file (ARPA or binary) and the lexicon's
-    words; the dictionary holds ``words`` at their indices and ``<unk>`` after them."""
-    from flashlight.lib.text.decoder.kenlm import KenLM
-
-    _, fl_dict = _flashlight()
-    word_dict = fl_dict.Dictionary(list(words) + ["<unk>"])
-    word_dict.set_default_index(len(words))
-    try:
-        with _quiet_stderr():  # KenLM draws a progress bar on stderr while it reads an ARPA file
-            lm = KenLM(str(path), word_dict)
-    except RuntimeError as e:  # KenLM's own message names the file and the line
-        raise ValueError(f"not a language model KenLM reads: {' '.join(str(e).split())[:300]}") from e
-    return lm, word_dict
-
-
-def unigram_scores(kenlm_path: Path, words: Sequence[str], lm: Any = None) -> list[float]:
-    """Each word's score from the empty context (natural log), as the lexicon trie's look-ahead."""
-    if lm is None:
-        lm, _ = _load_kenlm(kenlm_path, words)
-    start = lm.start(False)
-    return [lm.score(start, i)[1] for i in range(len(words))]
 
 
 def frames_to_search(best: Sequence[int], blank_lp: Sequence[float], prev_best: int, prev_blank: bool,
@@ -222,7 +130,7 @@ class LexiconDecoder:
         beam_size_token: Optional[int] = DEFAULT_TOKEN_BEAM,
         blank_skip: Optional[float] = DEFAULT_BLANK_SKIP,
     ) -> None:
-        fl, _ = _flashlight()
+        fl, _ = flashlight_modules()
         if isinstance(lm, (str, Path)):
             lm = Path(lm)
             if not lm.is_file():
@@ -233,7 +141,7 @@ class LexiconDecoder:
         self.blank_skip = blank_skip
         with _gc_paused():
             self.lm, self.word_dict, self.trie = self._build(tokenizer, lm)
-        self.unk = self.word_dict.index_size() - 1  # _load_kenlm puts <unk> last
+        self.unk = self.word_dict.index_size() - 1  # load_kenlm puts <unk> last
         self.options = fl.LexiconDecoderOptions(
             beam_size=beam_size, beam_size_token=beam_size_token or tokenizer.vocab_size + 1,
             beam_threshold=beam_threshold, lm_weight=DEFAULT_LM_WEIGHT if lm_weight is None else lm_weight,
@@ -242,23 +150,21 @@ class LexiconDecoder:
 
     def _build(self, tokenizer: Tokenizer, lm: LanguageModel) -> tuple[Any, Any, Any]:
         """(KenLM, word dictionary, lexicon trie) for ``lm``."""
-        fl, _ = _flashlight()
+        fl, _ = flashlight_modules()
         if isinstance(lm, PackedLM):
             if lm.vocab_size != tokenizer.vocab_size:
                 raise ValueError(f"{EMBEDDED_LM_NAME} was spelled for {lm.vocab_size} tokens, the model has "
                                  f"{tokenizer.vocab_size}")
             words = lm.words
             with lm.kenlm_file() as path:
-                kenlm, word_dict = _load_kenlm(path, words)
+                kenlm, word_dict = load_kenlm(path, words)
             offsets, flat = lm.offsets.tolist(), lm.spellings.tolist()
             spellings = [flat[a:b] for a, b in zip(offsets, offsets[1:])]
             scores = lm.unigram.tolist()
         else:
-            from asr.decode.packed_lm import spell_words
-
             with plain_arpa(lm) as arpa:
                 words, spellings = spell_words(arpa_vocabulary(arpa), tokenizer)
-                kenlm, word_dict = _load_kenlm(arpa, words)
+                kenlm, word_dict = load_kenlm(arpa, words)
             scores = unigram_scores(Path(), words, kenlm)
         trie = fl.Trie(tokenizer.vocab_size + 1, self.silence)
         for i, (spelling, score) in enumerate(zip(spellings, scores)):
@@ -287,7 +193,7 @@ class LexiconSearch:
     from the search's first frame."""
 
     def __init__(self, lexicon: LexiconDecoder) -> None:
-        fl, _ = _flashlight()
+        fl, _ = flashlight_modules()
         self.lexicon = lexicon
         self._decoder = fl.LexiconDecoder(lexicon.options, lexicon.trie, lexicon.lm, lexicon.silence,
                                           lexicon.blank, lexicon.unk, [], False)

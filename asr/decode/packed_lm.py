@@ -1,5 +1,6 @@
-"""The word language model as a model file carries it: KenLM's binary format plus the lexicon,
-packed once at export time so that loading it takes tens of milliseconds instead of seconds.
+"""Word language model files: ARPA text, and the packed form a model file carries (KenLM's binary
+format plus the lexicon, made once at export time so that loading takes a fraction of a second
+instead of seconds); reading either into flashlight-text's KenLM.
 
 An ARPA file is text. For the bundled word 3-gram (84k words, 1.4M n-grams, 31 MB of text) KenLM
 spends about a second parsing it, after about a second of xz decompression, and spelling its 84k
@@ -28,7 +29,10 @@ Loading needs only flashlight-text, as decoding does.
 from __future__ import annotations
 
 import contextlib
+import io
+import lzma
 import os
+import sys
 import shutil
 import subprocess
 import tempfile
@@ -39,10 +43,12 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-__all__ = ["PACKED_LM_FORMAT", "PackedLM", "build_kenlm_binary", "carried_language_model", "find_build_binary",
-           "pack_language_model"]
+__all__ = ["PACKED_LM_FORMAT", "PackedLM", "arpa_vocabulary", "build_kenlm_binary", "carried_language_model",
+           "find_build_binary", "load_kenlm", "pack_language_model", "plain_arpa", "spell_words", "unigram_scores"]
 
 PACKED_LM_FORMAT = 1
+#: How an LM a checkpoint carries is named in messages.
+EMBEDDED_LM_NAME = "the model's own language model"
 #: ``build_binary`` arguments: the trie structure with 8-bit quantised probabilities and backoffs
 #: (the bundled 3-gram: 8.7 MB, against 13.9 MB unquantised and 29 MB for the probing hash).
 BUILD_BINARY_ARGS = ("-q", "8", "-b", "8", "trie")
@@ -87,7 +93,8 @@ class PackedLM:
         except (KeyError, AttributeError, UnicodeDecodeError) as e:
             raise ValueError(f"the model's language model is damaged ({type(e).__name__}: {e})") from e
         n = len(words)
-        if packed.offsets.shape != (n + 1,) or packed.unigram.shape != (n,) or int(packed.offsets[-1]) != len(packed.spellings):
+        offsets, unigram = packed.offsets, packed.unigram
+        if offsets.shape != (n + 1,) or unigram.shape != (n,) or int(offsets[-1]) != len(packed.spellings):
             raise ValueError("the model's language model is damaged (its lexicon arrays disagree in length)")
         return packed
 
@@ -102,6 +109,99 @@ class PackedLM:
             yield Path(tmp)
         finally:
             Path(tmp).unlink(missing_ok=True)
+
+
+def arpa_vocabulary(path: str | Path) -> list[str]:
+    """The words of an ARPA file's unigram section, without <s>, </s> and <unk>."""
+    words: list[str] = []
+    in_unigrams = False
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if line == "\\1-grams:":
+                in_unigrams = True
+                continue
+            if in_unigrams:
+                if not line:
+                    continue
+                if line.startswith("\\"):
+                    break
+                fields = line.split("\t") if "\t" in line else line.split()
+                word = fields[1]
+                if word not in ("<s>", "</s>", "<unk>"):
+                    words.append(word)
+    if not words:
+        raise ValueError(f"{path}: no unigrams found (not an ARPA file?)")
+    return words
+
+
+@contextlib.contextmanager
+def plain_arpa(lm: Path | bytes) -> Iterator[Path]:
+    """A plain ARPA file for ``lm``: the file itself, or for an ``.xz`` file or xz-compressed bytes
+    (an LM an older model file carries) a decompressed temporary copy, deleted afterwards
+    (KenLM reads plain files only)."""
+    if isinstance(lm, Path) and lm.suffix != ".xz":
+        yield lm
+        return
+    name = lm if isinstance(lm, Path) else EMBEDDED_LM_NAME
+    fd, tmp = tempfile.mkstemp(suffix=".arpa")
+    try:
+        try:
+            with os.fdopen(fd, "wb") as out, lzma.open(lm if isinstance(lm, Path) else io.BytesIO(lm)) as src:
+                shutil.copyfileobj(src, out, 1 << 20)
+        except (lzma.LZMAError, EOFError) as e:  # damaged, or cut short
+            raise ValueError(f"{name}: not a readable xz file ({e})") from e
+        yield Path(tmp)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence the process's stderr (file descriptor 2, where C++ libraries write) for a while."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def flashlight_modules() -> tuple[Any, Any]:
+    """flashlight-text's decoder and dictionary modules (RuntimeError saying how to install them)."""
+    try:
+        from flashlight.lib.text import decoder, dictionary
+    except ImportError as e:
+        raise RuntimeError("language-model decoding needs flashlight-text: pip install flashlight-text "
+                           '(or pip install -e ".[lm]")') from e
+    return decoder, dictionary
+
+
+def load_kenlm(path: Path, words: Sequence[str]) -> tuple[Any, Any]:
+    """(flashlight KenLM, word dictionary) for a KenLM file (ARPA or binary) and the lexicon's
+    words; the dictionary holds ``words`` at their indices and ``<unk>`` after them."""
+    from flashlight.lib.text.decoder.kenlm import KenLM
+
+    _, fl_dict = flashlight_modules()
+    word_dict = fl_dict.Dictionary(list(words) + ["<unk>"])
+    word_dict.set_default_index(len(words))
+    try:
+        with _quiet_stderr():  # KenLM draws a progress bar on stderr while it reads an ARPA file
+            lm = KenLM(str(path), word_dict)
+    except RuntimeError as e:  # KenLM's own message names the file and the line
+        raise ValueError(f"not a language model KenLM reads: {' '.join(str(e).split())[:300]}") from e
+    return lm, word_dict
+
+
+def unigram_scores(kenlm_path: Path, words: Sequence[str], lm: Any = None) -> list[float]:
+    """Each word's score from the empty context (natural log), as the lexicon trie's look-ahead."""
+    if lm is None:
+        lm, _ = load_kenlm(kenlm_path, words)
+    start = lm.start(False)
+    return [lm.score(start, i)[1] for i in range(len(words))]
 
 
 def carried_language_model(ckpt: dict) -> Union[PackedLM, bytes, None]:
@@ -153,11 +253,10 @@ def spell_words(words: Sequence[str], tokenizer: Any) -> tuple[list[str], list[l
     return kept, spellings
 
 
-def pack_language_model(arpa_path: Union[str, Path], tokenizer: Any, tool: Optional[Union[str, Path]] = None) -> PackedLM:
+def pack_language_model(arpa_path: Union[str, Path], tokenizer: Any,
+                        tool: Optional[Union[str, Path]] = None) -> PackedLM:
     """Pack an ARPA file (plain or ``.xz``) for a model with ``tokenizer`` (module docstring).
     FileNotFoundError / ValueError (one line) for a missing or unreadable file or a missing tool."""
-    from asr.decode.lexicon import arpa_vocabulary, plain_arpa, unigram_scores
-
     arpa_path = Path(arpa_path)
     if not arpa_path.is_file():
         raise FileNotFoundError(f"language model not found: {arpa_path}")
