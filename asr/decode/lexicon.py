@@ -57,7 +57,7 @@ SILENCE_LOG_PROB = -1e4
 #: The LM's weight and the score added per word, tuned on the real dev set with the bundled LM
 #: (conf/lm/bundled.yaml has the grid and the command).
 DEFAULT_LM_WEIGHT = 2.0
-DEFAULT_WORD_SCORE = 3.0
+DEFAULT_WORD_SCORE = 2.0
 #: Tokens the search extends each hypothesis with per frame: the likeliest 16 of the frame's 256.
 #: flashlight's default (every token) spent 6-10x the time with WER equal on the bundled model's
 #: synthetic and real dev sets (+0.09 points on the synthetic test); 8 tokens cost +0.09 points on
