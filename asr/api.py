@@ -140,7 +140,7 @@ def load_model(
     ``ASRModel.model``'s parameters in place and call its ``drop_inference_cache()``.
     ``lm``: an ARPA word n-gram model (``tools/build_lm.py``): final hypotheses then come from a
     beam search over the LM's words (:mod:`asr.decode.lexicon`, needs flashlight-text), with
-    ``lm_weight`` and ``word_score`` (defaults tuned on the bundled model's synthetic dev set).
+    ``lm_weight`` and ``word_score`` (defaults tuned on the real dev set: conf/lm/bundled.yaml).
     Words outside the LM cannot be produced; ``beam_size`` and ``hotwords`` are then refused
     (``ValueError``): the LM search is the beam search. ``"auto"`` (the default): the LM the
     checkpoint carries, if any (the bundled model carries its word 3-gram, as pocketsphinx ships

@@ -11,9 +11,9 @@ A training checkpoint holds more (optimizer, scheduler, RNG states...: :mod:`asr
 writes them). An exported model (``tools/export_model.py --int8-weights``) may hold its large
 matrices in ``model_int8`` instead of ``model`` (int8 values and a float32 scale per output row);
 :func:`load_checkpoint` turns them back into float32 entries of ``model``, so every reader sees an
-ordinary state_dict. It may also carry its word language model (``lm_arpa_xz``: the bytes of an
-xz-compressed ARPA file as a uint8 tensor, ``--lm``), which it then decodes with by default, as the
-bundled model does.
+ordinary state_dict. It may also carry its word language model (``lm``: :mod:`asr.decode.packed_lm`'s
+packed form, ``--lm``; older files ``lm_arpa_xz``, the bytes of an xz-compressed ARPA file), which it
+then decodes with by default, as the bundled model does.
 
 A folder of checkpoints (``ckpt-step<N>.pt`` plus ``checkpoints.json``, the dev WER of each) is
 read through :class:`CheckpointFolder`; :func:`resolve_checkpoint` picks its best one.
@@ -26,7 +26,7 @@ import os
 import re
 import zipfile
 from pathlib import Path
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import torch
 
@@ -181,11 +181,12 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 class InferenceParts(NamedTuple):
     """What a checkpoint holds for inference: the model (eval mode), its tokenizer, and the word LM
-    it carries, if any (the xz-compressed ARPA bytes ``asr.decode.lexicon.LexiconDecoder`` takes)."""
+    it carries, if any (``asr.decode.packed_lm.carried_language_model``: a ``PackedLM``, or an older
+    file's xz-compressed ARPA bytes; ``asr.decode.lexicon.LexiconDecoder`` takes either)."""
 
     model: Any
     tokenizer: Any
-    lm_arpa_xz: Optional[bytes]
+    lm: Any  # PackedLM | bytes | None
 
 
 def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cpu"):
@@ -210,5 +211,10 @@ def load_inference_parts(path: str | os.PathLike, device: str | torch.device = "
     except RuntimeError as e:
         raise CheckpointError(f"{file}: weights do not match its model config: {e}") from e
     model.to(device).eval()
-    lm = ckpt.get("lm_arpa_xz")  # a uint8 tensor of the xz file's bytes (tools/export_model.py --lm)
-    return InferenceParts(model, Tokenizer.from_bytes(ckpt["tokenizer"]), None if lm is None else lm.numpy().tobytes())
+    from asr.decode.packed_lm import carried_language_model
+
+    try:
+        lm = carried_language_model(ckpt)
+    except ValueError as e:
+        raise CheckpointError(f"{file}: {e}") from e
+    return InferenceParts(model, Tokenizer.from_bytes(ckpt["tokenizer"]), lm)

@@ -1,4 +1,4 @@
-"""Lexicon + n-gram LM decoding (asr.decode.lexicon over torchaudio's flashlight decoder)."""
+"""Lexicon + n-gram LM decoding (asr.decode.lexicon over flashlight-text's decoder and KenLM)."""
 import json
 from pathlib import Path
 
@@ -120,8 +120,8 @@ def test_asr_transcribe_with_an_lm_spells_the_words_it_knows(commands_lm, capsys
 
 
 def test_lm_words_are_the_same_one_pass_and_block_by_block(commands_lm):
-    """Long inputs go through the streaming recognizer block by block: with an LM it collects the
-    frames and searches them once at the end, so words and times equal the one-pass result."""
+    """Long inputs go through the streaming recognizer block by block: with an LM the search takes
+    the frames as they come, and words and times equal the one-pass result."""
     import asr
 
     model = asr.load_model(lm=commands_lm)
@@ -168,11 +168,11 @@ def test_a_model_carries_its_lm_through_export(commands_lm, tmp_path, capsys):
     """tools/export_model.py --lm: the model carries the LM (as the bundled one does), decodes with
     it by default, and asr-eval --model-lm scores exactly what --lm with the same file scores. An
     LM that is not ARPA is refused at export, in one line."""
-    import lzma
     import sys
 
     import asr
     from asr.cli import evaluate
+    from asr.decode.packed_lm import PackedLM
     from asr.model_file import load_inference_parts
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
@@ -182,7 +182,9 @@ def test_a_model_carries_its_lm_through_export(commands_lm, tmp_path, capsys):
         sys.path.pop(0)
     out = tmp_path / "with_commands_lm.pt"
     assert export_model.main([str(BUNDLED), str(out), "--int8-weights", "--lm", str(commands_lm)]) == 0
-    assert lzma.decompress(load_inference_parts(out).lm_arpa_xz) == commands_lm.read_bytes()
+    carried_lm = load_inference_parts(out).lm
+    assert isinstance(carried_lm, PackedLM) and sorted(carried_lm.words) == sorted(arpa_vocabulary(commands_lm))
+    assert carried_lm.spelling(carried_lm.words.index("forward")) == load_for_inference(BUNDLED)[1].encode("forward")
     assert asr.load_model(out).transcribe(GOFORWARD).text == "go forward ten meters"
 
     manifest = tmp_path / "goforward.jsonl"

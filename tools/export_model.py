@@ -14,9 +14,10 @@ To export an average of the last checkpoints, run ``tools/average_checkpoints.py
 runs in float32 as before (this is storage, not ``--int8`` inference). The bundled model uses it to
 leave room for its language model under 25 MB.
 
-``--lm ARPA`` (plain or ``.xz``) makes the model carry its word language model, xz-compressed
-(``lm_arpa_xz``), as it carries its tokenizer: ``asr.load_model``, ``asr-transcribe`` and
-``asr-live`` then decode with it by default (``--no-lm`` / ``lm=None`` to turn it off), and
+``--lm ARPA`` (plain or ``.xz``) makes the model carry its word language model, packed for a fast
+load (``lm``: KenLM's binary format and the lexicon, :mod:`asr.decode.packed_lm`; needs KenLM's
+``build_binary``: ``python tools/build_kenlm.py``), as it carries its tokenizer: ``asr.load_model``,
+``asr-transcribe`` and ``asr-live`` then decode with it by default (``--no-lm`` / ``lm=None`` to turn it off), and
 ``asr-eval --model-lm`` scores it. The bundled model is made this way.
 """
 from __future__ import annotations
@@ -26,18 +27,17 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from asr.decode.lexicon import lm_bytes_to_carry  # noqa: E402
+from asr.decode.packed_lm import pack_language_model  # noqa: E402
 from asr.model_file import CheckpointError, load_checkpoint, quantize_weights_int8, resolve_checkpoint  # noqa: E402
 from asr.train.checkpoint import atomic_torch_save  # noqa: E402
 
 
-def compact_state(ckpt: dict, int8_weights: bool = False, lm_arpa_xz: Optional[bytes] = None) -> dict:
+def compact_state(ckpt: dict, int8_weights: bool = False, lm: Optional[dict] = None) -> dict:
     """The inference subset of ``ckpt``: fp16 weights (CMVN float32), or with ``int8_weights`` the
-    large matrices as int8 and the rest fp16; with ``lm_arpa_xz``, the word LM it carries."""
+    large matrices as int8 and the rest fp16; with ``lm`` (``PackedLM.to_checkpoint()``), the word
+    LM it carries."""
     model, packed = quantize_weights_int8(ckpt["model"]) if int8_weights else (ckpt["model"], {})
     state = {}
     for name, tensor in model.items():
@@ -47,9 +47,8 @@ def compact_state(ckpt: dict, int8_weights: bool = False, lm_arpa_xz: Optional[b
            "format": "rwkv-asr inference v1 (" + ("int8 matrices, fp16 rest" if int8_weights else "fp16 weights") + ")"}
     if packed:
         out["model_int8"] = packed
-    if lm_arpa_xz is not None:
-        # a uint8 tensor, not bytes: torch.save's pickle stores bytes as latin-1 text, ~1.5x larger
-        out["lm_arpa_xz"] = torch.frombuffer(bytearray(lm_arpa_xz), dtype=torch.uint8)
+    if lm is not None:
+        out["lm"] = lm
     return out
 
 
@@ -64,11 +63,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         ckpt = load_checkpoint(resolve_checkpoint(args.checkpoint))
-        lm = lm_bytes_to_carry(args.lm) if args.lm is not None else None
-    except (CheckpointError, OSError, ValueError) as err:
+        lm = None
+        if args.lm is not None:
+            from asr.tokenizer import Tokenizer
+
+            lm = pack_language_model(args.lm, Tokenizer.from_bytes(ckpt["tokenizer"])).to_checkpoint()
+    except (CheckpointError, OSError, RuntimeError, ValueError) as err:
         print(f"export_model: error: {err}", file=sys.stderr)
         return 2
-    atomic_torch_save(compact_state(ckpt, int8_weights=args.int8_weights, lm_arpa_xz=lm), args.out)
+    atomic_torch_save(compact_state(ckpt, int8_weights=args.int8_weights, lm=lm), args.out)
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB)")
     return 0
 

@@ -35,7 +35,10 @@ from asr.train.metrics import error_counts  # noqa: E402
 
 
 def part_of(entry: dict) -> str:
-    """The corpus part of a real-data entry: the folder under ``audio/`` (else the id's prefix)."""
+    """The part of a real-data entry: its ``part`` field (the dev manifests of
+    ``recipes/real/prepare.py``), else the folder under ``audio/``, else the id's prefix."""
+    if entry.get("part"):
+        return str(entry["part"])
     parts = Path(entry["audio"]).parts
     return parts[parts.index("audio") + 1] if "audio" in parts[:-2] else entry["id"].split("_")[0]
 
