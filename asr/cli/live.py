@@ -26,8 +26,8 @@ the delay between a word's end in the audio and its first appearance on screen, 
 counts.
 
 ``--compile`` records in 160 ms blocks instead of 100 ms and runs the model's step for them
-compiled into one C++ function (``CTCModel.prepare_for_inference(compile=True,
-compile_frames=(4,))``): with ``--int8``, ~2.5x less compute per 40 ms than without ``--compile``
+compiled into one C++ function (the ``compiled`` backends of ``asr.infer.InferenceEncoder``,
+compile_frames=(4,)): with ``--int8``, ~2.5x less compute per 40 ms than without ``--compile``
 (tools/bench_stream.py). It needs a C++ compiler; the first start compiles for up to a minute or two
 (inductor caches the result on disk, so later starts take seconds). Words appear up to 60 ms later.
 
@@ -201,7 +201,7 @@ def _file_blocks(path: str, block_seconds: float = BLOCK_SECONDS) -> Iterator[np
 
 
 def _load_model(path: Optional[str], int8: bool = False, compile: bool = False) -> tuple[Any, Any, Optional[bytes]]:
-    """(model, tokenizer, the word LM the checkpoint carries or None)."""
+    """(the inference engine, tokenizer, the word LM the checkpoint carries or None)."""
     from asr.api import BUNDLED_MODEL
     from asr.stream.process import tune_for_streaming
     from asr.train.checkpoint import load_inference_parts
@@ -210,13 +210,14 @@ def _load_model(path: Optional[str], int8: bool = False, compile: bool = False) 
         if not BUNDLED_MODEL.is_file():
             raise FileNotFoundError(f"no bundled model ({BUNDLED_MODEL} is not installed); pass --model PATH")
         path = str(BUNDLED_MODEL)
+    from asr.infer import InferenceEncoder, backend_for
+
     model, tokenizer, carried_lm = load_inference_parts(path)
-    if int8 or compile:
-        try:
-            model.prepare_for_inference(int8=int8, compile=compile, compile_frames=COMPILED_FRAMES, freeze=True)
-        except Exception as err:  # no C++ compiler, a model the compiled step does not take...
-            what = "--compile" if compile else "--int8"
-            raise RuntimeError(f"{what} failed: {' '.join(str(err).split())[:200]}") from None
+    try:
+        model = InferenceEncoder(model, backend_for(model, int8, compile), compile_frames=COMPILED_FRAMES)
+    except Exception as err:  # no C++ compiler, a model the compiled step does not take...
+        what = "--compile" if compile else "--int8" if int8 else "loading the model"
+        raise RuntimeError(f"{what} failed: {' '.join(str(err).split())[:200]}") from None
     # No garbage-collection stalls mid-stream (asr.stream.process); one stream's states are small,
     # so malloc keeps its defaults.
     tune_for_streaming(keep_freed_memory=False)
