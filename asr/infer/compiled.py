@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from asr.infer.step import Plan, build_plan, encode
-from asr.infer.products import FloatMatrix, FrontProducts, Int8Matrix, PackedProducts, quant_rows
+from asr.infer.products import FloatMatrix, FrontProducts, Int8Matrix, PackedProducts
 from asr.model import CTCModel
 from asr.model.rwkv7 import Block, BlockParams, BlockState
 from asr.ops.inductor import compile_graph
@@ -83,8 +83,8 @@ class TracedProducts(PackedProducts):
         if self.int8 and B * T > 1:
             return super().time_inputs(mixes, acts)
         m = mixes.view(6, B * T, C)
-        q = quant_rows(m) if self.int8 else None
-        row = lambda i: m[i] if q is None else (q[0][i], q[1][i])  # noqa: E731
+        rows = self.quantized_rows(m) if self.int8 else None
+        row = lambda i: m[i] if rows is None else rows(i, i + 1)  # noqa: E731
         r, k, v = (self.rkv[i].mm(row(i)).view(B, T, C) for i in range(3))
         ups = []
         for i, (down, up, act) in enumerate(zip(self.downs, self.ups, acts)):
@@ -92,6 +92,15 @@ class TracedProducts(PackedProducts):
             h = getattr(torch, act)(h) if act else h
             ups.append(up.mm(up.prepare(h)).view(B, T, C))
         return r, k, v, torch.stack(ups)
+
+    @staticmethod
+    def quantized_rows(m: Tensor) -> Callable[[int, int], tuple[Tensor, Tensor]]:
+        """As :meth:`PackedProducts.quantized_rows`, the rows made int8 per product: inductor
+        miscomputed ``int_mm`` on row slices of one int8 intermediate that two products share (the
+        v row, from layer 1 on: ~6 % of the logits, torch 2.14)."""
+        amax = m.abs().amax(dim=-1, keepdim=True).clamp(min=1e-30)
+        rounded = torch.mul(m, 127.0 / amax).round()
+        return lambda lo, hi: (rounded[lo:hi].reshape(-1, m.shape[-1]).to(torch.int8), amax[lo:hi].reshape(-1, 1))
 
 
 _CLASSES = (Plan, PackedProducts, FloatMatrix, Int8Matrix, RowsMatrix, FrontProducts, BlockParams)

@@ -18,6 +18,23 @@ Every backend runs the same arithmetic: the front end of :mod:`asr.infer.fronten
   update for batches of streams.
 
 The engine holds copies of the weights made at construction: build a new one after changing them.
+
+Adding a backend. Either
+
+- **products** (the arithmetic stays :func:`asr.infer.step.encode`'s): a class with the methods of
+  :class:`asr.model.rwkv7.BlockProducts` (``time_inputs``, ``output``, ``ffn_key``, ``ffn_value``,
+  ``wkv``), built per block like :class:`asr.infer.products.PackedProducts` (``build_plan``'s
+  ``products`` argument), and front-end matrices with ``prepare`` / ``mm`` / ``addmm`` as
+  :class:`asr.infer.products.FloatMatrix`; or
+- **a step runner** (a compiled or exported whole step, e.g. an ONNX Runtime session of
+  ``encode``): an object with ``applies(features, cache1, cache2) -> bool`` and
+  ``__call__(features, cache1, cache2, states) -> (logits, cache1, cache2, states)`` with
+  :func:`asr.infer.step.encode`'s shapes and layouts (caches as :func:`asr.infer.frontend.front`
+  takes them; ``states`` a list of :class:`asr.model.rwkv7.BlockState`), set as ``self.runner`` in
+  ``__init__`` for its backend name (as :class:`asr.infer.compiled.CompiledSteps`). Calls it does
+  not apply to run the eager plan, so it may serve only the shapes it was built for.
+
+Add the name to :data:`BACKENDS`; tests/test_engine.py then runs it through every test.
 """
 from __future__ import annotations
 
@@ -83,11 +100,11 @@ class InferenceEncoder:
 
             check_int_mm()
         self.plan: Optional[Plan] = None if backend == "reference" else build_plan(model, int8)
-        self.compiled = None
+        self.runner = None
         if backend.startswith("compiled"):
             from asr.infer.compiled import CompiledSteps
 
-            self.compiled = CompiledSteps(model, self.plan, int8, compile_frames)
+            self.runner = CompiledSteps(model, self.plan, int8, compile_frames)
 
     def __repr__(self) -> str:
         return f"InferenceEncoder(backend={self.backend!r})"
@@ -108,8 +125,8 @@ class InferenceEncoder:
             return self.model.step(features, state)
         B = features.shape[0]
         c1, c2 = to_front_layout(state.subsampling, self.plan.front, B, features.shape[2], features)
-        if self.compiled is not None and self.compiled.applies(features, c1, c2):
-            logits, c1, c2, blocks = self.compiled(features, c1, c2, state.blocks)
+        if self.runner is not None and self.runner.applies(features, c1, c2):
+            logits, c1, c2, blocks = self.runner(features, c1, c2, state.blocks)
         else:
             logits, c1, c2, blocks = encode(self.plan, features, c1, c2, state.blocks)
         return logits, state.advance(to_state_layout(c1, c2), blocks, features.shape[1], logits.shape[1])

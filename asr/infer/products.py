@@ -122,9 +122,9 @@ class PackedProducts:
         M, n = B * T, len(acts)
         m = mixes.view(6, M, C)
         if self.int8:  # all six inputs quantized at once, one scale per row
-            qm, am = quant_rows(m)
-            r, k, v = (self.rkv[i].mm((qm[i], am[i])) for i in range(3))
-            h = self.down.mm((qm[6 - n:].view(n * M, C), am[6 - n:].view(n * M, 1)))
+            rows = self.quantized_rows(m)
+            r, k, v = (self.rkv[i].mm(rows(i, i + 1)) for i in range(3))
+            h = self.down.mm(rows(6 - n, 6))
         else:
             r, k, v = torch.bmm(m[:3], self.rkv).unbind(0)
             h = self.down.mm(m[6 - n:].reshape(n * M, C))
@@ -134,6 +134,13 @@ class PackedProducts:
                 getattr(h[i, :, self.spans[i][0] : self.spans[i][1]], act + "_")()
         up = self.up.mm(self.up.prepare(h.view(n * M, -1))).view(n, B, T, C)
         return r.view(B, T, C), k.view(B, T, C), v.view(B, T, C), up
+
+    @staticmethod
+    def quantized_rows(m: Tensor) -> Callable[[int, int], tuple[Tensor, Tensor]]:
+        """m [6, M, C] quantized per row; returns ``rows(lo, hi)``: m[lo:hi] as int8 rows [n M, C]
+        and their maxima [n M, 1]."""
+        qm, am = quant_rows(m)
+        return lambda lo, hi: (qm[lo:hi].reshape(-1, qm.shape[-1]), am[lo:hi].reshape(-1, 1))
 
     def output(self, x: Tensor, o: Tensor) -> Tensor:
         return self.out.addmm(_rows(x), self.out.prepare(_rows(o))).view_as(x)

@@ -74,7 +74,7 @@ class ConvSubsampling(nn.Module):
 
     #: Run the convolutions channels-last (NHWC) on CUDA (the CPU keeps NCHW). Why: cuDNN's bf16
     #: kernels work in NHWC; in NCHW it transposes the feature maps around them. On an H100
-    #: (tools/bench_frontend.py, BENCHMARKS.md session 8) channels-last took the front end's training
+    #: (tools/bench_frontend.py) channels-last took the front end's training
     #: peak from 2.79 to 2.18 GiB at 21 x 30 s (256 channels; 1.48 -> 1.23 GiB at 64 x 10 s, 128),
     #: at the same speed (0.98-1.03x). A class attribute, so a benchmark can switch it off.
     channels_last: bool = True
