@@ -143,7 +143,7 @@ def test_compiled_backends_run_their_compiled_steps(backend):
     """One stream fed 40 ms (and, compiled for it, 160 ms) calls runs the compiled function in
     both phases of the front end (a first call of 2 feature frames leaves the other phase)."""
     encoder = engine(backend)
-    feats = torch.randn(1, 66, 80) * 3 - 8
+    feats = torch.randn(1, 260, 80) * 3 - 8
     for sizes in ([4] * 16 + [2], [2] + [4] * 16, [2] + [4 * max(FRAMES[backend])] * 16):
         before = encoder.runner.calls
         got = run(encoder, feats[:, : sum(sizes)], sizes)

@@ -183,8 +183,9 @@ class CompiledSteps:
                 examples = [torch.zeros(1, 4 * T, cfg.n_mels), torch.zeros(1, 2, cfg.n_mels),
                             torch.zeros(1, phase, F1, C1), f32, i8, *state]
                 self.fns[(T, phase)] = compile_graph(self._traced, examples)
-        kernel = compile_graph(wkv7_token, [torch.zeros(_TRACE_STREAMS, H, N, N)] +
-                               [torch.zeros(_TRACE_STREAMS, H, N) for _ in range(6)], symbolic=True)
+        row, col = torch.zeros(_TRACE_STREAMS, H, 1, N), torch.zeros(_TRACE_STREAMS, H, N, 1)
+        kernel = compile_graph(wkv7_token, [torch.zeros(_TRACE_STREAMS, H, N, N), row, row.clone(), row.clone(),
+                                            col, row.clone(), row.clone()], symbolic=True)
         for products in eager.products:
             products.kernel = lambda S, *rows: kernel(S.contiguous(), *(t.contiguous() for t in rows))
 

@@ -60,7 +60,7 @@ def token_shift(u: Tensor, prev: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """Return (u_{t-1} - u_t, new prev). u: [B, T, C]; prev: [B, C] or None (stream start = 0)."""
     if prev is None:
         prev = torch.zeros_like(u[:, 0])
-    prev = prev.to(u.dtype).unsqueeze(1)
+    prev = (prev if prev.dtype == u.dtype else prev.to(u.dtype)).unsqueeze(1)
     if u.shape[1] == 1:
         return prev - u, u[:, -1]
     return torch.cat([prev, u[:, :-1]], dim=1) - u, u[:, -1]
@@ -144,10 +144,10 @@ def block_step(
     w, a = gates[-2] * NEG_EXP_HALF, gates[-1]
     kk = F.normalize(heads(k * p.k_k), dim=-1, p=2.0, eps=1e-12)
     k = k * torch.addcmul(p.one_minus_k_a, a, p.k_a)  # k (1 + (a - 1) k_a)
-    y, wkv_state = mm.wkv(heads(r), heads(w), heads(k), heads(v), -kk, kk * heads(a),
-                          None if state is None else state.wkv)
+    r, k, v = heads(r), heads(k), heads(v)
+    y, wkv_state = mm.wkv(r, heads(w), k, v, -kk, kk * heads(a), None if state is None else state.wkv)
     y = F.group_norm(y.flatten(0, -3).flatten(1), H, *p.ln_x).view_as(g)  # per token and head
-    bonus = (heads(r) * heads(k) * p.r_k).sum(dim=-1, keepdim=True) * heads(v)
+    bonus = (r * k * p.r_k).sum(dim=-1, keepdim=True) * v
     x = mm.output(x, (y + bonus.flatten(-2)) * g)
     # ---- channel mix
     u2 = F.layer_norm(x, p.ln2[0].shape, *p.ln2)
