@@ -127,17 +127,16 @@ def load_model(
     ``path``: a checkpoint file, or a training output / checkpoint folder (its best checkpoint by
     dev WER, else its newest); ``None`` loads the bundled model ``asr/pretrained/model.pt``.
     ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (CUDA when available).
-    ``int8``: run the model with int8 block weights (CPU only; see
-    :meth:`asr.model.CTCModel.prepare_for_inference`): faster streaming, outputs within about 1 %
-    of float32 (not bit-identical). Off by default.
+    ``int8``: run the model with int8 weights (CPU only; the ``int8`` backend of
+    :class:`asr.infer.InferenceEncoder`): faster streaming, outputs within about 1 % of float32
+    (not bit-identical). Off by default.
     ``compile``: compile the streaming step for one and for four encoder frames per call (40 and
-    160 ms of audio; CPU only, needs a C++ compiler, up to a minute or two the first time; see
-    :meth:`asr.model.CTCModel.prepare_for_inference`): a :meth:`ASRModel.stream` fed 160 ms chunks
-    then runs ~2.5x faster with ``int8``. File transcription does not use it. Off by default.
-    ``compile_frames``: the encoder frames per call compiled for (``asr-live --compile`` feeds
-    160 ms blocks and compiles ``(4,)`` only).
-    With either, the model's weights are frozen (``prepare_for_inference(freeze=True)``): edit
-    ``ASRModel.model``'s parameters in place and call its ``drop_inference_cache()``.
+    160 ms of audio; CPU only, needs a C++ compiler, up to a minute or two the first time; the
+    ``compiled`` / ``compiled-int8`` backends): a :meth:`ASRModel.stream` fed 160 ms chunks
+    then runs ~2.5x faster with ``int8``. Off by default. ``compile_frames``: the encoder frames per
+    call compiled for (``asr-live --compile`` feeds 160 ms blocks and compiles ``(4,)`` only).
+    The engine copies the weights when it is built: after editing ``ASRModel.model``'s parameters,
+    load the model again.
     ``lm``: an ARPA word n-gram model (``tools/build_lm.py``): final hypotheses then come from a
     beam search over the LM's words (:mod:`asr.decode.lexicon`, needs flashlight-text), with
     ``lm_weight`` and ``word_score`` (defaults tuned on the real dev set: conf/lm/bundled.yaml).
@@ -164,10 +163,11 @@ def load_model(
             )
         path = BUNDLED_MODEL
     model, tokenizer, carried_lm = load_inference_parts(path, device=dev)
-    if int8 or compile:
-        model.prepare_for_inference(int8=int8, compile=compile, compile_frames=compile_frames, freeze=True)
+    from asr.infer import InferenceEncoder, backend_for
+
+    encoder = InferenceEncoder(model.eval(), backend_for(model, int8, compile), compile_frames=compile_frames)
     lexicon, default_lm = language_model_decoder(tokenizer, lm, carried_lm, lm_weight=lm_weight, word_score=word_score)
-    return ASRModel(model, tokenizer, device=dev, lexicon=lexicon, lexicon_optional=default_lm)
+    return ASRModel(model, tokenizer, device=dev, lexicon=lexicon, lexicon_optional=default_lm, encoder=encoder)
 
 
 def language_model_decoder(
@@ -331,6 +331,7 @@ class ASRModel:
         pause_seconds: float = DEFAULT_PAUSE_SECONDS,
         lexicon: Any = None,
         lexicon_optional: bool = False,
+        encoder: Any = None,
     ) -> None:
         self.device = torch.device(device)
         self.lexicon = lexicon  # asr.decode.lexicon.LexiconDecoder: final words from the LM search
@@ -338,6 +339,12 @@ class ASRModel:
         # without it rather than failing (an LM the caller passed makes such calls an error).
         self.lexicon_optional = bool(lexicon_optional)
         self.model = model.to(self.device).eval()
+        if encoder is None:
+            from asr.infer import InferenceEncoder, backend_for
+
+            encoder = InferenceEncoder(self.model, backend_for(self.model))
+        #: the inference engine (:class:`asr.infer.InferenceEncoder`) that runs ``model``
+        self.encoder = encoder
         self.tokenizer = tokenizer
         self.long_audio_seconds = float(long_audio_seconds)
         self.block_seconds = float(block_seconds)
@@ -482,7 +489,7 @@ class ASRModel:
 
         kwargs.setdefault("device", self.device)
         kwargs.setdefault("lexicon", self._lexicon_for(int(kwargs.get("beam_size", 1) or 1), kwargs.get("hotwords")))
-        return Recognizer(self.model, self.tokenizer, **kwargs)
+        return Recognizer(self.encoder, self.tokenizer, **kwargs)
 
     # ---------------------------------------------------------------- internals
     def _lexicon_for(self, beam_size: int, hotwords: Optional[Mapping[str, float]]) -> Any:
@@ -544,7 +551,7 @@ class ASRModel:
         logits = out_lengths = None
         if int(lengths.max()) > 0:
             batch = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True).to(self.device)
-            logits, out_lengths = self.model(batch, lengths.to(self.device))
+            logits, out_lengths = self.encoder(batch, lengths.to(self.device))
             out_lengths = out_lengths.cpu()
         for b, (wave, name) in enumerate(zip(waves, names)):
             dec = self._decoder(opts)
@@ -569,7 +576,7 @@ class ASRModel:
         from asr.stream.endpoint import EndpointConfig
         from asr.stream.recognizer import Recognizer
 
-        rec = Recognizer(self.model, self.tokenizer, endpoint=EndpointConfig.disabled(), beam_size=opts.beam_size,
+        rec = Recognizer(self.encoder, self.tokenizer, endpoint=EndpointConfig.disabled(), beam_size=opts.beam_size,
                          hotwords=opts.hotwords_map, device=self.device, lexicon=opts.lexicon)
         for block in blocks:
             rec.accept_waveform(block, SAMPLE_RATE)

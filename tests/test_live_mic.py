@@ -95,16 +95,16 @@ def test_live_input_fast_gives_the_offline_transcript(overfit_checkpoint, tmp_pa
 @pytest.mark.skipif(os.environ.get("ASR_TEST_COMPILE") == "0" or not (shutil.which("c++") or shutil.which("g++")),
                     reason="--compile builds C++ with torch.compile's inductor (ASR_TEST_COMPILE=0 skips)")
 def test_live_compile_gives_the_offline_transcript(overfit_checkpoint, tmp_path, monkeypatch, capsys):
-    """--compile: 160 ms blocks through the compiled 4-frame step (float32: the packed path's
+    """--compile: 160 ms blocks through the compiled 4-frame step (float32: the float backend's
     results to float rounding), so the words and times are the offline ones. In-process, to count
     the calls that took the compiled step."""
     from asr.cli import live
-    from asr.model import token_step
+    from asr.infer.compiled import CompiledSteps
 
     calls = []
-    original = token_step.CompiledTokenStep.__call__
-    monkeypatch.setattr(token_step.CompiledTokenStep, "__call__",
-                        lambda obj, x, states: calls.append(x.shape[0]) or original(obj, x, states))
+    original = CompiledSteps.__call__
+    monkeypatch.setattr(CompiledSteps, "__call__",
+                        lambda obj, x, *rest: calls.append(x.shape[1] // 4) or original(obj, x, *rest))
     wav = DATA / "audio/pocketsphinx_goforward.flac"
     out = tmp_path / "finals.jsonl"
     threads = torch.get_num_threads()
@@ -123,12 +123,12 @@ def test_live_compile_gives_the_offline_transcript(overfit_checkpoint, tmp_path,
 def test_live_compile_failure_is_a_one_line_error(overfit_checkpoint, monkeypatch, capsys):
     """No C++ compiler (or any other compile failure): one line on stderr, exit 1, no traceback."""
     from asr.cli import live
-    from asr.model import CTCModel
+    from asr.infer.compiled import CompiledSteps
 
     def no_compiler(self, *args, **kwargs):
         raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found in\ntorch._inductor.config.cpp.cxx")
 
-    monkeypatch.setattr(CTCModel, "prepare_for_inference", no_compiler)
+    monkeypatch.setattr(CompiledSteps, "__init__", no_compiler)
     threads = torch.get_num_threads()
     try:
         rc = live.main(["--model", str(overfit_checkpoint), "--input", str(DATA / "audio/pocketsphinx_goforward.flac"),

@@ -218,15 +218,15 @@ def test_load_for_inference_eval_and_averaging(trained: Path, work: dict, capsys
     assert eval_main([str(work["root"] / "nope"), str(work["dev"])]) == 2
     # --int8 scores the int8 model (what asr-transcribe --int8 runs): near the float32 transcripts
     report8 = work["root"] / "report_int8.jsonl"
-    from asr.model import CTCModel
+    from asr.infer import InferenceEncoder
     prepared = []
-    original = CTCModel.prepare_for_inference
-    monkeypatch.setattr(CTCModel, "prepare_for_inference",
-                        lambda self, **kw: prepared.append(kw) or original(self, **kw))
+    original = InferenceEncoder.__init__
+    monkeypatch.setattr(InferenceEncoder, "__init__",
+                        lambda self, model, backend, **kw: prepared.append(backend) or original(self, model, backend, **kw))
     assert eval_main([str(trained), str(work["dev"]), "--num-workers", "0", "--worst", "0",
                       "--report", str(report8), "--device", "cpu", "--int8"]) == 0
     rows8 = [json.loads(line) for line in report8.read_text().splitlines()]
-    assert prepared == [{"int8": True}]
+    assert prepared == ["int8"]
     assert [r["id"] for r in rows8] == [r["id"] for r in rows]
     assert sum(a["hyp"] == b["hyp"] for a, b in zip(rows, rows8)) >= 6
     assert eval_main([str(trained), str(work["dev"]), "--int8", "--device", "cuda"]) == 2

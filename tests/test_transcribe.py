@@ -297,13 +297,14 @@ def test_stream_returns_the_recognizer(model):
 @pytest.mark.skipif(os.environ.get("ASR_TEST_COMPILE") == "0" or not (shutil.which("c++") or shutil.which("g++")),
                     reason="compiles C++ with torch.compile's inductor (ASR_TEST_COMPILE=0 skips)")
 def test_load_model_compile_streams_160ms_chunks_through_the_compiled_step(overfit_checkpoint, model, monkeypatch):
-    from asr.model import token_step
+    from asr.infer.compiled import CompiledSteps
 
     calls = []
-    original = token_step.CompiledTokenStep.__call__
-    monkeypatch.setattr(token_step.CompiledTokenStep, "__call__",
-                        lambda obj, x, states: calls.append(x.shape[0]) or original(obj, x, states))
+    original = CompiledSteps.__call__
+    monkeypatch.setattr(CompiledSteps, "__call__",
+                        lambda obj, x, *rest: calls.append(x.shape[1] // 4) or original(obj, x, *rest))
     compiled = load_model(overfit_checkpoint, compile=True)
+    assert compiled.encoder.backend == "compiled"
     audio = load_audio(GOFORWARD)
     stream = compiled.stream()
     for start in range(0, len(audio), 2560):  # 160 ms chunks: 4 encoder frames each

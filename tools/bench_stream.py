@@ -9,22 +9,18 @@ Tables (markdown), all on ``--threads`` intra-op threads (default 1, as ``asr-li
 
 1. Single stream, frame by frame (40 ms of audio per call, after warm-up): the whole recognizer
    (``Recognizer.accept_waveform``: fbank, ``model.step``, greedy decoding, endpointing) and
-   ``model.step`` alone, median and p99 per frame and the real-time factor (compute / audio).
-   ``model.step`` is timed twice, side by side: the packed inference path (the default without
-   autograd) and the general path (``fast=False``, ``Block.forward``), the "before" of issue 7;
-   the two are timed in alternating rounds so machine-load drift hits both alike.
-   The packed path is also timed with int8 block weights (``prepare_for_inference(int8=True)``),
-   and, unless ``--skip compile``, with the step compiled by ``torch.compile``'s inductor for one
-   and for four encoder frames per call (``prepare_for_inference(compile=True,
-   compile_frames=(1, 4))``, float32 and int8; the compile time is printed), all in the same
-   alternating rounds; the recognizer is also timed with the compiled step. The int8 and compiled
-   modes run with frozen weights (``freeze=True``: no per-step check of the parameters' versions),
-   as ``asr.load_model`` and ``asr-live`` load them. Unless ``--skip onnx``, the model is exported
-   to ONNX (:mod:`asr.export.onnx`, one and four frames per call, float32 and ONNX Runtime's
-   dynamic int8) and :class:`asr.export.runtime.OnnxEncoder` ``step`` is timed in the same rounds
-   (one intra-op and one inter-op thread, sequential, all graph optimizations); the export time
-   and the sessions' creation times (without, writing and reading the optimized-graph cache) are
-   printed below the table.
+   ``encoder.step`` alone, median and p99 per frame and the real-time factor (compute / audio),
+   for each backend of :class:`asr.infer.InferenceEncoder`: ``reference`` (``CTCModel.step``,
+   the model's own modules), ``float`` (packed float32, ``asr.load_model``'s default), ``int8``
+   and, unless ``--skip compile``, ``compiled`` and ``compiled-int8`` (inductor, for one and for
+   four encoder frames per call; the compile time is printed), all timed in alternating rounds so
+   machine-load drift hits them alike; the recognizer is also timed with the compiled backend.
+   Unless ``--skip onnx``, the model is exported to ONNX (:mod:`asr.export.onnx`, one and four
+   frames per call, float32 and ONNX Runtime's dynamic int8) and
+   :class:`asr.export.runtime.OnnxEncoder` ``step`` is timed in the same rounds (one intra-op and
+   one inter-op thread, sequential, all graph optimizations); the export time and the sessions'
+   creation times (without, writing and reading the optimized-graph cache) are printed below the
+   table.
    The floor the issue sets: one fp32 matrix-vector product over as many weights as the model has
    (reading every weight once per frame), measured in the same run, and the int8 floor: one int8
    mat-vec over as many weights with the kernel the int8 path uses (``torch._int_mm``); and the
@@ -36,12 +32,11 @@ Tables (markdown), all on ``--threads`` intra-op threads (default 1, as ``asr-li
    frame by frame and 160 ms per call, and Emformer's segment, in short alternating runs.
 3. State memory per stream: ours (``EncoderState.size_bytes()`` + frontend buffers) and Emformer's.
 4. Concurrent streams: B streams stepped as one batch with ``asr.stream.step_batch`` (every call
-   gives each stream ``--batch-block`` seconds of audio), and ``model.step`` on the batched state
+   gives each stream ``--batch-block`` seconds of audio), and ``encoder.step`` on the batched state
    alone (what a server that keeps the states stacked would pay). The largest B whose *mean* time
    per call (garbage collections and all) stays under the audio it processes keeps real time;
-   found by doubling, then bisection. Float32 packed path, then int8, then (unless ``--skip
-   compile``) both with ``prepare_for_inference(compile=True)``, which compiles the batched wkv
-   update. Before it the process calls :func:`asr.stream.tune_for_streaming`, as a server should
+   found by doubling, then bisection. The float and int8 backends, then (unless ``--skip
+   compile``) the compiled ones, whose batched calls run a compiled wkv update. Before it the process calls :func:`asr.stream.tune_for_streaming`, as a server should
    (``gc.freeze()`` and glibc malloc settings: without them, garbage-collection stalls of
    ~150-300 ms every few dozen calls, and the states' memory mapped and zeroed again every call).
 5. With ``--latency`` (or alone: ``--latency-only``): each word's emission delay on real
@@ -76,6 +71,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from asr.frames import FRAME_SECONDS as FRAME  # noqa: E402
 from asr.frames import SAMPLE_RATE as SR  # noqa: E402
+from asr.infer import InferenceEncoder  # noqa: E402
 from asr.model import CTCModel, ModelConfig  # noqa: E402
 from asr.stream import Recognizer, stack_states, step_batch, tune_for_streaming  # noqa: E402
 from asr.tokenizer import Tokenizer  # noqa: E402
@@ -125,65 +121,67 @@ def speech_like(seconds: float, seed: int = 0) -> torch.Tensor:
     return (0.2 * env * torch.sin(2 * math.pi * 220 * t) + 0.02 * torch.randn(t.shape, generator=g)).float()
 
 
+#: bench key -> backend of asr.infer.InferenceEncoder (False/True: the "general"/"packed" keys of old tables)
+BACKEND = {False: "reference", True: "float", "int8": "int8", "compiled": "compiled", "compiled_int8": "compiled-int8"}
+
+
 def single_stream(model: CTCModel, tok: Tokenizer, frames: int, compile: bool = False,
                   onnx: Optional[dict] = None) -> dict:
-    """Per-frame cost of the whole recognizer and of model.step alone (and of the ``onnx``
-    encoders' ``step``, by name, in the same rounds)."""
+    """Per-frame cost of the whole recognizer and of encoder.step alone, per backend (and of the
+    ``onnx`` encoders' ``step``, by name, in the same rounds)."""
     audio = speech_like(frames * FRAME + 2.0)
-    rec = Recognizer(model, tok)
-    rec.accept_waveform(audio[:SR])  # warm-up: the first second
-    pos, hop, times = SR, int(FRAME * SR), []
-    for _ in range(frames):
+    keys = [False, True, "int8"] + (["compiled", "compiled_int8"] if compile else [])
+    engines, out = {}, {"compile_s": {}}
+    for key in keys:  # built (and compiled) once each, kept across the rounds
         t = time.perf_counter()
-        rec.accept_waveform(audio[pos : pos + hop])
-        times.append(time.perf_counter() - t)
-        pos += hop
+        engines[key] = InferenceEncoder(model, BACKEND[key], compile_frames=(1, 4))
+        if key in ("compiled", "compiled_int8"):
+            out["compile_s"][key] = time.perf_counter() - t
+    if not compile:
+        del out["compile_s"]
+    recs = {key: Recognizer(engines[key], tok) for key in (True, "compiled") if key in engines}
+    hop = int(FRAME * SR)
     feats = torch.randn(1, 4, 80) * 3 + 5
     feats4 = torch.randn(1, 16, 80) * 3 + 5  # 160 ms per call: 4 encoder frames, Emformer's segment
-    out: dict = {"recognizer": times, "state_bytes": rec.state_size_bytes(), "model_state_bytes": rec.state.size_bytes()}
-    # key: (fast, int8, compile)
-    modes = {True: (True, False, False), False: (False, False, False), "int8": (True, True, False)}
-    if compile:
-        modes.update({"compiled": (True, False, True), "compiled_int8": (True, True, True)})
-        out["compile_s"] = {}
-        for key in ("compiled", "compiled_int8"):  # compile once each (kept across the rounds)
-            t = time.perf_counter()
-            model.prepare_for_inference(int8=modes[key][1], compile=True, compile_frames=(1, 4))
-            out["compile_s"][key] = time.perf_counter() - t
-    for key in modes:
+    for key, rec in recs.items():
+        rec.accept_waveform(audio[:SR])  # warm-up: the first second
+        out["recognizer" if key is True else "recognizer_compiled"] = []
+    out.update({"state_bytes": recs[True].state_size_bytes(), "model_state_bytes": recs[True].state.size_bytes(),
+                "engines": engines})
+    for key in keys:
         out[f"step_{key}"], out[f"step4_{key}"] = [], []
-    out["recognizer_compiled"] = []
     onnx = onnx or {}
     onnx_recs = {}
     for key, enc in onnx.items():
         out[f"step_{key}"], out[f"step4_{key}"], out[f"recognizer_{key}"] = [], [], []
         onnx_recs[key] = Recognizer(enc, tok)
         onnx_recs[key].accept_waveform(audio[:SR])
+    pos = SR
     with torch.inference_mode():
-        for rnd in range(4):  # alternate the paths so load drift on a shared machine hits all alike
-            for key, (fast, int8, comp) in modes.items():
-                # int8 and compiled: frozen weights, as asr.load_model and asr-live load them
-                model.prepare_for_inference(int8=int8, compile=comp, compile_frames=(1, 4), freeze=int8 or comp)
-                state = model.init_state(1)
-                _, state = model.step(feats, state, fast=fast)
+        for rnd in range(4):  # alternate the backends so load drift on a shared machine hits all alike
+            for key in keys:
+                enc = engines[key]
+                state = enc.init_state(1)
+                _, state = enc.step(feats, state)
 
                 def one():
                     nonlocal state
-                    _, state = model.step(feats, state, fast=fast)
+                    _, state = enc.step(feats, state)
 
                 def four():
                     nonlocal state
-                    _, state = model.step(feats4, state, fast=fast)
+                    _, state = enc.step(feats4, state)
 
                 out[f"step_{key}"] += timeit(one, max(5, frames // 4))
                 out[f"step4_{key}"] += [t / 4 for t in timeit(four, max(5, frames // 16))]
-                if comp and not int8:  # the whole recognizer, frame by frame, on the compiled step
+                rec = recs.get(key)
+                if rec is not None:  # the whole recognizer, frame by frame
                     for _ in range(max(5, frames // 4)):
                         if pos + hop > len(audio):
                             pos = SR
                         t = time.perf_counter()
                         rec.accept_waveform(audio[pos : pos + hop])
-                        out["recognizer_compiled"].append(time.perf_counter() - t)
+                        out["recognizer" if key is True else "recognizer_compiled"].append(time.perf_counter() - t)
                         pos += hop
             for key, enc in onnx.items():
                 out[f"step_{key}"] += timeit(_stepper(enc, feats), max(5, frames // 4))
@@ -197,7 +195,6 @@ def single_stream(model: CTCModel, tok: Tokenizer, frames: int, compile: bool = 
                     rec_pos[0] += hop
 
                 out[f"recognizer_{key}"] += timeit(feed, max(5, frames // 4), warmup=0)
-        model.prepare_for_inference(int8=False)
         out["init_state"] = timeit(lambda: model.init_state(1), frames)
     return out
 
@@ -311,14 +308,13 @@ def emformer(reps: int) -> Optional[dict]:
             "call": one}
 
 
-def head_to_head(model: CTCModel, emformer_segment: Callable[[], object], reps: int, block: int = 20) -> dict:
+def head_to_head(model: InferenceEncoder, emformer_segment: Callable[[], object], reps: int, block: int = 20) -> dict:
     """Our compiled int8 step against Emformer's 160 ms segment, in short alternating runs, so
     that this box's load swings (up to 2x between processes, minutes apart) hit both alike: per
     round, ``block`` Emformer segments, then the same audio as one-frame calls of ours, then as
     4-frame calls. Runs, not single calls: each model keeps its weights in the caches through its
     run, as a stream stepping alone would (one Emformer segment streams 38 MB of weights through
-    them, and ours is memory-bound). Times per 160 ms of audio."""
-    model.prepare_for_inference(int8=True, compile=True, compile_frames=(1, 4), freeze=True)
+    them, and ours is memory-bound). Times per 160 ms of audio. ``model``: the compiled-int8 engine."""
     feats, feats4 = torch.randn(1, 4, 80) * 3 + 5, torch.randn(1, 16, 80) * 3 + 5
     states = {"frames": model.init_state(1), "block": model.init_state(1)}
 
@@ -337,8 +333,8 @@ def head_to_head(model: CTCModel, emformer_segment: Callable[[], object], reps: 
     return out
 
 
-def batch_capacity(model: CTCModel, tok: Tokenizer, block: float, reps: int, max_b: int) -> dict:
-    """Time per call of step_batch (and of model.step on a stacked state) for B streams."""
+def batch_capacity(model: InferenceEncoder, tok: Tokenizer, block: float, reps: int, max_b: int) -> dict:
+    """Time per call of step_batch (and of encoder.step on a stacked state) for B streams."""
     hop = int(block * SR)
     audio = speech_like(60.0, seed=1)
     cache: dict[int, tuple[float, float]] = {}
@@ -548,26 +544,26 @@ def main(argv=None) -> int:
     q = None if "int8" in args.skip else int8_step(model, reps)
     emf = None if "emformer" in args.skip else emformer(reps)
     fl = statistics.median(floor)
-    rows = [("recognizer (fbank + step + greedy + endpoint)", single["recognizer"]),
-            ("model.step, general path (`fast=False`, before)", single["step_False"]),
-            ("model.step, packed path (default)", single["step_True"]),
-            ("model.step, packed path, int8 (`prepare_for_inference(int8=True)`)", single["step_int8"])]
+    rows = [("recognizer (fbank + step + greedy + endpoint), float backend", single["recognizer"]),
+            ("encoder.step, reference backend (`CTCModel.step`)", single["step_False"]),
+            ("encoder.step, float backend (default)", single["step_True"]),
+            ("encoder.step, int8 backend (`int8=True`)", single["step_int8"])]
     if "compile_s" in single:
-        rows += [("model.step, compiled one-frame step (`prepare_for_inference(compile=True)`)", single["step_compiled"]),
-                 ("model.step, compiled one-frame step, int8 (`int8=True, compile=True`)", single["step_compiled_int8"]),
-                 ("recognizer, compiled one-frame step", single["recognizer_compiled"])]
+        rows += [("encoder.step, compiled backend (`compile=True`)", single["step_compiled"]),
+                 ("encoder.step, compiled-int8 backend (`int8=True, compile=True`)", single["step_compiled_int8"]),
+                 ("recognizer, compiled backend", single["recognizer_compiled"])]
     if onnx:
         rows += [("OnnxEncoder.step, ONNX Runtime float32 (`asr-export --format onnx`)", single["step_onnx"]),
                  ("OnnxEncoder.step, ONNX Runtime int8 (dynamic quantization)", single["step_onnx_int8"]),
                  ("recognizer on OnnxEncoder, float32", single["recognizer_onnx"]),
                  ("recognizer on OnnxEncoder, int8", single["recognizer_onnx_int8"])]
     rows += [
-            ("model.step, 160 ms (4 frames) per call, per 40 ms, general path", single["step4_False"]),
-            ("model.step, 160 ms (4 frames) per call, per 40 ms, packed path", single["step4_True"]),
-            ("model.step, 160 ms (4 frames) per call, per 40 ms, packed int8", single["step4_int8"])]
+            ("encoder.step, 160 ms (4 frames) per call, per 40 ms, reference", single["step4_False"]),
+            ("encoder.step, 160 ms (4 frames) per call, per 40 ms, float", single["step4_True"]),
+            ("encoder.step, 160 ms (4 frames) per call, per 40 ms, int8", single["step4_int8"])]
     if "compile_s" in single:
-        rows += [("model.step, 160 ms (4 frames) per call, per 40 ms, compiled", single["step4_compiled"]),
-                 ("model.step, 160 ms (4 frames) per call, per 40 ms, compiled int8", single["step4_compiled_int8"])]
+        rows += [("encoder.step, 160 ms (4 frames) per call, per 40 ms, compiled", single["step4_compiled"]),
+                 ("encoder.step, 160 ms (4 frames) per call, per 40 ms, compiled-int8", single["step4_compiled_int8"])]
     if onnx:
         rows += [("OnnxEncoder.step, 160 ms (4 frames) per call, per 40 ms, ONNX Runtime float32", single["step4_onnx"]),
                  ("OnnxEncoder.step, 160 ms (4 frames) per call, per 40 ms, ONNX Runtime int8", single["step4_onnx_int8"])]
@@ -582,9 +578,9 @@ def main(argv=None) -> int:
         print(f"| {name} | {1000 * med:.2f} | {1000 * pct(t, 0.99):.2f} | {med / FRAME:.4f} | {med / fl:.2f} |")
     if "compile_s" in single:
         pk = statistics.median(single["step_True"])
-        print(f"\ncompiled one-frame step: {pk / statistics.median(single['step_compiled']):.2f}x the packed path "
-              f"(int8: {statistics.median(single['step_int8']) / statistics.median(single['step_compiled_int8']):.2f}x "
-              f"the packed int8 path); at 160 ms per call "
+        print(f"\ncompiled backend: {pk / statistics.median(single['step_compiled']):.2f}x the float backend "
+              f"(compiled-int8: {statistics.median(single['step_int8']) / statistics.median(single['step_compiled_int8']):.2f}x "
+              f"the int8 backend); at 160 ms per call "
               f"{statistics.median(single['step4_True']) / statistics.median(single['step4_compiled']):.2f}x "
               f"(int8: {statistics.median(single['step4_int8']) / statistics.median(single['step4_compiled_int8']):.2f}x); "
               f"compile time (1 and 4 frames) {single['compile_s']['compiled']:.1f} s (float32), "
@@ -607,19 +603,19 @@ def main(argv=None) -> int:
         print(f"| torchaudio Emformer ({emf['params'] / 1e6:.1f} M, encoder only), per 40 ms "
               f"(segment of 4 + 1 right context: {1000 * statistics.median(seg):.2f} ms) | {1000 * med:.2f} | "
               f"{1000 * pct(seg, 0.99) / emf['frames_per_call']:.2f} | {med / FRAME:.4f} | {med / fl:.2f} |")
-        print("\nEmformer (160 ms segments) / our model.step, per 40 ms of audio:")
+        print("\nEmformer (160 ms segments) / our encoder.step, per 40 ms of audio:")
         for name, key in (("frame by frame (40 ms/call)", "step"), ("160 ms/call", "step4")):
             gen, pk = statistics.median(single[f"{key}_False"]), statistics.median(single[f"{key}_True"])
             i8 = statistics.median(single[f"{key}_int8"])
-            print(f"- {name}: general path {med / gen:.2f}x, packed path {med / pk:.2f}x, packed int8 "
-                  f"{med / i8:.2f}x (packed is {gen / pk:.2f}x faster than general, int8 {pk / i8:.2f}x "
-                  f"faster than packed fp32)")
+            print(f"- {name}: reference {med / gen:.2f}x, float {med / pk:.2f}x, int8 "
+                  f"{med / i8:.2f}x (float is {gen / pk:.2f}x faster than reference, int8 {pk / i8:.2f}x "
+                  f"faster than float)")
             if "compile_s" in single:
                 c32, c8 = statistics.median(single[f"{key}_compiled"]), statistics.median(single[f"{key}_compiled_int8"])
                 print(f"  compiled: {med / c32:.2f}x, compiled int8 {med / c8:.2f}x")
         if q is not None:
             print(f"- torch.ao int8, frame by frame: {med / statistics.median(q):.2f}x")
-    print(f"\nmodel.init_state(1): {1e6 * statistics.median(single['init_state']):.0f} us")
+    print(f"\nencoder.init_state(1): {1e6 * statistics.median(single['init_state']):.0f} us")
     print("\n| state per stream | bytes |")
     print("|---|---:|")
     print(f"| ours: model state (EncoderState.size_bytes) | {single['model_state_bytes']:,} |")
@@ -628,7 +624,7 @@ def main(argv=None) -> int:
         print(f"| Emformer: infer states (left context 32 frames) | {emf['state_bytes']:,} |")
 
     if emf is not None and "compile_s" in single:
-        h2h = head_to_head(model, emf["call"], reps)
+        h2h = head_to_head(single["engines"]["compiled_int8"], emf["call"], reps)
         e = statistics.median(h2h["emformer"])
         print("\nHead to head, alternating runs of 20 calls (per 160 ms of audio: one Emformer segment, 4 one-frame "
               "calls of ours, one 4-frame call of ours; compiled int8, frozen weights):")
@@ -638,25 +634,21 @@ def main(argv=None) -> int:
                           ("ours, 4 calls of 40 ms (frame by frame)", "frames"), ("ours, one call of 160 ms", "block")):
             med = statistics.median(h2h[key])
             print(f"| {name} | {1000 * med:.2f} | {250 * med:.2f} | {med / (4 * FRAME):.4f} | {e / med:.2f}x |")
-        model.prepare_for_inference(int8=False)
 
     if "batch" not in args.skip:
         tune_for_streaming()  # what a long-running server does after start-up (module docstring, item 4)
-        compiled = (False, True) if "compile" not in args.skip else (False,)
-        for block, comp, int8 in [(b, c, i) for b in args.batch_block for c in compiled for i in (False, True)]:
-            with torch.no_grad():
-                model.prepare_for_inference(int8=int8, compile=comp)
-            res = batch_capacity(model, tok, block, max(10, reps // 20), args.max_streams)
-            print(f"\nBatched streams, {'int8' if int8 else 'float32'} "
-                  f"{'packed path with `compile=True`' if comp else 'packed path'}, {1000 * block:.0f} ms of "
+        keys = [True, "int8"] + (["compiled", "compiled_int8"] if "compile" not in args.skip else [])
+        for block, key in [(b, k) for b in args.batch_block for k in keys]:
+            res = batch_capacity(single["engines"][key], tok, block, max(10, reps // 20), args.max_streams)
+            print(f"\nBatched streams, {BACKEND[key]} backend, {1000 * block:.0f} ms of "
                   f"audio per stream per call ({args.threads} thread(s)): real time while the mean call takes "
                   f"< {1000 * block:.0f} ms")
-            print("| streams | step_batch mean ms/call | x real time | model.step on stacked state mean ms/call |")
+            print("| streams | step_batch mean ms/call | x real time | encoder.step on stacked state mean ms/call |")
             print("|---:|---:|---:|---:|")
             for b, (full, step) in res["table"]:
                 print(f"| {b} | {1000 * full:.1f} | {full / block:.3f} | {1000 * step:.1f} |")
             print(f"\nlargest real-time batch: {res['capacity']} streams with step_batch, "
-                  f"{res['capacity_step_only']} with model.step on a kept stacked state")
+                  f"{res['capacity_step_only']} with encoder.step on a kept stacked state")
     return run_latency(args) if args.latency else 0
 
 

@@ -1,8 +1,8 @@
-"""How far int8 inference (``CTCModel.prepare_for_inference(int8=True)``) moves a trained model.
+"""How far int8 inference (the ``int8`` backend of ``asr.infer.InferenceEncoder``) moves a trained model.
 
     python tools/eval_int8.py --model exp/model_r2.pt --manifest .data/bundle/test.jsonl --limit 100
 
-Per utterance, one pass through the packed step in float32 and in int8 (the same audio, the same
+Per utterance, one pass through the ``float`` and the ``int8`` backends (the same audio, the same
 model); reports the relative logit error (max |int8 - fp32| / max |fp32| per utterance: max and
 mean over utterances), the fraction of frames whose greedy (argmax) token agrees, the greedy WER
 of both against the references, and, on the first ``--stream`` utterances, int8 streaming frame by
@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from asr.audio import load_audio  # noqa: E402
 from asr.decode.greedy import ctc_greedy  # noqa: E402
 from asr.features import compute_fbank  # noqa: E402
+from asr.infer import InferenceEncoder  # noqa: E402
 from asr.model_file import load_for_inference  # noqa: E402
 from asr.tokenizer import normalize_text  # noqa: E402
 from asr.train.metrics import error_counts  # noqa: E402
@@ -30,7 +31,7 @@ from asr.train.metrics import error_counts  # noqa: E402
 
 def one_pass(model, feats: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode():
-        logits, _ = model.step(feats.unsqueeze(0), model.init_state(1), fast=True)
+        logits, _ = model.step(feats.unsqueeze(0), model.init_state(1))
     return logits[0]
 
 
@@ -38,7 +39,7 @@ def frame_by_frame(model, feats: torch.Tensor) -> torch.Tensor:
     state, outs = model.init_state(1), []
     with torch.inference_mode():
         for i in range(0, feats.shape[0], 4):
-            logits, state = model.step(feats[None, i : i + 4], state, fast=True)
+            logits, state = model.step(feats[None, i : i + 4], state)
             outs.append(logits[0])
     return torch.cat(outs)
 
@@ -53,6 +54,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, tok = load_for_inference(args.model)
+    float32, int8 = InferenceEncoder(model, "float"), InferenceEncoder(model, "int8")
     entries = []
     for m in args.manifest:
         lines = [json.loads(line) for line in Path(m).read_text().splitlines() if line.strip()]
@@ -63,10 +65,8 @@ def main(argv=None) -> int:
     stream_errs, stream_agree, stream_frames = [], 0, 0
     for i, e in enumerate(entries):
         feats = compute_fbank(load_audio(e["audio"]))
-        model.prepare_for_inference(int8=False)
-        f32 = one_pass(model, feats)
-        model.prepare_for_inference(int8=True)
-        i8 = one_pass(model, feats)
+        f32 = one_pass(float32, feats)
+        i8 = one_pass(int8, feats)
         if f32.shape[0] == 0:
             continue
         errs.append(((i8 - f32).abs().max() / f32.abs().max()).item())
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
         hyp32.append(normalize_text(t32))
         hyp8.append(normalize_text(t8))
         if i < args.stream:
-            s8 = frame_by_frame(model, feats)
+            s8 = frame_by_frame(int8, feats)
             stream_errs.append(((s8 - i8).abs().max() / i8.abs().max()).item())
             stream_agree += int((s8.argmax(-1) == a8).sum())
             stream_frames += a8.numel()

@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer, carried_lm = load_inference_parts(args.checkpoint, device=device)
         entries = read_manifests(args.manifests)
         if args.int8:
-            model.prepare_for_inference(int8=True)
+            from asr.infer import InferenceEncoder
+
+            model = InferenceEncoder(model.eval(), "int8")
     except (CheckpointError, ManifestError, OSError, ValueError, RuntimeError) as e:
         print(f"asr-eval: error: {e}", file=sys.stderr)
         return 2

@@ -26,8 +26,8 @@ the delay between a word's end in the audio and its first appearance on screen, 
 counts.
 
 ``--compile`` records in 160 ms blocks instead of 100 ms and runs the model's step for them
-compiled into one C++ function (``CTCModel.prepare_for_inference(compile=True,
-compile_frames=(4,))``): with ``--int8``, ~2.5x less compute per 40 ms than without ``--compile``
+compiled into one C++ function (the ``compiled`` backends of ``asr.infer.InferenceEncoder``,
+compile_frames=(4,)): with ``--int8``, ~2.5x less compute per 40 ms than without ``--compile``
 (tools/bench_stream.py). It needs a C++ compiler; the first start compiles for up to a minute or two
 (inductor caches the result on disk, so later starts take seconds). Words appear up to 60 ms later.
 

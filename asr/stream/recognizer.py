@@ -5,7 +5,7 @@ Per call of :meth:`Recognizer.accept_waveform`::
     samples (any rate, any block size, int16 or float)
       -> StreamingResampler (to 16 kHz; exact w.r.t. resampling the whole signal)
       -> StreamingFbank      (the frames whose 400 samples have arrived)
-      -> CTCModel.step       (subsampling caches + RWKV-7 state carried: one 40 ms frame per 4 feature frames)
+      -> encoder.step        (subsampling caches + RWKV-7 state carried: one 40 ms frame per 4 feature frames)
       -> CTC decoding        (incremental greedy, or prefix beam search), per frame
       -> endpointing         (asr.stream.endpoint; a segment ends after a pause)
       -> Partial             (text of the current segment, segments finalised in this call)
@@ -36,7 +36,7 @@ Several streams can be stepped as one batch (:func:`step_batch`), sharing each w
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -48,6 +48,9 @@ from asr.decode.incremental import hypothesis_decoder
 from asr.features import NUM_MEL_BINS, StreamingFbank, accept_waveforms
 from asr.frames import BLANK_ID, FEATURES_PER_FRAME, FRAME_SECONDS, SAMPLE_RATE
 from asr.model import CTCModel, EncoderState
+
+if TYPE_CHECKING:
+    from asr.infer import InferenceEncoder
 from asr.stream.endpoint import EndpointConfig, Endpointer, StreamingEnergy
 from asr.stream.state import is_stackable, split_state, stack_states
 from asr.transcript import Segment, Transcript
@@ -90,8 +93,10 @@ class Recognizer:
     """One audio stream: ``accept_waveform`` as audio arrives, ``finalize`` at the end.
 
     Args:
-        model, tokenizer: e.g. from :func:`asr.model_file.load_for_inference`; the model is
-            shared (not copied), so many recognizers can serve one model.
+        model, tokenizer: the encoder that runs the model (an :class:`asr.infer.InferenceEncoder`,
+            as :meth:`asr.api.ASRModel.stream` passes; a plain :class:`CTCModel` runs as the
+            reference) and the tokenizer, e.g. from :func:`asr.model_file.load_for_inference`.
+            The encoder is shared (not copied), so many recognizers can serve one model.
         endpoint: endpoint rules; ``None`` uses the defaults (:class:`EndpointConfig`);
             ``EndpointConfig.disabled()`` makes the stream one segment.
         beam_size: 1 = greedy (exact offline parity); > 1 = CTC prefix beam search per segment
@@ -106,7 +111,7 @@ class Recognizer:
 
     def __init__(
         self,
-        model: CTCModel,
+        model: Union[CTCModel, "InferenceEncoder"],
         tokenizer: Any,
         *,
         endpoint: Optional[EndpointConfig] = None,

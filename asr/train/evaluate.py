@@ -63,8 +63,9 @@ def evaluate_model(
     ``beam_size`` 1 is greedy decoding (what validation uses); larger uses CTC prefix beam search;
     a ``lexicon`` (:class:`asr.decode.lexicon.LexiconDecoder`) runs its lexicon and LM search.
     """
-    was_training = model.training
-    model.eval()
+    was_training = getattr(model, "training", False)  # an asr.infer.InferenceEncoder has no training mode
+    if was_training:
+        model.eval()
     loss_sum, n_loss = 0.0, 0
     counts = ErrorCounts()
     results: list[UtteranceResult] = []
@@ -85,7 +86,8 @@ def evaluate_model(
                     c = error_counts([r], [h])
                     results.append(UtteranceResult(uid, r, h, c.word_errors, c.words))
     finally:
-        model.train(was_training)
+        if was_training:
+            model.train()
     return loss_sum, n_loss, counts, results
 
 
