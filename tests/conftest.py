@@ -105,3 +105,23 @@ def overfit_checkpoint(tmp_path_factory) -> Path:
     path = folder / "tiny.pt"
     torch.save({"config": model.config.to_dict(), "model": model.state_dict(), "tokenizer": tokenizer.to_bytes()}, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def build_binary() -> Path:
+    """KenLM's build_binary (packing a word LM into a model file needs it), compiled by
+    tools/build_kenlm.py from PyPI's kenlm source when it is not there yet."""
+    import sys
+
+    from asr.decode.packed_lm import find_build_binary
+
+    try:
+        return find_build_binary()
+    except FileNotFoundError:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+        try:
+            import build_kenlm
+        finally:
+            sys.path.pop(0)
+        assert build_kenlm.main([]) == 0
+        return find_build_binary()

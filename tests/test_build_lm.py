@@ -128,7 +128,7 @@ def test_bad_input_is_one_line(args, message, tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("build_lm: error:") and message in err[0]
 
 
-def test_an_exported_model_reexports_with_a_new_lm_and_the_same_weights(tmp_path, capsys):
+def test_an_exported_model_reexports_with_a_new_lm_and_the_same_weights(tmp_path, capsys, build_binary):
     """The bundled LM is swapped by exporting the shipped model again: its int8 weights must come
     through unchanged (re-quantising int8-restored weights is exact) and the new LM replace the old."""
     import export_model

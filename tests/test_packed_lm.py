@@ -2,7 +2,6 @@
 (asr.decode.lexicon.frames_to_search)."""
 import lzma
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -38,23 +37,6 @@ def test_frames_to_search_carry_over_chunk_boundaries():
 
 # ---------------------------------------------------------------------------------- packing
 flashlight = pytest.importorskip("flashlight.lib.text", reason="flashlight-text is in the dev extras")
-
-
-@pytest.fixture(scope="module")
-def build_binary() -> Path:
-    """KenLM's build_binary, compiled by tools/build_kenlm.py when it is not there yet."""
-    from asr.decode.packed_lm import find_build_binary
-
-    try:
-        return find_build_binary()
-    except FileNotFoundError:
-        sys.path.insert(0, str(REPO / "tools"))
-        try:
-            import build_kenlm
-        finally:
-            sys.path.pop(0)
-        assert build_kenlm.main([]) == 0
-        return find_build_binary()
 
 
 @pytest.fixture(scope="module")
