@@ -164,7 +164,7 @@ def test_asr_live_with_a_missing_lm_is_one_line(tmp_path, capsys, keep_threads):
     assert rc == 1 and err == [f"asr-live: error: language model not found: {tmp_path / 'none.arpa'}"]
 
 
-def test_a_model_carries_its_lm_through_export(commands_lm, tmp_path, capsys):
+def test_a_model_carries_its_lm_through_export(commands_lm, tmp_path, capsys, build_binary):
     """tools/export_model.py --lm: the model carries the LM (as the bundled one does), decodes with
     it by default, and asr-eval --model-lm scores exactly what --lm with the same file scores. An
     LM that is not ARPA is refused at export, in one line."""

@@ -153,7 +153,7 @@ def test_a_damaged_packed_lm_is_a_one_line_error(packed, tmp_path):
         load_inference_parts(path)
 
 
-def test_packing_without_build_binary_says_how_to_get_it(arpa, tokenizer, tmp_path):
+def test_packing_without_build_binary_says_how_to_get_it(arpa, tokenizer, tmp_path, build_binary):
     from asr.decode.packed_lm import find_build_binary, pack_language_model
 
     with pytest.raises(FileNotFoundError, match="build_binary not found at"):
