@@ -121,6 +121,7 @@ def main() -> None:
                  "pass --config-dir DIR")
     try:
         hydra.main(config_path=cdir, config_name="config", version_base="1.3")(_task)()
+        _wait_for_every_rank()
         if _INTERRUPTED:  # the checkpoint is saved; say so in the exit code, as an interrupted program does
             sys.exit(128 + int(getattr(signal, _INTERRUPTED[-1])))
     finally:
@@ -128,6 +129,15 @@ def main() -> None:
 
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _wait_for_every_rank() -> None:
+    """After a run that ended normally, wait until every rank has too, so that no rank tears the
+    process group down while another still talks to it (torchrun then saw rank 0 abort at exit)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 if __name__ == "__main__":
