@@ -18,6 +18,9 @@ from asr.model import CTCModel, ModelConfig, ctc_loss
 from asr.tokenizer import Tokenizer
 
 DATA = Path(__file__).parent / "data"
+BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "asr" / "pretrained" / "model.pt"
+#: the text of the small word LM of the ``sentences_arpa`` fixture
+LM_SENTENCES = ["the cat sat on the mat", "a dog sat on the log", "the cat ran to the dog", "go forward ten meters"]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -125,3 +128,22 @@ def build_binary() -> Path:
             sys.path.pop(0)
         assert build_kenlm.main([]) == 0
         return find_build_binary()
+
+
+@pytest.fixture(scope="session")
+def bundled_tokenizer():
+    """The bundled model's tokenizer (the LM tests spell words with it)."""
+    from asr.model_file import load_for_inference
+
+    return load_for_inference(BUNDLED_MODEL)[1]
+
+
+@pytest.fixture(scope="session")
+def sentences_arpa(tmp_path_factory) -> Path:
+    """A word 3-gram of :data:`LM_SENTENCES` as an ARPA file."""
+    from asr.decode.ngram import NGramCounts, write_arpa
+
+    path = tmp_path_factory.mktemp("lm") / "lm.arpa"
+    with open(path, "w") as f:
+        write_arpa(NGramCounts(3).add_all(LM_SENTENCES * 5), f)
+    return path

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 import torch
+from conftest import BUNDLED_MODEL, LM_SENTENCES
 
 pytest.importorskip("flashlight.lib.text", reason="flashlight-text is in the dev extras")
 
@@ -12,29 +13,13 @@ from asr.decode.lexicon import LexiconDecoder, arpa_vocabulary  # noqa: E402
 from asr.decode.ngram import NGramCounts, write_arpa  # noqa: E402
 from asr.model_file import load_for_inference  # noqa: E402
 
-BUNDLED = Path(__file__).resolve().parents[1] / "asr" / "pretrained" / "model.pt"
-SENTENCES = ["the cat sat on the mat", "a dog sat on the log", "the cat ran to the dog", "go forward ten meters"]
 
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_for_inference(BUNDLED)[1]
-
-
-@pytest.fixture(scope="module")
-def lm(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("lm") / "lm.arpa"
-    with open(path, "w") as f:
-        write_arpa(NGramCounts(3).add_all(SENTENCES * 5), f)
-    return path
-
-
-def spelled(tokenizer, pieces_per_word: list[list[int]], frames_per_piece: int = 3, confidence: float = 0.9):
+def spelled(bundled_tokenizer, pieces_per_word: list[list[int]], frames_per_piece: int = 3, confidence: float = 0.9):
     """Log-probabilities [T, V] whose best path spells the given pieces, each piece held for a few
     frames and followed by a blank, the rest of the mass spread at random over the other tokens
     (random, not uniform: exact ties between paths make flashlight's search order-dependent)."""
     ids = [i for word in pieces_per_word for i in word]
-    V = tokenizer.vocab_size
+    V = bundled_tokenizer.vocab_size
     g = torch.Generator().manual_seed(0)
     rows = []
     for i in ids + [None]:
@@ -48,16 +33,16 @@ def spelled(tokenizer, pieces_per_word: list[list[int]], frames_per_piece: int =
     return torch.stack(rows).log()
 
 
-def test_arpa_vocabulary_lists_the_words(lm):
-    assert sorted(arpa_vocabulary(lm)) == sorted({w for s in SENTENCES for w in s.split()})
+def test_arpa_vocabulary_lists_the_words(sentences_arpa):
+    assert sorted(arpa_vocabulary(sentences_arpa)) == sorted({w for s in LM_SENTENCES for w in s.split()})
 
 
-def test_clean_emissions_decode_to_their_words_at_their_frames(tokenizer, lm):
+def test_clean_emissions_decode_to_their_words_at_their_frames(bundled_tokenizer, sentences_arpa):
     """Each piece held for 3 frames: one word each (no repeats), tokens at the frames they start."""
-    decoder = LexiconDecoder(tokenizer, lm)
+    decoder = LexiconDecoder(bundled_tokenizer, sentences_arpa)
     text = "the cat sat on the mat"
-    pieces = [tokenizer.encode(w) for w in text.split()]
-    log_probs = spelled(tokenizer, pieces, frames_per_piece=3)
+    pieces = [bundled_tokenizer.encode(w) for w in text.split()]
+    log_probs = spelled(bundled_tokenizer, pieces, frames_per_piece=3)
     assert decoder(log_probs) == text
     tokens, frames = decoder.tokens_and_frames(log_probs)
     assert tokens == [i for w in pieces for i in w]
@@ -65,22 +50,22 @@ def test_clean_emissions_decode_to_their_words_at_their_frames(tokenizer, lm):
     assert decoder(log_probs[:0]) == "" and decoder.tokens_and_frames(log_probs[:0]) == ([], [])
 
 
-def test_a_misspelling_comes_out_as_the_lexicon_word(tokenizer, lm):
+def test_a_misspelling_comes_out_as_the_lexicon_word(bundled_tokenizer, sentences_arpa):
     """Unsure emissions that spell 'meeters' (not a word of the LM) decode to 'meters', the only
     lexicon word that fits, in the LM's likely context: what the LM buys on real errors. Every token
     is tried per frame here: these emissions spread the unsure mass at random over all 255 other
     pieces, so the right one is rarely among a frame's likeliest 16 (DEFAULT_TOKEN_BEAM), as it is
     with a trained model's emissions (equal WER on the bundled model's real and synthetic dev sets)."""
-    decoder = LexiconDecoder(tokenizer, lm, lm_weight=1.5, word_score=1.0, beam_size_token=None)
-    words = [tokenizer.encode(w) for w in ("go", "forward", "ten")] + [tokenizer.encode("meeters")]
-    assert tokenizer.decode([i for w in words for i in w]) == "go forward ten meeters"
-    log_probs = spelled(tokenizer, words, confidence=0.5)
+    decoder = LexiconDecoder(bundled_tokenizer, sentences_arpa, lm_weight=1.5, word_score=1.0, beam_size_token=None)
+    words = [bundled_tokenizer.encode(w) for w in ("go", "forward", "ten")] + [bundled_tokenizer.encode("meeters")]
+    assert bundled_tokenizer.decode([i for w in words for i in w]) == "go forward ten meeters"
+    log_probs = spelled(bundled_tokenizer, words, confidence=0.5)
     assert [decoder(log_probs) for _ in range(3)] == ["go forward ten meters"] * 3
 
 
-def test_missing_language_model_is_a_clear_error(tokenizer, tmp_path):
+def test_missing_language_model_is_a_clear_error(bundled_tokenizer, tmp_path):
     with pytest.raises(FileNotFoundError, match="language model not found"):
-        LexiconDecoder(tokenizer, tmp_path / "nope.arpa")
+        LexiconDecoder(bundled_tokenizer, tmp_path / "nope.arpa")
 
 
 def test_asr_eval_with_a_missing_lm_is_one_line(tmp_path, capsys):
@@ -90,7 +75,7 @@ def test_asr_eval_with_a_missing_lm_is_one_line(tmp_path, capsys):
     entries = sorted(manifest.glob("*.jsonl"))
     if not entries:
         pytest.skip("no test manifest")
-    rc = evaluate.main([str(BUNDLED), str(entries[0]), "--lm", str(tmp_path / "missing.arpa")])
+    rc = evaluate.main([str(BUNDLED_MODEL), str(entries[0]), "--lm", str(tmp_path / "missing.arpa")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("asr-eval: error: --lm: language model not found")
 
@@ -181,10 +166,10 @@ def test_a_model_carries_its_lm_through_export(commands_lm, tmp_path, capsys, bu
     finally:
         sys.path.pop(0)
     out = tmp_path / "with_commands_lm.pt"
-    assert export_model.main([str(BUNDLED), str(out), "--int8-weights", "--lm", str(commands_lm)]) == 0
+    assert export_model.main([str(BUNDLED_MODEL), str(out), "--int8-weights", "--lm", str(commands_lm)]) == 0
     carried_lm = load_inference_parts(out).lm
     assert isinstance(carried_lm, PackedLM) and sorted(carried_lm.words) == sorted(arpa_vocabulary(commands_lm))
-    assert carried_lm.spelling(carried_lm.words.index("forward")) == load_for_inference(BUNDLED)[1].encode("forward")
+    assert carried_lm.spelling(carried_lm.words.index("forward")) == load_for_inference(BUNDLED_MODEL)[1].encode("forward")
     assert asr.load_model(out).transcribe(GOFORWARD).text == "go forward ten meters"
 
     manifest = tmp_path / "goforward.jsonl"
@@ -196,13 +181,13 @@ def test_a_model_carries_its_lm_through_export(commands_lm, tmp_path, capsys, bu
     assert evaluate.main([str(out), str(manifest), "--lm", str(commands_lm), "--worst", "0", "--num-workers", "0"]) == 0
     assert carried == capsys.readouterr().out.splitlines()[0] and "WER 0.00%" in carried
     plain = tmp_path / "plain.pt"
-    assert export_model.main([str(BUNDLED), str(plain)]) == 0
+    assert export_model.main([str(BUNDLED_MODEL), str(plain)]) == 0
     assert evaluate.main([str(plain), str(manifest), "--model-lm"]) == 2
     assert capsys.readouterr().err.strip().endswith("carries no language model")
 
     notes = tmp_path / "notes.arpa"
     notes.write_text("shopping list\n")
-    assert export_model.main([str(BUNDLED), str(tmp_path / "x.pt"), "--lm", str(notes)]) == 2
+    assert export_model.main([str(BUNDLED_MODEL), str(tmp_path / "x.pt"), "--lm", str(notes)]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [f"export_model: error: {notes}: no unigrams found (not an ARPA file?)"]
 
 
@@ -242,7 +227,7 @@ def test_lm_with_another_beam_search_is_a_usage_error(cli, extra, commands_lm, c
     import importlib
 
     module = importlib.import_module(f"asr.cli.{cli}")
-    args = {"transcribe": [str(GOFORWARD)], "evaluate": [str(BUNDLED), str(GOFORWARD)],
+    args = {"transcribe": [str(GOFORWARD)], "evaluate": [str(BUNDLED_MODEL), str(GOFORWARD)],
             "live": ["--input", str(GOFORWARD), "--fast"]}[cli]
     with pytest.raises(SystemExit) as stop:
         module.main(args + ["--lm", str(commands_lm)] + extra)

@@ -6,13 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import BUNDLED_MODEL, LM_SENTENCES
 
 from asr.decode.lexicon import frames_to_search
-from asr.decode.ngram import NGramCounts, write_arpa
 
 REPO = Path(__file__).resolve().parents[1]
-BUNDLED = REPO / "asr" / "pretrained" / "model.pt"
-SENTENCES = ["the cat sat on the mat", "a dog sat on the log", "the cat ran to the dog", "go forward ten meters"]
 LOG_ALMOST_ONE = math.log(0.9999)
 
 
@@ -40,35 +38,20 @@ flashlight = pytest.importorskip("flashlight.lib.text", reason="flashlight-text 
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    from asr.model_file import load_for_inference
-
-    return load_for_inference(BUNDLED)[1]
-
-
-@pytest.fixture(scope="module")
-def arpa(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("lm") / "lm.arpa"
-    with open(path, "w") as f:
-        write_arpa(NGramCounts(3).add_all(SENTENCES * 5), f)
-    return path
-
-
-@pytest.fixture(scope="module")
-def packed(arpa, tokenizer, build_binary):
+def packed(sentences_arpa, bundled_tokenizer, build_binary):
     from asr.decode.packed_lm import pack_language_model
 
-    return pack_language_model(arpa, tokenizer, build_binary)
+    return pack_language_model(sentences_arpa, bundled_tokenizer, build_binary)
 
 
-def noisy_emissions(tokenizer, text: str, confidence: float = 0.6, frames_per_piece: int = 2) -> torch.Tensor:
-    ids = tokenizer.encode(text)
+def noisy_emissions(bundled_tokenizer, text: str, confidence: float = 0.6, frames_per_piece: int = 2) -> torch.Tensor:
+    ids = bundled_tokenizer.encode(text)
     g = torch.Generator().manual_seed(1)
     rows = []
     for i in ids + [0]:
         for k in range(frames_per_piece + 1):
             target = 0 if k == frames_per_piece else i
-            row = torch.rand(tokenizer.vocab_size, generator=g) + 0.2
+            row = torch.rand(bundled_tokenizer.vocab_size, generator=g) + 0.2
             row[target] = 0.0
             row = row / row.sum() * (1 - confidence)
             row[target] = confidence
@@ -76,32 +59,32 @@ def noisy_emissions(tokenizer, text: str, confidence: float = 0.6, frames_per_pi
     return torch.stack(rows).log()
 
 
-def test_a_packed_lm_round_trips_through_a_checkpoint_entry(packed, tokenizer):
+def test_a_packed_lm_round_trips_through_a_checkpoint_entry(packed, bundled_tokenizer):
     from asr.decode.packed_lm import PackedLM
 
     again = PackedLM.from_checkpoint(packed.to_checkpoint())
-    assert again.words == packed.words and again.kenlm == packed.kenlm and again.vocab_size == tokenizer.vocab_size
-    assert sorted(packed.words) == sorted({w for s in SENTENCES for w in s.split()})
-    assert all(packed.spelling(i) == tokenizer.encode(w) for i, w in enumerate(packed.words))
+    assert again.words == packed.words and again.kenlm == packed.kenlm and again.vocab_size == bundled_tokenizer.vocab_size
+    assert sorted(packed.words) == sorted({w for s in LM_SENTENCES for w in s.split()})
+    assert all(packed.spelling(i) == bundled_tokenizer.encode(w) for i, w in enumerate(packed.words))
     # the trie's look-ahead: log p(w) from the empty context, "the" the likeliest word
     assert packed.words[int(packed.unigram.argmax())] == "the" and bool((packed.unigram < 0).all())
 
 
-def test_a_packed_lm_decodes_as_its_arpa_file_does(packed, arpa, tokenizer):
+def test_a_packed_lm_decodes_as_its_arpa_file_does(packed, sentences_arpa, bundled_tokenizer):
     from asr.decode.lexicon import LexiconDecoder
 
-    from_arpa, from_packed = LexiconDecoder(tokenizer, arpa), LexiconDecoder(tokenizer, packed)
+    from_arpa, from_packed = LexiconDecoder(bundled_tokenizer, sentences_arpa), LexiconDecoder(bundled_tokenizer, packed)
     for text in ("the cat sat on the mat", "go forward ten meters", "a dog ran to the cat"):
-        log_probs = noisy_emissions(tokenizer, text)
+        log_probs = noisy_emissions(bundled_tokenizer, text)
         assert from_packed.tokens_and_frames(log_probs) == from_arpa.tokens_and_frames(log_probs)
         assert from_packed(log_probs) == text
 
 
-def test_the_search_gives_the_one_pass_result_for_any_chunking(packed, tokenizer):
+def test_the_search_gives_the_one_pass_result_for_any_chunking(packed, bundled_tokenizer):
     from asr.decode.lexicon import LexiconDecoder
 
-    decoder = LexiconDecoder(tokenizer, packed)
-    log_probs = noisy_emissions(tokenizer, "the cat sat on the log")
+    decoder = LexiconDecoder(bundled_tokenizer, packed)
+    log_probs = noisy_emissions(bundled_tokenizer, "the cat sat on the log")
     whole = decoder.tokens_and_frames(log_probs)
     for size in (1, 2, 5):
         search = decoder.search()
@@ -112,14 +95,14 @@ def test_the_search_gives_the_one_pass_result_for_any_chunking(packed, tokenizer
             search.accept(log_probs[:1])
 
 
-def test_an_old_model_file_with_arpa_text_still_decodes_with_its_lm(arpa, packed, tmp_path):
+def test_an_old_model_file_with_arpa_text_still_decodes_with_its_lm(sentences_arpa, packed, tmp_path):
     """Model files from before the packed form carry xz-compressed ARPA text: read as before."""
     from asr.model_file import load_checkpoint, load_inference_parts
     from asr.train.checkpoint import atomic_torch_save
 
-    ckpt = load_checkpoint(BUNDLED)
+    ckpt = load_checkpoint(BUNDLED_MODEL)
     ckpt.pop("lm", None)
-    ckpt["lm_arpa_xz"] = torch.frombuffer(bytearray(lzma.compress(arpa.read_bytes())), dtype=torch.uint8)
+    ckpt["lm_arpa_xz"] = torch.frombuffer(bytearray(lzma.compress(sentences_arpa.read_bytes())), dtype=torch.uint8)
     old = tmp_path / "old.pt"
     atomic_torch_save(ckpt, old)
     ckpt.pop("lm_arpa_xz")
@@ -145,7 +128,7 @@ def test_a_damaged_packed_lm_is_a_one_line_error(packed, tmp_path):
         PackedLM.from_checkpoint(entry)
     with pytest.raises(ValueError, match="unknown language-model format 99"):
         PackedLM.from_checkpoint({**packed.to_checkpoint(), "format": 99})
-    ckpt = load_checkpoint(BUNDLED)
+    ckpt = load_checkpoint(BUNDLED_MODEL)
     ckpt["lm"] = entry
     path = tmp_path / "damaged.pt"
     atomic_torch_save(ckpt, path)
@@ -153,11 +136,11 @@ def test_a_damaged_packed_lm_is_a_one_line_error(packed, tmp_path):
         load_inference_parts(path)
 
 
-def test_packing_without_build_binary_says_how_to_get_it(arpa, tokenizer, tmp_path, build_binary):
+def test_packing_without_build_binary_says_how_to_get_it(sentences_arpa, bundled_tokenizer, tmp_path, build_binary):
     from asr.decode.packed_lm import find_build_binary, pack_language_model
 
     with pytest.raises(FileNotFoundError, match="build_binary not found at"):
-        pack_language_model(arpa, tokenizer, tmp_path / "nowhere")
+        pack_language_model(sentences_arpa, bundled_tokenizer, tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="language model not found"):
-        pack_language_model(tmp_path / "none.arpa", tokenizer)
+        pack_language_model(tmp_path / "none.arpa", bundled_tokenizer)
     assert find_build_binary().is_file()
