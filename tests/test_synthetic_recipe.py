@@ -160,6 +160,41 @@ def test_kjv_and_wordnet_parsers(tmp_path: Path) -> None:
         texts.wordnet_examples(tmp_path / "missing")
 
 
+def test_book_pieces_cut_long_lines_and_skip_held_out_lines(tmp_path: Path) -> None:
+    import lzma
+
+    lines = [" ".join(f"w{i}" for i in range(47)), "short line of text", "held out sentence here"]
+    path = tmp_path / "books.txt.xz"
+    with lzma.open(path, "wt", encoding="utf-8") as fh:
+        fh.write("\n".join(lines) + "\n")
+    pieces = texts.book_pieces(path, random.Random(0), skip_line=lambda line: line.startswith("held"), max_words=20)
+    assert pieces[-1] == "short line of text"  # short lines stay whole; the held-out line is gone
+    long_pieces = pieces[:-1]
+    assert " ".join(long_pieces) == lines[0]  # cut at word boundaries, nothing lost, in order
+    assert all(6 <= len(p.split()) <= 20 for p in long_pieces)
+    assert texts.book_pieces(path, random.Random(0), max_words=20) == long_pieces + lines[1:]
+    with pytest.raises(texts.SourceError):
+        texts.book_pieces(tmp_path / "missing.txt", random.Random(0))
+
+
+def test_book_source_is_training_text_only_and_leaves_other_sources_alone() -> None:
+    prepare = _load(SYNTH / "prepare.py", "synthetic_prepare")
+    weights = prepare.source_weights("train", 0.4)
+    assert weights[prepare.BOOK_SOURCE] == 0.4 and abs(sum(weights.values()) - sum(prepare.SOURCE_WEIGHTS.values())) < 1e-9
+    assert prepare.source_weights("test", 0.4) == prepare.SOURCE_WEIGHTS  # dev/test sets do not change
+    assert prepare.source_weights("train", 0.0) == prepare.SOURCE_WEIGHTS
+    pools = {s: [(f"{s} {i}", f"{s} {i}") for i in range(200)] for s in prepare.SOURCE_WEIGHTS}
+    with_books = dict(pools, **{prepare.BOOK_SOURCE: [(f"book {i}", f"book {i}") for i in range(50)]})
+    hours = {"train": 1.0, "dev": 0.01, "test": 0.02}
+    plain, books = prepare.split_sentences(pools, hours), prepare.split_sentences(with_books, hours)
+    for split in ("dev", "test"):
+        assert books[split] == plain[split]
+    assert books["train"][prepare.BOOK_SOURCE] == with_books[prepare.BOOK_SOURCE]
+    jobs = prepare.make_jobs("train", books["train"], ["m1"], 0, 400, book_share=0.5)
+    share = sum(j["source"] == prepare.BOOK_SOURCE for j in jobs) / len(jobs)
+    assert 0.4 < share < 0.6
+
+
 # --- audio degradation ----------------------------------------------------------------------------
 
 def _tone_bursts(sr: int = 22050) -> np.ndarray:

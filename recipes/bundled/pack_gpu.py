@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""Pack the training corpus for the GPU machine: two self-contained folders of at most 32 MiB each.
+"""Pack the training corpus for the GPU machine: self-contained folders of at most 32 MiB each.
 
     python recipes/real/prepare.py                       # first: .data/real/train.jsonl (the fixed split)
     python recipes/bundled/pack_gpu.py --out .gpu --jobs 2 [--kbps-a 8.25] [--kbps-b 9.5]
+    python recipes/bundled/pack_gpu.py --parts c --robotic .data/synth_c   # a recipes/synthetic corpus
 
 The GPU machine accepts at most 64 MiB of input per call and the repository takes ~24 MiB of it,
 so each corpus travels as one folder of at most ``--max-mib`` (32) MiB, checked after writing
@@ -10,7 +11,9 @@ so each corpus travels as one folder of at most ``--max-mib`` (32) MiB, checked 
 
 * ``<out>/corpus_a/``: the real-speech TRAIN split (``.data/real/train.jsonl``, speaker-disjoint
   from dev; dev and misc are scored on the CPU afterwards and are not packed);
-* ``<out>/corpus_b/``: the Kokoro speech of ``../shared/data/tts/kokoro`` (all of it).
+* ``<out>/corpus_b/``: the Kokoro speech of ``../shared/data/tts/kokoro`` (all of it);
+* ``<out>/corpus_c/``: the training split of a robotic-voice corpus made by
+  ``recipes/synthetic/prepare.py`` (``--robotic``; write it as FLAC, the packing re-encodes).
 
 Each folder holds ``train.jsonl`` (JSON Lines ``{"id", "audio", "duration", "text", "speaker", ...}``,
 audio paths relative to the folder), ``audio.tar.gz`` (every file at ``audio/...``) and
@@ -171,6 +174,19 @@ blends). Re-encoded to Ogg/Opus mono 16 kHz at {kbps:g} kb/s (60 ms frames, wide
 """
 
 
+README_C = """# corpus_c: robotic synthetic speech (made by recipes/bundled/pack_gpu.py)
+
+The train split of {source} (recipes/synthetic/prepare.py: espeak-ng and flite voices, degraded;
+its info.json has the command's arguments): {utterances} utterances, {hours:.3f} h, {speakers}
+voices. Re-encoded to Ogg/Opus mono 16 kHz at {kbps:g} kb/s (60 ms frames, wideband forced),
+{mib_per_hour:.2f} MiB of audio per hour.
+
+    tar xf audio.tar.gz        # creates audio/train/<id>.opus next to train.jsonl
+
+`train.jsonl`: id, audio, duration, text, speaker (engine:voice), source (the text source).
+"""
+
+
 def copy_subset(source: Path, out: Path, max_bytes: int, seed: int = 0) -> dict:
     """``<out>/train.jsonl`` + ``audio.tar.gz``: the files of ``source``'s manifest as they are (no
     re-encoding), taken in a seeded random order while they fit in ``max_bytes`` of audio: a part of a
@@ -201,8 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path(".gpu"))
     ap.add_argument("--kbps-a", type=float, default=8.25, help="Opus bit rate of corpus_a (real train)")
     ap.add_argument("--kbps-b", type=float, default=9.5, help="Opus bit rate of corpus_b (Kokoro)")
+    ap.add_argument("--robotic", type=Path, default=Path(".data/synth_c"),
+                    help="output folder of recipes/synthetic/prepare.py packed as corpus_c (its train.jsonl)")
+    ap.add_argument("--kbps-c", type=float, default=8.0, help="Opus bit rate of corpus_c (robotic voices)")
     ap.add_argument("--max-mib", type=float, default=32.0, help="size limit of each folder")
-    ap.add_argument("--parts", default="a,b", help="which folders to make: a, b or a,b")
+    ap.add_argument("--parts", default="a,b", help="which folders to make, comma-separated: a, b, c")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--kokoro-subset-mb", type=float, default=0,
                     help="instead of the parts: <out>/kokoro_subset, a seeded subset of the Kokoro files as they "
@@ -222,11 +241,13 @@ def main(argv: list[str] | None = None) -> int:
               lambda e: f"audio/{e['source']}/{e['id']}.opus"),
         "b": (args.kokoro / "manifest.jsonl", "corpus_b", args.kbps_b, README_B,
               lambda e: _kokoro_member(e, args.kokoro)),
+        "c": (args.robotic / "train.jsonl", "corpus_c", args.kbps_c, README_C.replace("{source}", str(args.robotic)),
+              lambda e: f"audio/train/{e['id']}.opus"),
     }
     status = 0
     for part in args.parts.split(","):
         if part not in specs:
-            print(f"error: unknown part {part!r} (use a, b or a,b)", file=sys.stderr)
+            print(f"error: unknown part {part!r} (use a, b, c)", file=sys.stderr)
             return 2
         manifest, name, kbps, readme, member_of = specs[part]
         if not manifest.is_file():

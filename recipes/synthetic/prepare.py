@@ -64,6 +64,9 @@ HELD_OUT_FLITE = ("rms",)
 TRAIN_FLITE = tuple(v for v in engines.FLITE_VOICES if v not in HELD_OUT_FLITE)
 #: Share of utterances per text source (by count; KJV clauses are twice as long as the others).
 SOURCE_WEIGHTS = {"kjv": 0.30, "wordnet": 0.35, "commands": 0.20, "numbers": 0.15}
+#: The opt-in source of LibriSpeech text (``--librispeech-text``): training text only, drawn for
+#: ``--librispeech-share`` of the training utterances; dev and test keep the sources above.
+BOOK_SOURCE = "librispeech"
 #: Share of utterances per engine.
 ENGINE_WEIGHTS = {"espeak": 0.6, "flite": 0.4}
 SPLITS = ("test", "dev", "train")  # order of sentence reservation: test first, then dev
@@ -77,10 +80,12 @@ MAX_SECONDS = 20.0  # longer utterances (rare: slow voice, 20 words) are skipped
 
 def build_sentences(seed: int, exclude: set[str], kjv_text: Path | None = None,
                     wordnet_dir: Path = texts.WORDNET_DIR, generated: int = 40000,
-                    limit: int | None = None) -> dict[str, list[tuple[str, str]]]:
+                    limit: int | None = None, book_text: Path | None = None
+                    ) -> dict[str, list[tuple[str, str]]]:
     """(speakable, transcript) pairs per source, unique by transcript across all sources, shuffled
     with ``seed``, none whose transcript is in ``exclude``. ``limit`` keeps only the first raw
-    sentences of each source (quick runs and tests)."""
+    sentences of each source (quick runs and tests). ``book_text`` adds the ``librispeech`` source
+    last, so the other sources' pools do not depend on it."""
     rng = random.Random(seed)
     if limit is not None:
         generated = min(generated, limit)
@@ -90,6 +95,9 @@ def build_sentences(seed: int, exclude: set[str], kjv_text: Path | None = None,
         "commands": [(s, False) for s in texts.command_phrases(random.Random(f"{seed}:commands"), generated)],
         "numbers": [(s, False) for s in texts.number_phrases(random.Random(f"{seed}:numbers"), generated)],
     }
+    if book_text is not None:
+        raw[BOOK_SOURCE] = [(s, False) for s in texts.book_pieces(
+            book_text, random.Random(f"{seed}:books"), lambda line: textnorm.to_transcript(line) in exclude)[:limit]]
     seen = set(exclude)
     pools: dict[str, list[tuple[str, str]]] = {}
     for source, items in raw.items():
@@ -111,6 +119,9 @@ def split_sentences(pools: dict[str, list[tuple[str, str]]], hours: dict[str, fl
     since each is spoken once there); the rest of each source is the training text."""
     out: dict[str, dict[str, list[tuple[str, str]]]] = {s: {} for s in SPLITS}
     for source, pool in pools.items():
+        if source == BOOK_SOURCE:
+            out["train"][source] = pool
+            continue
         start = 0
         for split in ("test", "dev"):
             n = math.ceil(2.0 * SOURCE_WEIGHTS[source] * hours[split] * 3600 / EST_SECONDS_PER_UTT) + 10
@@ -134,13 +145,22 @@ def voices_for(split: str, variants: list[str]) -> dict[str, list]:
             "flite": list(TRAIN_FLITE)}
 
 
+def source_weights(split: str, book_share: float) -> dict[str, float]:
+    """Share of a split's utterances per text source: :data:`SOURCE_WEIGHTS`, with ``book_share`` of
+    the training utterances moved to :data:`BOOK_SOURCE` (0: the source is not used)."""
+    if split != "train" or book_share <= 0:
+        return dict(SOURCE_WEIGHTS)
+    return {**{s: w * (1.0 - book_share) for s, w in SOURCE_WEIGHTS.items()}, BOOK_SOURCE: book_share}
+
+
 def make_jobs(split: str, sentences: dict[str, list[tuple[str, str]]], variants: list[str], seed: int,
-              count: int) -> list[dict]:
+              count: int, book_share: float = 0.0) -> list[dict]:
     """``count`` job specs for a split; each draws its own parameters from a generator seeded by
     (seed, split, index). Train cycles through its sentences; dev/test use each sentence once."""
     voices = voices_for(split, variants)
     cursor = {s: 0 for s in sentences}
-    sources, s_w = list(SOURCE_WEIGHTS), np.array(list(SOURCE_WEIGHTS.values()))
+    weights = source_weights(split, book_share)
+    sources, s_w = list(weights), np.array(list(weights.values()))
     engines_, e_w = list(ENGINE_WEIGHTS), np.array(list(ENGINE_WEIGHTS.values()))
     jobs = []
     for i in range(count):
@@ -257,6 +277,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="manifest whose transcripts must not be synthesised (repeatable; default: the real-speech manifest if present)")
     ap.add_argument("--kjv-text", type=Path, default=None, help="KJV text as printed by 'bible' (default: run it)")
     ap.add_argument("--wordnet-dir", type=Path, default=texts.WORDNET_DIR, help="folder with WordNet's data.* files")
+    ap.add_argument("--librispeech-text", type=Path, default=None,
+                    help="LibriSpeech transcripts, one per line (.txt or .txt.xz, e.g. "
+                         "../shared/data/text/librispeech_train.txt.xz): adds them as training text")
+    ap.add_argument("--librispeech-share", type=float, default=0.4,
+                    help="share of training utterances read from --librispeech-text (default %(default)s)")
     ap.add_argument("--max-source-sentences", type=int, default=None,
                     help="use only the first N raw sentences of each source (quick runs, tests)")
     args = ap.parse_args(argv)
@@ -280,7 +305,16 @@ def main(argv: list[str] | None = None) -> int:
     exclude = {textnorm.to_transcript(e["text"]) for m in excludes for e in read_manifest(m, absolute=False)}
     log(f"excluding {len(exclude)} transcripts from {', '.join(map(str, excludes)) or 'nothing'}")
 
-    pools = build_sentences(args.seed, exclude, args.kjv_text, args.wordnet_dir, limit=args.max_source_sentences)
+    if not 0.0 <= args.librispeech_share < 1.0:
+        print("error: --librispeech-share must be in [0, 1)", file=sys.stderr)
+        return 2
+    book_share = args.librispeech_share if args.librispeech_text is not None else 0.0
+    try:
+        pools = build_sentences(args.seed, exclude, args.kjv_text, args.wordnet_dir,
+                                limit=args.max_source_sentences, book_text=args.librispeech_text)
+    except texts.SourceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     hours = {"train": args.hours, "dev": args.dev_hours, "test": args.test_hours}
     sentences = split_sentences(pools, hours)
     for split in SPLITS:
@@ -309,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         split_dir.mkdir(parents=True)
         # Enough jobs for the target even if utterances are short (1.2 s each on average).
         count = int(hours[split] * 3600 / 1.2) + 100
-        jobs = make_jobs(split, sentences[split], variants, args.seed, count)
+        jobs = make_jobs(split, sentences[split], variants, args.seed, count, book_share)
         log(f"{split}: target {hours[split]} h, up to {len(jobs)} jobs")
         with ctx.Pool(args.jobs, initializer=_init_worker,
                       initargs=(rirs, str(out), args.format, args.kbps)) as pool:

@@ -7,6 +7,9 @@
   ``/usr/share/wordnet/data.*``): short modern sentences with a very wide vocabulary.
 * ``commands``: generated everyday commands and questions (lights, timers, calls, directions), so
   the model hears the short imperative speech an out-of-the-box recogniser gets.
+* ``librispeech`` (opt-in): LibriSpeech's training transcripts (``../shared/data/text``, public-domain
+  books), one utterance per line, cut into pieces of at most :data:`MAX_BOOK_WORDS` words so that a
+  robotic voice reads each within the corpus's length limit. Natural modern read English.
 * ``numbers``: generated digit strings, counts, prices, times, dates and years, so every number word
   is frequent (the archaic and literary sources rarely say "forty two" or "oh five").
 
@@ -14,6 +17,7 @@ The generators are seeded ``random.Random`` instances, so the corpus is reproduc
 """
 from __future__ import annotations
 
+import lzma
 import random
 import re
 import shutil
@@ -22,6 +26,8 @@ from pathlib import Path
 
 WORDNET_DIR = Path("/usr/share/wordnet")
 KJV_RANGE = "gen1:1-rev22:21"
+#: Longest piece of a LibriSpeech line read as one utterance (a line averages 33 words).
+MAX_BOOK_WORDS = 20
 
 _VERSE = re.compile(r"^\s*\d+\s+(\S.*)$")
 # In a WordNet data line the gloss follows "| "; usage examples are the double-quoted parts of it.
@@ -68,6 +74,32 @@ def wordnet_examples(wordnet_dir: Path = WORDNET_DIR) -> list[str]:
                     if ex:
                         seen.setdefault(ex, None)
     return list(seen)
+
+
+def book_pieces(text_file: Path, rng: random.Random, skip_line=lambda line: False,
+                max_words: int = MAX_BOOK_WORDS) -> list[str]:
+    """Lines of ``text_file`` (plain or ``.xz``: one normalised transcript per line) for which
+    ``skip_line`` is false, each cut at word boundaries into pieces of 6 to ``max_words`` words drawn
+    from ``rng`` (a line that short stays whole), in file order. Skip whole lines, not pieces, to
+    keep a held-out transcript out: its pieces would not match it."""
+    opener = lzma.open if str(text_file).endswith(".xz") else open
+    try:
+        with opener(text_file, "rt", encoding="utf-8") as fh:
+            lines = fh.read().splitlines()
+    except OSError as e:
+        raise SourceError(f"cannot read the LibriSpeech text {text_file}: {e}") from None
+    pieces = []
+    for line in lines:
+        if skip_line(line):
+            continue
+        words = line.split()
+        while words:
+            n = len(words) if len(words) <= max_words else rng.randint(6, max_words)
+            if len(words) - n < 6 and len(words) > max_words:
+                n = len(words) - 6  # no stub of a few words at the end
+            pieces.append(" ".join(words[:n]))
+            words = words[n:]
+    return pieces
 
 
 # --- generated everyday speech --------------------------------------------------------------------
