@@ -138,7 +138,7 @@ def block_step(
     g = up[-1]
     if p.has_v_mix:
         assert v_first is not None, "layers after the first need layer 0's v"
-        v = torch.lerp(v, v_first, gates[0])
+        v = v + (v_first - v) * gates[0]  # not torch.lerp: under autocast v is bf16, the gate fp32
     else:
         v_first = v
     w, a = gates[-2] * NEG_EXP_HALF, gates[-1]
