@@ -145,3 +145,25 @@ def test_channels_last_convolutions_give_the_nchw_values():
     nhwc = sub.conv2(torch.relu(sub.conv1(x, channels_last=True)), channels_last=True)
     assert nhwc.is_contiguous(memory_format=torch.channels_last) and not nchw.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(nhwc, nchw, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["recurrent", "chunked"])
+def test_training_forward_under_bf16_autocast_follows_float32(impl):
+    """The trainer runs the parallel pass under bf16 autocast: matmul outputs are bf16 beside fp32
+    parameters and gates, and every op must take that mix (torch.lerp, for one, refuses it). The
+    logits and gradients follow the fp32 pass within bf16 rounding."""
+    model = tiny_model(seed=1).train()
+    features, lengths = torch.randn(2, 60, 80) * 3 - 8, torch.tensor([60, 45])
+    ref, _ = model(features, lengths, impl=impl)
+    ref.sum().backward()
+    ref_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = model(features, lengths, impl=impl)
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out.float(), ref) < 0.05
+    for p, g in zip(model.parameters(), ref_grads):
+        assert torch.isfinite(p.grad).all()
+    assert rel_err(torch.cat([p.grad.flatten() for p in model.parameters()]),
+                   torch.cat([g.flatten() for g in ref_grads])) < 0.1
