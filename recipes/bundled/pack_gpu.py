@@ -51,6 +51,7 @@ from scipy import signal
 from asr.data.manifest import read_manifest, write_manifest
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "recipes" / "synthetic"))  # augment_audio (--degrade-b)
 DEFAULT_KOKORO = REPO.parent / "shared" / "data" / "tts" / "kokoro"
 SAMPLE_RATE = 16000
 #: opusenc's ctl number for OPUS_SET_BANDWIDTH and the value of OPUS_BANDWIDTH_WIDEBAND (opus_defines.h).
@@ -72,17 +73,31 @@ def encode_opus(x: np.ndarray, kbps: float) -> bytes:
     return res.stdout
 
 
-def _encode_task(args: tuple[str, float]) -> tuple[bytes, float, float]:
-    """(source path, kbps) -> (Opus bytes, source duration s, packed duration s)."""
-    src, kbps = args
+#: Recording conditions for clean TTS (``--degrade-b``): recipes/synthetic's room, telephone band,
+#: noise and level, milder, and with the length kept (speed perturbation is the trainer's).
+ROOM_AND_NOISE = dict(speed=(1.0, 1.0), lead_silence=(0.0, 0.0), trail_silence=(0.0, 0.0), trim=False,
+                      p_reverb=0.4, p_telephone=0.1, p_noise=0.7, snr_db=(10.0, 35.0))
+_RIRS: list = []  # the room pool, set before the worker pool forks
+
+
+def _encode_task(args: tuple) -> tuple[bytes, float, float, dict]:
+    """(source path, kbps, degrade seed or None) -> (Opus bytes, source duration s, packed duration
+    s, the degradations applied)."""
+    src, kbps, seed = args
     x, sr = sf.read(src, dtype="float32", always_2d=True)
     x = x.mean(axis=1)
     source_seconds = len(x) / sr
     if sr != SAMPLE_RATE:
         x = signal.resample_poly(x, SAMPLE_RATE, sr).astype(np.float32)
+    applied = {}
+    if seed is not None:
+        import augment_audio
+
+        x, applied = augment_audio.degrade(x, SAMPLE_RATE, np.random.default_rng(seed),
+                                           augment_audio.AugmentConfig(**ROOM_AND_NOISE), rirs=_RIRS)
     data = encode_opus(x, kbps)
     info = sf.info(io.BytesIO(data))
-    return data, source_seconds, info.frames / info.samplerate
+    return data, source_seconds, info.frames / info.samplerate, applied
 
 
 def _tar_member(name: str, size: int) -> tarfile.TarInfo:
@@ -92,24 +107,33 @@ def _tar_member(name: str, size: int) -> tarfile.TarInfo:
     return ti
 
 
-def pack_corpus(entries: list[dict], member_of, out: Path, kbps: float, jobs: int, readme: str) -> dict:
+def pack_corpus(entries: list[dict], member_of, out: Path, kbps: float, jobs: int, readme: str,
+                degrade: float = 0.0, seed: int = 0) -> dict:
     """Encode ``entries`` into ``out/audio.tar.gz`` + ``out/train.jsonl`` + ``out/README.md``.
 
     ``member_of(entry)`` gives the path of the entry's audio inside the folder (``audio/...``).
+    ``degrade``: the share of entries given a room, noise and channel (:data:`ROOM_AND_NOISE`),
+    each drawn from (seed, its index); their manifest entries say what in ``augment``.
     Returns stats: utterances, hours, speakers, audio_bytes, folder_bytes, largest duration change.
     """
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     packed, audio_bytes, max_change = [], 0, 0.0
-    tasks = [(e["audio"], kbps) for e in entries]
+    picks = np.random.default_rng([seed, 7]).random(len(entries)) < degrade
+    if picks.any() and not _RIRS:
+        import augment_audio
+
+        _RIRS.extend(augment_audio.make_rir(np.random.default_rng([seed, 300, k])) for k in range(24))
+    tasks = [(e["audio"], kbps, [seed, 8, i] if pick else None) for i, (e, pick) in enumerate(zip(entries, picks))]
     pool = mp.get_context("fork").Pool(jobs) if jobs > 1 else None
     encoded = pool.imap(_encode_task, tasks, chunksize=16) if pool is not None else map(_encode_task, tasks)
     with tarfile.open(out / "audio.tar.gz", "w:gz", compresslevel=9, format=tarfile.USTAR_FORMAT) as tar:
-        for i, (e, (data, src_s, dur)) in enumerate(zip(entries, encoded)):
+        for i, (e, (data, src_s, dur, applied)) in enumerate(zip(entries, encoded)):
             name = member_of(e)
             tar.addfile(_tar_member(name, len(data)), io.BytesIO(data))
-            packed.append(dict({k: e[k] for k in KEYS if k in e}, audio=name, duration=dur))
+            packed.append(dict({k: e[k] for k in KEYS if k in e}, audio=name, duration=dur,
+                               **({"augment": applied} if applied else {})))
             audio_bytes += len(data)
             max_change = max(max_change, abs(dur - src_s))
             if (i + 1) % 2000 == 0:
@@ -169,8 +193,9 @@ blends). Re-encoded to Ogg/Opus mono 16 kHz at {kbps:g} kb/s (60 ms frames, wide
 
     tar xf audio.tar.gz        # creates audio/{{cpu,gpu}}/<id>.opus next to train.jsonl
 
-`train.jsonl`: id, audio, duration, text, speaker (voice or blend), lang. Made with Kokoro-82M v1.0
-(Apache-2.0) over LibriSpeech transcripts (CC BY 4.0); see that folder's README.
+`train.jsonl`: id, audio, duration, text, speaker (voice or blend), lang, and `augment` where the
+packing gave the utterance a simulated room, noise or telephone band (`--degrade-b`). Made with
+Kokoro-82M v1.0 (Apache-2.0) over LibriSpeech transcripts (CC BY 4.0); see that folder's README.
 """
 
 
@@ -217,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path(".gpu"))
     ap.add_argument("--kbps-a", type=float, default=8.25, help="Opus bit rate of corpus_a (real train)")
     ap.add_argument("--kbps-b", type=float, default=9.5, help="Opus bit rate of corpus_b (Kokoro)")
+    ap.add_argument("--degrade-b", type=float, default=0.0,
+                    help="share of corpus_b's utterances given a simulated room, noise or telephone band "
+                         "(recipes/synthetic/augment_audio.py; the Kokoro audio is studio-clean)")
     ap.add_argument("--robotic", type=Path, default=Path(".data/synth_c"),
                     help="output folder of recipes/synthetic/prepare.py packed as corpus_c (its train.jsonl)")
     ap.add_argument("--kbps-c", type=float, default=8.0, help="Opus bit rate of corpus_c (robotic voices)")
@@ -254,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
             hint = " (run recipes/real/prepare.py first)" if part == "a" else ""
             print(f"error: {manifest} not found{hint}", file=sys.stderr)
             return 2
-        status = max(status, _pack_one(read_manifest(manifest), member_of, args.out / name, kbps, readme, args))
+        degrade = args.degrade_b if part == "b" else 0.0
+        status = max(status, _pack_one(read_manifest(manifest), member_of, args.out / name, kbps, readme, args, degrade))
     return status
 
 
@@ -264,13 +293,13 @@ def _kokoro_member(entry: dict, root: Path) -> str:
     return (rel if rel.parts[0] == "audio" else Path("audio") / rel).as_posix()
 
 
-def _pack_one(entries: list[dict], member_of, out: Path, kbps: float, readme: str, args) -> int:
+def _pack_one(entries: list[dict], member_of, out: Path, kbps: float, readme: str, args, degrade: float = 0.0) -> int:
     """Pack, size-check and verify one folder; returns the exit status (0 ok, 1 over the limit or bad)."""
     t0 = time.time()
     if "part" in entries[0] and any("source" not in e for e in entries):
         print(f"error: {out.name}: manifest entries lack 'source' (run recipes/real/prepare.py again)", file=sys.stderr)
         return 2
-    stats = pack_corpus(entries, member_of, out, kbps, args.jobs, readme)
+    stats = pack_corpus(entries, member_of, out, kbps, args.jobs, readme, degrade)
     limit = int(args.max_mib * 2**20)
     print(f"{out}: {stats['utterances']} utterances, {stats['hours']:.3f} h, {stats['speakers']} speakers, "
           f"{kbps:g} kb/s, audio {stats['audio_bytes'] / 2**20:.2f} MiB ({stats['mib_per_hour']:.2f} MiB/h), "

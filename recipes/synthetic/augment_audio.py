@@ -43,6 +43,8 @@ class AugmentConfig:
     snr_db: tuple[float, float] = (5.0, 30.0)
     noise_colors: tuple[str, ...] = ("white", "pink", "brown")
     peak_dbfs: tuple[float, float] = (-20.0, -1.0)
+    trim: bool = True                                 # step 1 (False with no speed change and no
+                                                      # added silence keeps the length: recordings)
 
 
 def trim_silence(x: np.ndarray, sr: int, threshold_db: float = -50.0, keep_s: float = 0.02) -> np.ndarray:
@@ -142,7 +144,9 @@ def degrade(x: np.ndarray, sr: int, rng: np.random.Generator, cfg: AugmentConfig
     ``rirs`` is the pool of impulse responses to draw from (no reverberation when None/empty).
     """
     info: dict = {}
-    x = trim_silence(np.asarray(x, dtype=np.float32), sr)
+    x = np.asarray(x, dtype=np.float32)
+    if cfg.trim:
+        x = trim_silence(x, sr)
     speed = float(rng.uniform(*cfg.speed))
     info["speed"] = round(speed, 3)
     y = resample(x, sr, SAMPLE_RATE, speed)
