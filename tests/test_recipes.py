@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import tarfile
 from pathlib import Path
 from types import ModuleType
 
@@ -316,6 +317,28 @@ def test_pack_gpu_writes_a_checked_self_contained_folder(tmp_path: Path, capsys)
     assert "over --max-mib 0.001" in capsys.readouterr().err
     # Kokoro's audio already sits in audio/: its members keep that one level
     assert pack._kokoro_member({"audio": str(tmp_path / "k/audio/gpu/x.opus")}, tmp_path / "k") == "audio/gpu/x.opus"
+
+
+def test_pack_gpu_degrade_adds_room_and_noise_and_keeps_each_length(tmp_path: Path) -> None:
+    """--degrade-b: the chosen utterances get recording conditions (recorded in ``augment``) and keep
+    their length, so the packed durations still match the source's; the rest are packed clean."""
+    pack = _load_script(REPO / "recipes" / "bundled" / "pack_gpu.py")
+    entries = [json.loads(line) for line in (DATA / "manifest.jsonl").read_text().splitlines() if line.strip()]
+    for e in entries:
+        e.update(audio=str(DATA / e["audio"]))
+    folders = {}
+    for name, share in (("clean", 0.0), ("degraded", 1.0)):
+        folders[name] = tmp_path / name
+        pack.pack_corpus(entries, lambda e: f"audio/{e['id']}.opus", folders[name], 16, 1, pack.README_B, share)
+        assert pack.verify(folders[name], {e["id"]: e["duration"] for e in entries}) == len(entries)
+        with tarfile.open(folders[name] / "audio.tar.gz") as tar:
+            tar.extractall(folders[name], filter="data")
+    clean = read_manifest(folders["clean"] / "train.jsonl")
+    degraded = read_manifest(folders["degraded"] / "train.jsonl")
+    assert all("augment" not in e for e in clean) and all("augment" in e for e in degraded)
+    for a, b in zip(clean, degraded):
+        x, y = sf.read(a["audio"], dtype="float32")[0], sf.read(b["audio"], dtype="float32")[0]
+        assert len(x) == len(y) and float(abs(x - y).mean()) > 1e-3
 
 
 def test_pack_gpu_kokoro_subset_is_seeded_and_bounded(tmp_path: Path) -> None:
