@@ -197,7 +197,7 @@ def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cp
 
 def load_inference_parts(path: str | os.PathLike, device: str | torch.device = "cpu") -> InferenceParts:
     """:func:`load_for_inference` plus the word LM the checkpoint carries (None if it has none)."""
-    from asr.model import CTCModel, ModelConfig
+    from asr.model import ModelConfig
     from asr.tokenizer import Tokenizer
 
     file = resolve_checkpoint(path)
@@ -205,11 +205,7 @@ def load_inference_parts(path: str | os.PathLike, device: str | torch.device = "
     for key in ("config", "tokenizer"):
         if key not in ckpt:
             raise CheckpointError(f"{file} lacks '{key}'; it cannot be used for inference")
-    model = CTCModel(ModelConfig.from_dict(ckpt["config"]))
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"{file}: weights do not match its model config: {e}") from e
+    model = _model_from_state(ModelConfig.from_dict(ckpt["config"]), ckpt["model"], file)
     model.to(device).eval()
     from asr.decode.packed_lm import carried_language_model
 
@@ -218,3 +214,24 @@ def load_inference_parts(path: str | os.PathLike, device: str | torch.device = "
     except ValueError as e:
         raise CheckpointError(f"{file}: {e}") from e
     return InferenceParts(model, Tokenizer.from_bytes(ckpt["tokenizer"]), lm)
+
+
+def _model_from_state(config: Any, state: dict, file: Path) -> Any:
+    """A :class:`asr.model.CTCModel` of ``config`` holding the tensors of ``state``.
+
+    The model is built on one intra-op thread: its initialisation (orthogonal matrices by QR, all
+    overwritten by the file's weights) takes ~0.25 s so, and 30x longer on two threads of a busy
+    machine (LAPACK's threads wait on each other). The caller's thread count is restored."""
+    from asr.model import CTCModel
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = CTCModel(config)
+    finally:
+        torch.set_num_threads(threads)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{file}: weights do not match its model config: {e}") from e
+    return model
