@@ -20,13 +20,14 @@ read through :class:`CheckpointFolder`; :func:`resolve_checkpoint` picks its bes
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import zipfile
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 import torch
 
@@ -216,20 +217,28 @@ def load_inference_parts(path: str | os.PathLike, device: str | torch.device = "
     return InferenceParts(model, Tokenizer.from_bytes(ckpt["tokenizer"]), lm)
 
 
-def _model_from_state(config: Any, state: dict, file: Path) -> Any:
-    """A :class:`asr.model.CTCModel` of ``config`` holding the tensors of ``state``.
-
-    The model is built on one intra-op thread: its initialisation (orthogonal matrices by QR, all
-    overwritten by the file's weights) takes ~0.25 s so, and 30x longer on two threads of a busy
-    machine (LAPACK's threads wait on each other). The caller's thread count is restored."""
-    from asr.model import CTCModel
-
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """One intra-op thread inside, the caller's count restored after. For loading: its many small
+    operations (initialisation, quantization) run ~30x slower on two threads of a busy machine,
+    whose threads then wait on each other, and no faster on an idle one."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        model = CTCModel(config)
+        yield
     finally:
         torch.set_num_threads(threads)
+
+
+def _model_from_state(config: Any, state: dict, file: Path) -> Any:
+    """A :class:`asr.model.CTCModel` of ``config`` holding the tensors of ``state``.
+
+    The model is built on one intra-op thread (:func:`one_thread`): its initialisation (orthogonal
+    matrices by QR, all overwritten by the file's weights) takes ~0.25 s so."""
+    from asr.model import CTCModel
+
+    with one_thread():
+        model = CTCModel(config)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
