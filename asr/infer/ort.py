@@ -44,7 +44,7 @@ from asr.model.rwkv7 import BlockState
 from asr.ops.int_mm import int_mm
 
 #: bump when the traced arithmetic or the graph's inputs change: older cached graphs are then unused
-GRAPH_VERSION = 1
+GRAPH_VERSION = 3
 #: the ONNX opset the graphs are written with
 OPSET = 17
 ZERO_POINT = 128
@@ -76,6 +76,10 @@ def ort_available() -> bool:
 # ---------------------------------------------------------------------------------------------- the products
 
 
+def _const(g, value: Tensor):
+    return g.op("Constant", value_t=value)
+
+
 class _MatMulU8(torch.autograd.Function):
     """Unsigned rows (int8 + 128) @ int8 W [K, N] -> exact int32 sums; ``MatMulInteger`` in ONNX."""
 
@@ -85,8 +89,7 @@ class _MatMulU8(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, q, w):  # noqa: D102
-        zero = g.op("Constant", value_t=torch.tensor(ZERO_POINT, dtype=torch.uint8))
-        return g.op("MatMulInteger", q, w, zero)
+        return g.op("MatMulInteger", q, w, _const(g, torch.tensor(ZERO_POINT, dtype=torch.uint8)))
 
 
 def quant_rows_u8(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -95,11 +98,30 @@ def quant_rows_u8(x: Tensor) -> tuple[Tensor, Tensor]:
     return (torch.mul(x, 127.0 / amax).round() + ZERO_POINT).to(torch.uint8), amax
 
 
+class _QuantRows(torch.autograd.Function):
+    """Rows x [R, K] -> :func:`quant_rows_u8`; in ONNX one per-row ``QuantizeLinear`` (x / (amax /
+    127), rounded half to even, + 128: the same integers up to the float rounding of the scale)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> tuple[Tensor, Tensor]:  # noqa: D102
+        return quant_rows_u8(x)
+
+    @staticmethod
+    def symbolic(g, x):  # noqa: D102
+        rows = x.type().sizes()[0]  # static: every shape in the graph is
+        amax = g.op("Clip", g.op("ReduceMax", g.op("Abs", x), axes_i=[1], keepdims_i=0), _const(g, torch.tensor(1e-30)))
+        scale = g.op("Div", amax, _const(g, torch.tensor(127.0)))
+        q = g.op("QuantizeLinear", x, scale, _const(g, torch.full((rows,), ZERO_POINT, dtype=torch.uint8)), axis_i=0)
+        return q, g.op("Unsqueeze", amax, _const(g, torch.tensor([1])))
+
+
 class ExportInt8Matrix(Int8Matrix):
-    """:class:`Int8Matrix` with unsigned rows (module docstring): the form the graph is traced from."""
+    """:class:`Int8Matrix` with unsigned rows (module docstring): the form the graph is traced from.
+    (ONNX Runtime's fused ``MatMulIntegerToFloat`` took 3x the time of ``MatMulInteger`` and two
+    multiplies at one row, onnxruntime 1.32.)"""
 
     def prepare(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return quant_rows_u8(x)
+        return _QuantRows.apply(x)
 
     def _acc(self, x: tuple[Tensor, Tensor]) -> Tensor:
         q, amax = x
@@ -122,8 +144,9 @@ class ExportProducts(PackedProducts):
 
     @staticmethod
     def quantized_rows(m: Tensor):
-        qm, am = quant_rows_u8(m)
-        return lambda lo, hi: (qm[lo:hi].reshape(-1, qm.shape[-1]), am[lo:hi].reshape(-1, 1))
+        M = m.shape[1]
+        qm, am = _QuantRows.apply(m.reshape(-1, m.shape[-1]))
+        return lambda lo, hi: (qm[lo * M : hi * M], am[lo * M : hi * M])
 
     def time_inputs(self, mixes: Tensor, acts: tuple[str, ...]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         _, B, T, C = mixes.shape
@@ -258,7 +281,7 @@ class OrtSteps:
     frame boundary only move the front end's caches (no blocks: the eager front end); whole
     encoder frames go through the graphs, largest first; a tail of 1-3 frames completes one more
     encoder frame (frame j needs feature frames up to 4 j only), so the one-frame graph runs on it
-    padded with zeros, and the eager front end gives the caches the real frames leave."""
+    padded with zeros, and the caches the real frames leave are cut from its inputs and outputs."""
 
     def __init__(self, model: CTCModel, eager: Plan, frames: Sequence[int] = (1,), threads: int = 1) -> None:
         frames = sorted({int(t) for t in frames} | {1})
@@ -291,15 +314,26 @@ class OrtSteps:
                 logits, c1, c2, states = self._run(features[:, pos : pos + 4 * frames], c1, c2, states)
                 outs.append(logits)
                 pos += 4 * frames
-        if pos < t:  # 1-3 frames: one encoder frame; the caches from the frames themselves
-            tail = features[:, pos:]
-            padded = torch.cat([tail, tail.new_zeros(1, 4 - tail.shape[1], tail.shape[2])], dim=1)
-            logits, _, _, states = self._run(padded, c1, c2, states)
+        if pos < t:  # 1-3 frames: one encoder frame, the caches those frames leave
+            logits, c1, c2, states = self._tail(features[:, pos:], c1, c2, states)
             outs.append(logits)
-            c1, c2 = self._front(tail, c1, c2)
         if not outs:
             return features.new_zeros(1, 0, self.eager.head_b.shape[0]), c1, c2, states
         return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)), c1, c2, states
+
+    def _tail(self, tail: Tensor, c1: Tensor, c2: Tensor,
+              states: list[BlockState]) -> tuple[Tensor, Tensor, Tensor, list[BlockState]]:
+        """r = 1-3 feature frames at phase 0: the one-frame graph on them padded with zeros gives
+        the encoder frame they complete and the block states (the frame reads no later feature
+        frame). Of the caches: conv1's new rows are the graph's conv2 cache (the second row, read
+        only for r = 3, is made of real frames then), conv1's inputs the r normalised frames'
+        last (r - 1) // 2 ... r - 1 (:func:`asr.infer.frontend.front`'s slicing)."""
+        r = tail.shape[1]
+        padded = torch.cat([tail, tail.new_zeros(1, 4 - r, tail.shape[2])], dim=1)
+        logits, _, rows, states = self._run(padded, c1, c2, states)
+        n1 = (r - 1) // 2 + 1  # conv1 outputs the r frames complete
+        c1 = (tail[:, 2 * n1 - 2 :] - self.eager.mean) * self.eager.istd
+        return logits, c1, rows[:, :n1], states
 
     def _front(self, features: Tensor, c1: Tensor, c2: Tensor) -> tuple[Tensor, Tensor]:
         _, c1, c2 = front(self.eager.front, (features - self.eager.mean) * self.eager.istd, c1, c2)
