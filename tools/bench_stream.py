@@ -31,8 +31,9 @@ Tables (markdown), all on ``--threads`` intra-op threads (default 1, as ``asr-li
 2. torchaudio's Emformer at about the same size (d=256, 12 layers, 4 heads, FFN 1024, segments of
    4 frames + 1 right-context frame, 32 frames of left context) through ``Emformer.infer``: the
    encoder only, per 160 ms segment and per 40 ms, and its ratio to the default engine's step.
-   Then (unless ``--skip compile`` or ``emformer``) the two head to head: our compiled int8 step,
-   frame by frame and 160 ms per call, and Emformer's segment, in short alternating runs.
+   Then (unless ``--skip emformer``) the two head to head: our default engine (and, unless
+   ``--skip compile``, the compiled int8 step), frame by frame and 160 ms per call, and Emformer's
+   segment, in short alternating runs.
 3. State memory per stream: ours (``EncoderState.size_bytes()`` + frontend buffers) and Emformer's.
 4. Concurrent streams: B streams stepped as one batch with ``asr.stream.step_batch`` (every call
    gives each stream ``--batch-block`` seconds of audio), and ``encoder.step`` on the batched state
@@ -125,10 +126,10 @@ def speech_like(seconds: float, seed: int = 0) -> torch.Tensor:
 
 
 #: bench key -> backend of asr.infer.InferenceEncoder (False/True: the "general"/"packed" keys of old tables)
-BACKEND = {False: "reference", True: "float", "int8": "int8", "onnx_int8": "onnx-int8", "compiled": "compiled",
+BACKEND = {False: "reference", True: "float", "int8": "int8", "ort_int8": "onnx-int8", "compiled": "compiled",
            "compiled_int8": "compiled-int8"}
 #: recognizer timing keys per engine key
-RECOGNIZER = {True: "recognizer", "compiled": "recognizer_compiled", "onnx_int8": "recognizer_onnx_int8"}
+RECOGNIZER = {True: "recognizer", "compiled": "recognizer_compiled", "ort_int8": "recognizer_ort_int8"}
 
 
 def single_stream(model: CTCModel, tok: Tokenizer, frames: int, compile: bool = False,
@@ -137,12 +138,12 @@ def single_stream(model: CTCModel, tok: Tokenizer, frames: int, compile: bool = 
     ``onnx`` encoders' ``step``, by name, in the same rounds); with ``default`` (an
     :class:`asr.ASRModel` from ``asr.load_model``), its ``stream()`` too, as users run it."""
     audio = speech_like(frames * FRAME + 2.0)
-    keys = [False, True, "int8", "onnx_int8"] + (["compiled", "compiled_int8"] if compile else [])
+    keys = [False, True, "int8", "ort_int8"] + (["compiled", "compiled_int8"] if compile else [])
     engines, out = {}, {"compile_s": {}}
     for key in keys:  # built (and compiled) once each, kept across the rounds
         t = time.perf_counter()
         engines[key] = InferenceEncoder(model, BACKEND[key], compile_frames=(1, 4))
-        if key in ("compiled", "compiled_int8", "onnx_int8"):
+        if key in ("compiled", "compiled_int8", "ort_int8"):
             out["compile_s"][key] = time.perf_counter() - t
     recs = {key: Recognizer(engines[key], tok) for key in RECOGNIZER if key in engines}
     if default is not None:
@@ -329,7 +330,7 @@ def emformer(reps: int) -> Optional[dict]:
 
 
 def head_to_head(model: InferenceEncoder, emformer_segment: Callable[[], object], reps: int, block: int = 20) -> dict:
-    """Our compiled int8 step against Emformer's 160 ms segment, in short alternating runs, so
+    """Our step (``model``: the default or the compiled int8 engine) against Emformer's 160 ms segment, in short alternating runs, so
     that this box's load swings (up to 2x between processes, minutes apart) hit both alike: per
     round, ``block`` Emformer segments, then the same audio as one-frame calls of ours, then as
     4-frame calls. Runs, not single calls: each model keeps its weights in the caches through its
@@ -572,9 +573,9 @@ def main(argv=None) -> int:
     rows = [(f"**default path**: `asr.load_model({args.model or ''}).stream()` ({default.encoder.backend}"
              f"{', its LM' if default.lexicon is not None else ''}), 40 ms per call", single["recognizer_default"]),
             ("recognizer (fbank + step + greedy + endpoint), onnx-int8 backend (the default engine)",
-             single["recognizer_onnx_int8"]),
+             single["recognizer_ort_int8"]),
             ("recognizer, float backend (`backend=\"float\"`)", single["recognizer"]),
-            ("encoder.step, **onnx-int8 backend (the default engine)**", single["step_onnx_int8"]),
+            ("encoder.step, **onnx-int8 backend (the default engine)**", single["step_ort_int8"]),
             ("encoder.step, reference backend (`CTCModel.step`)", single["step_False"]),
             ("encoder.step, float backend (`backend=\"float\"`)", single["step_True"]),
             ("encoder.step, int8 backend (`int8=True`)", single["step_int8"])]
@@ -588,7 +589,7 @@ def main(argv=None) -> int:
                  ("recognizer on OnnxEncoder, float32", single["recognizer_onnx"]),
                  ("recognizer on OnnxEncoder, int8", single["recognizer_onnx_int8"])]
     rows += [
-            ("encoder.step, 160 ms (4 frames) per call, per 40 ms, onnx-int8 (4-frame graph)", single["step4_onnx_int8"]),
+            ("encoder.step, 160 ms (4 frames) per call, per 40 ms, onnx-int8 (4-frame graph)", single["step4_ort_int8"]),
             ("encoder.step, 160 ms (4 frames) per call, per 40 ms, reference", single["step4_False"]),
             ("encoder.step, 160 ms (4 frames) per call, per 40 ms, float", single["step4_True"]),
             ("encoder.step, 160 ms (4 frames) per call, per 40 ms, int8", single["step4_int8"])]
@@ -609,7 +610,7 @@ def main(argv=None) -> int:
         print(f"| {name} | {1000 * med:.2f} | {1000 * statistics.mean(t):.2f} | {1000 * pct(t, 0.99):.2f} | "
               f"{med / FRAME:.4f} | {med / fl:.2f} |")
     print(f"\n`asr.load_model({args.model or ''})` in this process: {load_s:.2f} s (imports done; "
-          f"onnx-int8 graphs built for the bench's own engine: {single['compile_s']['onnx_int8']:.1f} s)")
+          f"onnx-int8 graphs built for the bench's own engine: {single['compile_s']['ort_int8']:.1f} s)")
     if "compiled" in single["compile_s"]:
         pk = statistics.median(single["step_True"])
         print(f"\ncompiled backend: {pk / statistics.median(single['step_compiled']):.2f}x the float backend "
@@ -639,8 +640,8 @@ def main(argv=None) -> int:
               f"{1000 * statistics.mean(seg) / emf['frames_per_call']:.2f} | "
               f"{1000 * pct(seg, 0.99) / emf['frames_per_call']:.2f} | {med / FRAME:.4f} | {med / fl:.2f} |")
         print(f"\nEmformer (160 ms segments) / the default engine (onnx-int8), per 40 ms of audio: frame by frame "
-              f"{med / statistics.median(single['step_onnx_int8']):.2f}x, 160 ms per call "
-              f"{med / statistics.median(single['step4_onnx_int8']):.2f}x")
+              f"{med / statistics.median(single['step_ort_int8']):.2f}x, 160 ms per call "
+              f"{med / statistics.median(single['step4_ort_int8']):.2f}x")
         print("\nEmformer (160 ms segments) / our encoder.step, per 40 ms of audio:")
         for name, key in (("frame by frame (40 ms/call)", "step"), ("160 ms/call", "step4")):
             gen, pk = statistics.median(single[f"{key}_False"]), statistics.median(single[f"{key}_True"])
@@ -661,11 +662,14 @@ def main(argv=None) -> int:
     if emf is not None:
         print(f"| Emformer: infer states (left context 32 frames) | {emf['state_bytes']:,} |")
 
-    if emf is not None and "compiled" in single["compile_s"]:
-        h2h = head_to_head(single["engines"]["compiled_int8"], emf["call"], reps)
+    h2h_engines = [("ort_int8", "onnx-int8, the default engine")]
+    if "compiled" in single["compile_s"]:
+        h2h_engines.append(("compiled_int8", "compiled int8"))
+    for engine_key, engine_name in h2h_engines if emf is not None else []:
+        h2h = head_to_head(single["engines"][engine_key], emf["call"], reps)
         e = statistics.median(h2h["emformer"])
         print("\nHead to head, alternating runs of 20 calls (per 160 ms of audio: one Emformer segment, 4 one-frame "
-              "calls of ours, one 4-frame call of ours; compiled int8, frozen weights):")
+              f"calls of ours, one 4-frame call of ours; {engine_name}, frozen weights):")
         print("| per 160 ms of audio | median ms | per 40 ms | real-time factor | Emformer / this |")
         print("|---|---:|---:|---:|---:|")
         for name, key in (("torchaudio Emformer, one segment (4 + 1 right context)", "emformer"),
@@ -675,7 +679,7 @@ def main(argv=None) -> int:
 
     if "batch" not in args.skip:
         tune_for_streaming()  # what a long-running server does after start-up (module docstring, item 4)
-        keys = [True, "int8", "onnx_int8"] + (["compiled", "compiled_int8"] if "compile" not in args.skip else [])
+        keys = [True, "int8", "ort_int8"] + (["compiled", "compiled_int8"] if "compile" not in args.skip else [])
         for block, key in [(b, k) for b in args.batch_block for k in keys]:
             res = batch_capacity(single["engines"][key], tok, block, max(10, reps // 20), args.max_streams)
             print(f"\nBatched streams, {BACKEND[key]} backend, {1000 * block:.0f} ms of "

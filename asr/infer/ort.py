@@ -14,8 +14,9 @@ stream's logits never depend on the cut of its audio beyond that.
 
 Graphs: one per number of encoder frames per call (``frames``; 4 T feature frames in), batch 1,
 the front-end caches and block states as inputs and outputs in :class:`asr.model.EncoderState`'s
-layout. A call the graphs do not serve (several streams, a cut that is not a whole number of
-frames, a stream out of phase) runs the eager ``int8`` plan: the same arithmetic.
+layout. :class:`OrtSteps` serves a call of one stream cut anywhere (up to
+:attr:`OrtSteps.max_features` feature frames); batches of streams and longer calls run the eager
+``int8`` plan, the same arithmetic.
 
 Where the graph comes from (:func:`step_graph`): a file named by a key of the model's weights,
 looked up in the folders of :func:`graph_dirs` (beside the bundled model, where
