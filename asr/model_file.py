@@ -202,11 +202,12 @@ def load_inference_parts(path: str | os.PathLike, device: str | torch.device = "
     from asr.tokenizer import Tokenizer
 
     file = resolve_checkpoint(path)
-    ckpt = load_checkpoint(file)
-    for key in ("config", "tokenizer"):
-        if key not in ckpt:
-            raise CheckpointError(f"{file} lacks '{key}'; it cannot be used for inference")
-    model = _model_from_state(ModelConfig.from_dict(ckpt["config"]), ckpt["model"], file)
+    with one_thread():  # restoring int8 weights and building the model: many small operations
+        ckpt = load_checkpoint(file)
+        for key in ("config", "tokenizer"):
+            if key not in ckpt:
+                raise CheckpointError(f"{file} lacks '{key}'; it cannot be used for inference")
+        model = _model_from_state(ModelConfig.from_dict(ckpt["config"]), ckpt["model"], file)
     model.to(device).eval()
     from asr.decode.packed_lm import carried_language_model
 
@@ -233,12 +234,11 @@ def one_thread() -> Iterator[None]:
 def _model_from_state(config: Any, state: dict, file: Path) -> Any:
     """A :class:`asr.model.CTCModel` of ``config`` holding the tensors of ``state``.
 
-    The model is built on one intra-op thread (:func:`one_thread`): its initialisation (orthogonal
-    matrices by QR, all overwritten by the file's weights) takes ~0.25 s so."""
+    Build it on one intra-op thread (:func:`one_thread`): its initialisation (orthogonal matrices by
+    QR, all overwritten by the file's weights) takes ~0.25 s so, 30x longer on two busy threads."""
     from asr.model import CTCModel
 
-    with one_thread():
-        model = CTCModel(config)
+    model = CTCModel(config)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
