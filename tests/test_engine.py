@@ -307,3 +307,32 @@ def test_default_engine_is_the_fastest_and_falls_back_cleanly(overfit_checkpoint
         fallback = asr.load_model(overfit_checkpoint, lm=None)
     assert fallback.encoder.backend == "int8"
     assert fallback.transcribe(wav).text == "go forward ten meters"
+
+
+@ort
+def test_the_bundled_model_ships_its_step_graph_and_the_tool_writes_one(overfit_checkpoint, tmp_path):
+    """The default engine starts the bundled model without exporting: its graph, named by the key
+    of its weights, lies beside it (after replacing model.pt, run tools/ship_step_graph.py).
+    The tool writes a model's graph and removes the folder's graphs of other weights."""
+    import subprocess
+    import sys
+
+    from asr.api import BUNDLED_MODEL
+    from asr.infer.ort import graph_name, weights_key
+    from asr.model_file import load_for_inference
+
+    pytest.importorskip("onnx")
+    bundled, _ = load_for_inference(BUNDLED_MODEL)
+    shipped = BUNDLED_MODEL.parent / graph_name(weights_key(bundled), 1)
+    assert shipped.is_file(), f"{shipped.name} is missing: run python tools/ship_step_graph.py"
+    stale = tmp_path / graph_name("0" * 20, 1)
+    stale.write_bytes(b"")
+    tool = Path(__file__).resolve().parents[1] / "tools" / "ship_step_graph.py"
+    r = subprocess.run([sys.executable, str(tool), "--model", str(overfit_checkpoint), "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    model, _ = load_for_inference(overfit_checkpoint)
+    assert [p.name for p in tmp_path.glob("*.onnx")] == [graph_name(weights_key(model), 1)]
+    r = subprocess.run([sys.executable, str(tool), "--model", str(tmp_path / "nope.pt")], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "not found" in r.stderr
