@@ -6,11 +6,14 @@ ONNX Runtime runs the same graph of int8 products and element-wise work with a f
 per operation, and needs no compiler on the user's machine (the ``compiled`` backends do).
 
 The graph is the int8 backend's arithmetic, not an approximation of it: every product quantizes
-its input rows symmetrically, one scale per row (per frame of each stream), exactly as
-:class:`asr.infer.products.Int8Matrix`; the int8 rows go into ``MatMulInteger`` shifted by 128
-to unsigned with a zero point of 128 (the same integer sums: ONNX Runtime's fast int8 kernels take
-unsigned activations), so its logits equal the eager ``int8`` backend's to float rounding, and a
-stream's logits never depend on the cut of its audio beyond that.
+its input rows symmetrically, one scale per row (per frame of each stream), as
+:class:`asr.infer.products.Int8Matrix` does (``QuantizeLinear`` divides by amax / 127 where the
+eager path multiplies by 127 / amax: the same integers but where that float rounding moves a value
+across a rounding boundary); the int8 rows go into ``MatMulInteger`` shifted by 128 to unsigned
+with a zero point of 128 (the same integer sums: ONNX Runtime's fast int8 kernels take unsigned
+activations). So its logits equal the eager ``int8`` backend's to float rounding almost
+everywhere, and to one int8 step where a rounding moved (tests/test_engine.py holds both backends
+to the same bounds).
 
 Graphs: one per number of encoder frames per call (``frames``; 4 T feature frames in), batch 1,
 the front-end caches and block states as inputs and outputs in :class:`asr.model.EncoderState`'s
@@ -137,7 +140,7 @@ class ExportProducts(PackedProducts):
     """The int8 :class:`PackedProducts` as traced to ONNX: unsigned rows, and the LoRA
     activations applied to whole rows before the mask (no in-place writes to slices)."""
 
-    def __init__(self, block, int8: bool = True) -> None:
+    def __init__(self, block, int8: bool = True) -> None:  # int8 always (the argument: build_plan's call)
         super().__init__(block, True)
         self.rkv = [_export_matrix(m) for m in self.rkv]
         self.down, self.up, self.out, self.key, self.value = (
