@@ -206,6 +206,11 @@ def example_state(model: CTCModel) -> list[Tensor]:
 def export_step_graph(model: CTCModel, path: Path, frames: int = 1) -> Path:
     """Trace the int8 step of ``frames`` encoder frames per call (batch 1) into the ONNX file
     ``path`` (written to a temporary name, then renamed: readers never see half a file)."""
+    import importlib.util
+
+    if importlib.util.find_spec("onnx") is None:  # torch.onnx.export writes through it
+        raise RuntimeError("exporting this model's onnx-int8 step graph needs the onnx package "
+                           "(pip install 'rwkv-asr[onnx]')")
     names = state_names(model.config.n_layers)
     example = (torch.zeros(1, 4 * frames, model.config.n_mels), *example_state(model))
     path.parent.mkdir(parents=True, exist_ok=True)
