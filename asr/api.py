@@ -120,16 +120,20 @@ class _Plan:
 def load_model(
     path: Union[str, os.PathLike, None] = None, device: Union[str, torch.device] = "cpu", *, int8: bool = False,
     compile: bool = False, lm: Union[str, os.PathLike, None] = "auto", lm_weight: Optional[float] = None,
-    word_score: Optional[float] = None, compile_frames: tuple[int, ...] = (1, 4),
+    word_score: Optional[float] = None, compile_frames: tuple[int, ...] = (1, 4), backend: Optional[str] = None,
 ) -> "ASRModel":
     """Load a model for transcription.
 
     ``path``: a checkpoint file, or a training output / checkpoint folder (its best checkpoint by
     dev WER, else its newest); ``None`` loads the bundled model ``asr/pretrained/model.pt``.
     ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (CUDA when available).
-    ``int8``: run the model with int8 weights (CPU only; the ``int8`` backend of
-    :class:`asr.infer.InferenceEncoder`): faster streaming, outputs within about 1 % of float32
-    (not bit-identical). Off by default.
+    ``backend``: the :class:`asr.infer.InferenceEncoder` backend, chosen once here. ``None`` (the
+    default, unless ``int8`` or ``compile`` asks for another): the fastest available,
+    :func:`asr.infer.default_backend`: on the CPU ``onnx-int8`` (int8 weights, the step run by
+    ONNX Runtime: outputs within about 1 % of float32; its graph is exported once per model into
+    ``~/.cache/rwkv-asr``, seconds, unless it ships beside the model); if that backend cannot be
+    built, one warning and the ``int8`` backend. ``"float"``: exact float32.
+    ``int8``: the ``int8`` backend (PyTorch, CPU only).
     ``compile``: compile the streaming step for one and for four encoder frames per call (40 and
     160 ms of audio; CPU only, needs a C++ compiler, up to a minute or two the first time; the
     ``compiled`` / ``compiled-int8`` backends): a :meth:`ASRModel.stream` fed 160 ms chunks
@@ -163,11 +167,35 @@ def load_model(
             )
         path = BUNDLED_MODEL
     model, tokenizer, carried_lm = load_inference_parts(path, device=dev)
-    from asr.infer import InferenceEncoder, backend_for
-
-    encoder = InferenceEncoder(model.eval(), backend_for(model, int8, compile), compile_frames=compile_frames)
+    encoder = _build_encoder(model.eval(), backend, int8, compile, compile_frames)
     lexicon, default_lm = language_model_decoder(tokenizer, lm, carried_lm, lm_weight=lm_weight, word_score=word_score)
     return ASRModel(model, tokenizer, device=dev, lexicon=lexicon, lexicon_optional=default_lm, encoder=encoder)
+
+
+def _build_encoder(model: torch.nn.Module, backend: Optional[str], int8: bool, compile: bool,
+                   compile_frames: tuple[int, ...]) -> Any:
+    """The engine :func:`load_model` runs ``model`` with: ``backend`` if named, the options'
+    backend with ``int8`` / ``compile``, else the fastest (falling back to ``int8`` with a warning
+    where ONNX Runtime cannot run the model's graph)."""
+    from asr.infer import InferenceEncoder, backend_for, default_backend
+    from asr.model_file import one_thread
+
+    if backend is None and (int8 or compile):
+        backend = backend_for(model, int8, compile)
+    if backend is not None and backend.startswith("compiled"):  # compiled for the caller's thread count
+        return InferenceEncoder(model, backend, compile_frames=compile_frames)
+    with one_thread():  # packing the weights: many small operations (asr.model_file.one_thread)
+        if backend is not None:
+            return InferenceEncoder(model, backend, compile_frames=compile_frames)
+        backend = default_backend(model)
+        try:  # the one-frame graph only: the one that ships beside the bundled model (no export on first use)
+            return InferenceEncoder(model, backend, compile_frames=(1,) if backend == "onnx-int8" else compile_frames)
+        except Exception as err:  # an export or ONNX Runtime failure: the same arithmetic, eagerly
+            if backend != "onnx-int8":
+                raise
+            warnings.warn(f"the onnx-int8 engine could not be built ({' '.join(str(err).split())[:200]}); "
+                          "running the int8 backend", stacklevel=3)
+            return InferenceEncoder(model, "int8", compile_frames=compile_frames)
 
 
 def language_model_decoder(

@@ -20,13 +20,14 @@ read through :class:`CheckpointFolder`; :func:`resolve_checkpoint` picks its bes
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import zipfile
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 import torch
 
@@ -197,19 +198,16 @@ def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cp
 
 def load_inference_parts(path: str | os.PathLike, device: str | torch.device = "cpu") -> InferenceParts:
     """:func:`load_for_inference` plus the word LM the checkpoint carries (None if it has none)."""
-    from asr.model import CTCModel, ModelConfig
+    from asr.model import ModelConfig
     from asr.tokenizer import Tokenizer
 
     file = resolve_checkpoint(path)
-    ckpt = load_checkpoint(file)
-    for key in ("config", "tokenizer"):
-        if key not in ckpt:
-            raise CheckpointError(f"{file} lacks '{key}'; it cannot be used for inference")
-    model = CTCModel(ModelConfig.from_dict(ckpt["config"]))
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"{file}: weights do not match its model config: {e}") from e
+    with one_thread():  # restoring int8 weights and building the model: many small operations
+        ckpt = load_checkpoint(file)
+        for key in ("config", "tokenizer"):
+            if key not in ckpt:
+                raise CheckpointError(f"{file} lacks '{key}'; it cannot be used for inference")
+        model = _model_from_state(ModelConfig.from_dict(ckpt["config"]), ckpt["model"], file)
     model.to(device).eval()
     from asr.decode.packed_lm import carried_language_model
 
@@ -218,3 +216,31 @@ def load_inference_parts(path: str | os.PathLike, device: str | torch.device = "
     except ValueError as e:
         raise CheckpointError(f"{file}: {e}") from e
     return InferenceParts(model, Tokenizer.from_bytes(ckpt["tokenizer"]), lm)
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """One intra-op thread inside, the caller's count restored after. For loading: its many small
+    operations (initialisation, quantization) run ~30x slower on two threads of a busy machine,
+    whose threads then wait on each other, and no faster on an idle one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _model_from_state(config: Any, state: dict, file: Path) -> Any:
+    """A :class:`asr.model.CTCModel` of ``config`` holding the tensors of ``state``.
+
+    Build it on one intra-op thread (:func:`one_thread`): its initialisation (orthogonal matrices by
+    QR, all overwritten by the file's weights) takes ~0.25 s so, 30x longer on two busy threads."""
+    from asr.model import CTCModel
+
+    model = CTCModel(config)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{file}: weights do not match its model config: {e}") from e
+    return model

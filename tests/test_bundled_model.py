@@ -156,7 +156,8 @@ def test_the_lm_search_tries_few_tokens_per_frame_and_finds_what_the_full_search
     from asr.decode.lexicon import DEFAULT_TOKEN_BEAM, LexiconDecoder
 
     model, tokenizer, lm = load_inference_parts(BUNDLED_MODEL)
-    full_search = ASRModel(model, tokenizer, lexicon=LexiconDecoder(tokenizer, lm, beam_size_token=None))
+    full_search = ASRModel(model, tokenizer, lexicon=LexiconDecoder(tokenizer, lm, beam_size_token=None),
+                           encoder=bundled.encoder)  # the same logits: only the search differs
     assert DEFAULT_TOKEN_BEAM < tokenizer.vocab_size
     files = [SENTENCE, GOFORWARD, *DIGIT_FILES]
     assert [t.text for t in bundled.transcribe_batch(files)] == [t.text for t in full_search.transcribe_batch(files)]

@@ -16,20 +16,24 @@ import pytest
 import torch
 from conftest import rel_err
 
-from asr.infer import BACKENDS, InferenceEncoder, backend_for
+from asr.infer import BACKENDS, InferenceEncoder, backend_for, default_backend
 from asr.infer.engine import block_products
+from asr.infer.ort import ort_available
 from asr.model import CTCModel, ModelConfig
 from asr.model.rwkv7 import Block, block_step
 
 GOLDEN = Path(__file__).parent / "data" / "rwkv7_blocks.pt"
 HAS_COMPILER = shutil.which("c++") is not None or shutil.which("g++") is not None
 compiler = pytest.mark.skipif(not HAS_COMPILER, reason="the compiled backends need a C++ compiler")
-ALL = [pytest.param(b, marks=compiler) if b.startswith("compiled") else b for b in BACKENDS]
+ort = pytest.mark.skipif(not ort_available(), reason="the onnx-int8 backend needs onnxruntime")
+ALL = [pytest.param(b, marks=compiler) if b.startswith("compiled") else pytest.param(b, marks=ort)
+       if b.startswith("onnx") else b for b in BACKENDS]
 #: (vs the same backend's one pass, vs the reference model) per backend
 TOLERANCE = {"reference": (1e-5, 1e-5), "float": (1e-5, 1e-5), "compiled": (1e-5, 1e-5),
-             "int8": (0.03, 0.08), "compiled-int8": (0.03, 0.08)}
-#: the encoder frames per call each compiled backend compiles (a few seconds to a minute each)
-FRAMES = {"compiled": (1,), "compiled-int8": (1, 4)}
+             "int8": (0.03, 0.08), "compiled-int8": (0.03, 0.08), "onnx-int8": (0.03, 0.08)}
+#: the encoder frames per call each compiled backend compiles (a few seconds to a minute each), and
+#: the graphs the onnx-int8 backend exports
+FRAMES = {"compiled": (1,), "compiled-int8": (1, 4), "onnx-int8": (1, 4)}
 
 
 def random_model(seed: int = 0, **sizes) -> CTCModel:
@@ -137,11 +141,12 @@ def test_streaming_equals_offline_under_random_cuts(backend, seed):
         assert (got.argmax(-1) == one[:batch].argmax(-1)).float().mean() > 0.9
 
 
-@compiler
-@pytest.mark.parametrize("backend", ["compiled", "compiled-int8"])
-def test_compiled_backends_run_their_compiled_steps(backend):
-    """One stream fed 40 ms (and, compiled for it, 160 ms) calls runs the compiled function in
-    both phases of the front end (a first call of 2 feature frames leaves the other phase)."""
+@pytest.mark.parametrize("backend", [pytest.param("compiled", marks=compiler),
+                                     pytest.param("compiled-int8", marks=compiler), pytest.param("onnx-int8", marks=ort)])
+def test_runner_backends_run_their_compiled_steps(backend):
+    """One stream fed 40 ms (and, compiled for it, 160 ms) calls runs the compiled function (or
+    the ONNX Runtime graph) in both phases of the front end (a first call of 2 feature frames
+    leaves the other phase)."""
     encoder = engine(backend)
     feats = torch.randn(1, 260, 80) * 3 - 8
     for sizes in ([4] * 16 + [2], [2] + [4] * 16, [2] + [4 * max(FRAMES[backend])] * 16):
@@ -258,7 +263,7 @@ def test_load_model_int8_and_cli_flags(overfit_checkpoint, capsys, tmp_path):
     m = asr.load_model(overfit_checkpoint, int8=True)
     assert m.encoder.backend == "int8"
     assert m.transcribe(wav).text == "go forward ten meters"
-    assert asr.load_model(overfit_checkpoint).encoder.backend == "float"
+    assert asr.load_model(overfit_checkpoint, backend="float").encoder.backend == "float"
     if not torch.cuda.is_available():
         with pytest.raises(ValueError):
             asr.load_model(overfit_checkpoint, device="cuda", int8=True)
@@ -269,3 +274,65 @@ def test_load_model_int8_and_cli_flags(overfit_checkpoint, capsys, tmp_path):
                                "--output", str(out)], capture_output=True, text=True, env=env_for_child(), timeout=120)
     assert r.returncode == 0, r.stderr
     assert out.read_text().splitlines() == ["go forward ten meters"]
+
+
+def test_default_engine_is_the_fastest_and_falls_back_cleanly(overfit_checkpoint, monkeypatch):
+    """``load_model()`` picks the backend once: onnx-int8 where ONNX Runtime runs (it transcribes
+    and streams 40 ms blocks as the reference does); where its graph cannot be built, one warning
+    and the int8 backend."""
+    from test_live_mic import DATA
+
+    import asr
+    import asr.infer.ort as ort_module
+    from asr.stream.endpoint import EndpointConfig
+
+    wav = DATA / "audio/pocketsphinx_goforward.flac"
+    m = asr.load_model(overfit_checkpoint, lm=None)
+    assert m.encoder.backend == default_backend(m.model) == ("onnx-int8" if ort_available() else "float")
+    assert m.transcribe(wav).text == "go forward ten meters"
+    from asr.audio import load_audio
+
+    wave, rec = load_audio(wav), m.stream(endpoint=EndpointConfig.disabled())
+    for pos in range(0, wave.numel(), 640):
+        rec.accept_waveform(wave[pos : pos + 640])
+    assert rec.finalize().text == "go forward ten meters"
+    if ort_available():
+        assert m.encoder.runner.calls >= wave.numel() // 640 - 1
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the exporter failed")
+
+    monkeypatch.setattr(ort_module, "step_graph", broken)
+    with pytest.warns(UserWarning, match="onnx-int8 engine could not be built"):
+        fallback = asr.load_model(overfit_checkpoint, lm=None)
+    assert fallback.encoder.backend == "int8"
+    assert fallback.transcribe(wav).text == "go forward ten meters"
+
+
+@ort
+def test_the_bundled_model_ships_its_step_graph_and_the_tool_writes_one(overfit_checkpoint, tmp_path):
+    """The default engine starts the bundled model without exporting: its graph, named by the key
+    of its weights, lies beside it (after replacing model.pt, run tools/ship_step_graph.py).
+    The tool writes a model's graph and removes the folder's graphs of other weights."""
+    import subprocess
+    import sys
+
+    from asr.api import BUNDLED_MODEL
+    from asr.infer.ort import graph_name, weights_key
+    from asr.model_file import load_for_inference
+
+    pytest.importorskip("onnx")
+    bundled, _ = load_for_inference(BUNDLED_MODEL)
+    shipped = BUNDLED_MODEL.parent / graph_name(weights_key(bundled), 1)
+    assert shipped.is_file(), f"{shipped.name} is missing: run python tools/ship_step_graph.py"
+    stale = tmp_path / graph_name("0" * 20, 1)
+    stale.write_bytes(b"")
+    tool = Path(__file__).resolve().parents[1] / "tools" / "ship_step_graph.py"
+    r = subprocess.run([sys.executable, str(tool), "--model", str(overfit_checkpoint), "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    model, _ = load_for_inference(overfit_checkpoint)
+    assert [p.name for p in tmp_path.glob("*.onnx")] == [graph_name(weights_key(model), 1)]
+    r = subprocess.run([sys.executable, str(tool), "--model", str(tmp_path / "nope.pt")], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "not found" in r.stderr

@@ -191,7 +191,9 @@ def test_fla_available_is_a_constant_under_compile():
     warn about tracing through an lru_cache (it did on the GPU before, once per compile)."""
     import warnings
 
-    from asr.ops.wkv7 import fla_available
+    from asr.ops.wkv7 import fla_available, mark_constants_for_compile
+
+    mark_constants_for_compile()  # as asr.train.compile.compile_model does
 
     def f(x):
         return x * 3 if fla_available() else x + 1

@@ -7,11 +7,14 @@
 
 Tables (markdown), all on ``--threads`` intra-op threads (default 1, as ``asr-live`` runs):
 
-1. Single stream, frame by frame (40 ms of audio per call, after warm-up): the whole recognizer
-   (``Recognizer.accept_waveform``: fbank, ``model.step``, greedy decoding, endpointing) and
-   ``encoder.step`` alone, median and p99 per frame and the real-time factor (compute / audio),
-   for each backend of :class:`asr.infer.InferenceEncoder`: ``reference`` (``CTCModel.step``,
-   the model's own modules), ``float`` (packed float32, ``asr.load_model``'s default), ``int8``
+1. Single stream, frame by frame (40 ms of audio per call, after warm-up): first the **default
+   path**, ``asr.load_model(--model).stream()`` as users run it (the bundled model and its LM
+   unless ``--model``; the engine ``load_model`` picks, ``onnx-int8`` where ONNX Runtime runs),
+   then the whole recognizer (``Recognizer.accept_waveform``: fbank, ``encoder.step``, greedy
+   decoding, endpointing) and ``encoder.step`` alone, median, mean and p99 per frame and the
+   real-time factor (compute / audio), for each backend of :class:`asr.infer.InferenceEncoder`:
+   ``onnx-int8`` (the default engine: the int8 step as an ONNX Runtime graph, :mod:`asr.infer.ort`),
+   ``reference`` (``CTCModel.step``, the model's own modules), ``float`` (packed float32), ``int8``
    and, unless ``--skip compile``, ``compiled`` and ``compiled-int8`` (inductor, for one and for
    four encoder frames per call; the compile time is printed), all timed in alternating rounds so
    machine-load drift hits them alike; the recognizer is also timed with the compiled backend.
@@ -27,9 +30,10 @@ Tables (markdown), all on ``--threads`` intra-op threads (default 1, as ``asr-li
    same model with ``torch.ao`` dynamic int8 quantization of its ``nn.Linear`` layers.
 2. torchaudio's Emformer at about the same size (d=256, 12 layers, 4 heads, FFN 1024, segments of
    4 frames + 1 right-context frame, 32 frames of left context) through ``Emformer.infer``: the
-   encoder only, per 160 ms segment and per 40 ms.
-   Then (unless ``--skip compile`` or ``emformer``) the two head to head: our compiled int8 step,
-   frame by frame and 160 ms per call, and Emformer's segment, in short alternating runs.
+   encoder only, per 160 ms segment and per 40 ms, and its ratio to the default engine's step.
+   Then (unless ``--skip emformer``) the two head to head: our default engine (and, unless
+   ``--skip compile``, the compiled int8 step), frame by frame and 160 ms per call, and Emformer's
+   segment, in short alternating runs.
 3. State memory per stream: ours (``EncoderState.size_bytes()`` + frontend buffers) and Emformer's.
 4. Concurrent streams: B streams stepped as one batch with ``asr.stream.step_batch`` (every call
    gives each stream ``--batch-block`` seconds of audio), and ``encoder.step`` on the batched state
@@ -122,30 +126,35 @@ def speech_like(seconds: float, seed: int = 0) -> torch.Tensor:
 
 
 #: bench key -> backend of asr.infer.InferenceEncoder (False/True: the "general"/"packed" keys of old tables)
-BACKEND = {False: "reference", True: "float", "int8": "int8", "compiled": "compiled", "compiled_int8": "compiled-int8"}
+BACKEND = {False: "reference", True: "float", "int8": "int8", "ort_int8": "onnx-int8", "compiled": "compiled",
+           "compiled_int8": "compiled-int8"}
+#: recognizer timing keys per engine key
+RECOGNIZER = {True: "recognizer", "compiled": "recognizer_compiled", "ort_int8": "recognizer_ort_int8"}
 
 
 def single_stream(model: CTCModel, tok: Tokenizer, frames: int, compile: bool = False,
-                  onnx: Optional[dict] = None) -> dict:
+                  onnx: Optional[dict] = None, default=None) -> dict:
     """Per-frame cost of the whole recognizer and of encoder.step alone, per backend (and of the
-    ``onnx`` encoders' ``step``, by name, in the same rounds)."""
+    ``onnx`` encoders' ``step``, by name, in the same rounds); with ``default`` (an
+    :class:`asr.ASRModel` from ``asr.load_model``), its ``stream()`` too, as users run it."""
     audio = speech_like(frames * FRAME + 2.0)
-    keys = [False, True, "int8"] + (["compiled", "compiled_int8"] if compile else [])
+    keys = [False, True, "int8", "ort_int8"] + (["compiled", "compiled_int8"] if compile else [])
     engines, out = {}, {"compile_s": {}}
     for key in keys:  # built (and compiled) once each, kept across the rounds
         t = time.perf_counter()
         engines[key] = InferenceEncoder(model, BACKEND[key], compile_frames=(1, 4))
-        if key in ("compiled", "compiled_int8"):
+        if key in ("compiled", "compiled_int8", "ort_int8"):
             out["compile_s"][key] = time.perf_counter() - t
-    if not compile:
-        del out["compile_s"]
-    recs = {key: Recognizer(engines[key], tok) for key in (True, "compiled") if key in engines}
+    recs = {key: Recognizer(engines[key], tok) for key in RECOGNIZER if key in engines}
+    if default is not None:
+        recs["default"] = default.stream()
+        RECOGNIZER["default"] = "recognizer_default"
     hop = int(FRAME * SR)
     feats = torch.randn(1, 4, 80) * 3 + 5
     feats4 = torch.randn(1, 16, 80) * 3 + 5  # 160 ms per call: 4 encoder frames, Emformer's segment
     for key, rec in recs.items():
         rec.accept_waveform(audio[:SR])  # warm-up: the first second
-        out["recognizer" if key is True else "recognizer_compiled"] = []
+        out[RECOGNIZER[key]] = []
     out.update({"state_bytes": recs[True].state_size_bytes(), "model_state_bytes": recs[True].state.size_bytes(),
                 "engines": engines})
     for key in keys:
@@ -156,10 +165,12 @@ def single_stream(model: CTCModel, tok: Tokenizer, frames: int, compile: bool = 
         out[f"step_{key}"], out[f"step4_{key}"], out[f"recognizer_{key}"] = [], [], []
         onnx_recs[key] = Recognizer(enc, tok)
         onnx_recs[key].accept_waveform(audio[:SR])
-    pos = SR
     with torch.inference_mode():
         for rnd in range(4):  # alternate the backends so load drift on a shared machine hits all alike
-            for key in keys:
+            for key in keys + (["default"] if default is not None else []):
+                if key == "default":
+                    out["recognizer_default"] += _feed_timed(recs["default"], audio, max(5, frames // 4))
+                    continue
                 enc = engines[key]
                 state = enc.init_state(1)
                 _, state = enc.step(feats, state)
@@ -176,13 +187,7 @@ def single_stream(model: CTCModel, tok: Tokenizer, frames: int, compile: bool = 
                 out[f"step4_{key}"] += [t / 4 for t in timeit(four, max(5, frames // 16))]
                 rec = recs.get(key)
                 if rec is not None:  # the whole recognizer, frame by frame
-                    for _ in range(max(5, frames // 4)):
-                        if pos + hop > len(audio):
-                            pos = SR
-                        t = time.perf_counter()
-                        rec.accept_waveform(audio[pos : pos + hop])
-                        out["recognizer" if key is True else "recognizer_compiled"].append(time.perf_counter() - t)
-                        pos += hop
+                    out[RECOGNIZER[key]] += _feed_timed(rec, audio, max(5, frames // 4))
             for key, enc in onnx.items():
                 out[f"step_{key}"] += timeit(_stepper(enc, feats), max(5, frames // 4))
                 out[f"step4_{key}"] += [t / 4 for t in timeit(_stepper(enc, feats4), max(5, frames // 16))]
@@ -197,6 +202,22 @@ def single_stream(model: CTCModel, tok: Tokenizer, frames: int, compile: bool = 
                 out[f"recognizer_{key}"] += timeit(feed, max(5, frames // 4), warmup=0)
         out["init_state"] = timeit(lambda: model.init_state(1), frames)
     return out
+
+
+def _feed_timed(rec: Recognizer, audio: torch.Tensor, calls: int) -> list[float]:
+    """Seconds of each of ``calls`` ``accept_waveform`` calls of 40 ms, through ``audio`` from 1 s
+    on, looping (a recognizer keeps its place in ``rec._bench_pos``)."""
+    hop, times = int(FRAME * SR), []
+    pos = getattr(rec, "_bench_pos", SR)
+    for _ in range(calls):
+        if pos + hop > len(audio):
+            pos = SR
+        t = time.perf_counter()
+        rec.accept_waveform(audio[pos : pos + hop])
+        times.append(time.perf_counter() - t)
+        pos += hop
+    rec._bench_pos = pos
+    return times
 
 
 def _stepper(encoder, feats: torch.Tensor) -> Callable[[], None]:
@@ -309,7 +330,7 @@ def emformer(reps: int) -> Optional[dict]:
 
 
 def head_to_head(model: InferenceEncoder, emformer_segment: Callable[[], object], reps: int, block: int = 20) -> dict:
-    """Our compiled int8 step against Emformer's 160 ms segment, in short alternating runs, so
+    """Our step (``model``: the default or the compiled int8 engine) against Emformer's 160 ms segment, in short alternating runs, so
     that this box's load swings (up to 2x between processes, minutes apart) hit both alike: per
     round, ``block`` Emformer segments, then the same audio as one-frame calls of ours, then as
     4-frame calls. Runs, not single calls: each model keeps its weights in the caches through its
@@ -538,17 +559,27 @@ def main(argv=None) -> int:
           f"vocab={cfg.vocab_size}, {n_params / 1e6:.2f} M parameters\n")
 
     onnx, onnx_times = ({}, []) if "onnx" in args.skip else onnx_encoders(model, args.threads)
-    single = single_stream(model, tok, reps, compile="compile" not in args.skip, onnx=onnx)
+    import asr
+
+    t = time.perf_counter()
+    default = asr.load_model(args.model)  # the default path: the bundled model and its LM unless --model
+    load_s = time.perf_counter() - t
+    single = single_stream(model, tok, reps, compile="compile" not in args.skip, onnx=onnx, default=default)
     floor = matvec_floor(n_params, reps)
     floor8 = int8_matvec_floor(n_params, reps)
     q = None if "int8" in args.skip else int8_step(model, reps)
     emf = None if "emformer" in args.skip else emformer(reps)
     fl = statistics.median(floor)
-    rows = [("recognizer (fbank + step + greedy + endpoint), float backend", single["recognizer"]),
+    rows = [(f"**default path**: `asr.load_model({args.model or ''}).stream()` ({default.encoder.backend}"
+             f"{', its LM' if default.lexicon is not None else ''}), 40 ms per call", single["recognizer_default"]),
+            ("recognizer (fbank + step + greedy + endpoint), onnx-int8 backend (the default engine)",
+             single["recognizer_ort_int8"]),
+            ("recognizer, float backend (`backend=\"float\"`)", single["recognizer"]),
+            ("encoder.step, **onnx-int8 backend (the default engine)**", single["step_ort_int8"]),
             ("encoder.step, reference backend (`CTCModel.step`)", single["step_False"]),
-            ("encoder.step, float backend (default)", single["step_True"]),
+            ("encoder.step, float backend (`backend=\"float\"`)", single["step_True"]),
             ("encoder.step, int8 backend (`int8=True`)", single["step_int8"])]
-    if "compile_s" in single:
+    if "compiled" in single["compile_s"]:
         rows += [("encoder.step, compiled backend (`compile=True`)", single["step_compiled"]),
                  ("encoder.step, compiled-int8 backend (`int8=True, compile=True`)", single["step_compiled_int8"]),
                  ("recognizer, compiled backend", single["recognizer_compiled"])]
@@ -558,10 +589,11 @@ def main(argv=None) -> int:
                  ("recognizer on OnnxEncoder, float32", single["recognizer_onnx"]),
                  ("recognizer on OnnxEncoder, int8", single["recognizer_onnx_int8"])]
     rows += [
+            ("encoder.step, 160 ms (4 frames) per call, per 40 ms, onnx-int8 (4-frame graph)", single["step4_ort_int8"]),
             ("encoder.step, 160 ms (4 frames) per call, per 40 ms, reference", single["step4_False"]),
             ("encoder.step, 160 ms (4 frames) per call, per 40 ms, float", single["step4_True"]),
             ("encoder.step, 160 ms (4 frames) per call, per 40 ms, int8", single["step4_int8"])]
-    if "compile_s" in single:
+    if "compiled" in single["compile_s"]:
         rows += [("encoder.step, 160 ms (4 frames) per call, per 40 ms, compiled", single["step4_compiled"]),
                  ("encoder.step, 160 ms (4 frames) per call, per 40 ms, compiled-int8", single["step4_compiled_int8"])]
     if onnx:
@@ -571,12 +603,15 @@ def main(argv=None) -> int:
         rows.append(("model.step, torch.ao int8 dynamic (nn.Linear; general path)", q))
     rows.append((f"floor: fp32 matvec over {n_params / 1e6:.1f} M weights", floor))
     rows.append((f"int8 floor: int8 matvec (torch._int_mm) over {n_params / 1e6:.1f} M weights", floor8))
-    print("| per 40 ms frame, 1 stream | median ms | p99 ms | real-time factor | x floor |")
-    print("|---|---:|---:|---:|---:|")
+    print("| per 40 ms frame, 1 stream | median ms | mean ms | p99 ms | real-time factor (median) | x floor |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name, t in rows:
         med = statistics.median(t)
-        print(f"| {name} | {1000 * med:.2f} | {1000 * pct(t, 0.99):.2f} | {med / FRAME:.4f} | {med / fl:.2f} |")
-    if "compile_s" in single:
+        print(f"| {name} | {1000 * med:.2f} | {1000 * statistics.mean(t):.2f} | {1000 * pct(t, 0.99):.2f} | "
+              f"{med / FRAME:.4f} | {med / fl:.2f} |")
+    print(f"\n`asr.load_model({args.model or ''})` in this process: {load_s:.2f} s (imports done; "
+          f"onnx-int8 graphs built for the bench's own engine: {single['compile_s']['ort_int8']:.1f} s)")
+    if "compiled" in single["compile_s"]:
         pk = statistics.median(single["step_True"])
         print(f"\ncompiled backend: {pk / statistics.median(single['step_compiled']):.2f}x the float backend "
               f"(compiled-int8: {statistics.median(single['step_int8']) / statistics.median(single['step_compiled_int8']):.2f}x "
@@ -590,7 +625,7 @@ def main(argv=None) -> int:
         pk8 = statistics.median(single["step_int8"])
         ratios = [f"{name} {pk8 / statistics.median(single[f'step_{key}']):.2f}x"
                   for name, key in (("float32", "onnx"), ("int8", "onnx_int8"))]
-        if "compile_s" in single:
+        if "compiled" in single["compile_s"]:
             c8 = statistics.median(single["step_compiled_int8"])
             ratios += [f"compiled int8 / ONNX Runtime int8: {c8 / statistics.median(single['step_onnx_int8']):.2f}x"]
         print(f"\nONNX Runtime against the packed int8 step, frame by frame: {', '.join(ratios)}")
@@ -602,7 +637,11 @@ def main(argv=None) -> int:
         med = statistics.median(seg) / emf["frames_per_call"]
         print(f"| torchaudio Emformer ({emf['params'] / 1e6:.1f} M, encoder only), per 40 ms "
               f"(segment of 4 + 1 right context: {1000 * statistics.median(seg):.2f} ms) | {1000 * med:.2f} | "
+              f"{1000 * statistics.mean(seg) / emf['frames_per_call']:.2f} | "
               f"{1000 * pct(seg, 0.99) / emf['frames_per_call']:.2f} | {med / FRAME:.4f} | {med / fl:.2f} |")
+        print(f"\nEmformer (160 ms segments) / the default engine (onnx-int8), per 40 ms of audio: frame by frame "
+              f"{med / statistics.median(single['step_ort_int8']):.2f}x, 160 ms per call "
+              f"{med / statistics.median(single['step4_ort_int8']):.2f}x")
         print("\nEmformer (160 ms segments) / our encoder.step, per 40 ms of audio:")
         for name, key in (("frame by frame (40 ms/call)", "step"), ("160 ms/call", "step4")):
             gen, pk = statistics.median(single[f"{key}_False"]), statistics.median(single[f"{key}_True"])
@@ -610,7 +649,7 @@ def main(argv=None) -> int:
             print(f"- {name}: reference {med / gen:.2f}x, float {med / pk:.2f}x, int8 "
                   f"{med / i8:.2f}x (float is {gen / pk:.2f}x faster than reference, int8 {pk / i8:.2f}x "
                   f"faster than float)")
-            if "compile_s" in single:
+            if "compiled" in single["compile_s"]:
                 c32, c8 = statistics.median(single[f"{key}_compiled"]), statistics.median(single[f"{key}_compiled_int8"])
                 print(f"  compiled: {med / c32:.2f}x, compiled int8 {med / c8:.2f}x")
         if q is not None:
@@ -623,11 +662,14 @@ def main(argv=None) -> int:
     if emf is not None:
         print(f"| Emformer: infer states (left context 32 frames) | {emf['state_bytes']:,} |")
 
-    if emf is not None and "compile_s" in single:
-        h2h = head_to_head(single["engines"]["compiled_int8"], emf["call"], reps)
+    h2h_engines = [("ort_int8", "onnx-int8, the default engine")]
+    if "compiled" in single["compile_s"]:
+        h2h_engines.append(("compiled_int8", "compiled int8"))
+    for engine_key, engine_name in h2h_engines if emf is not None else []:
+        h2h = head_to_head(single["engines"][engine_key], emf["call"], reps)
         e = statistics.median(h2h["emformer"])
         print("\nHead to head, alternating runs of 20 calls (per 160 ms of audio: one Emformer segment, 4 one-frame "
-              "calls of ours, one 4-frame call of ours; compiled int8, frozen weights):")
+              f"calls of ours, one 4-frame call of ours; {engine_name}, frozen weights):")
         print("| per 160 ms of audio | median ms | per 40 ms | real-time factor | Emformer / this |")
         print("|---|---:|---:|---:|---:|")
         for name, key in (("torchaudio Emformer, one segment (4 + 1 right context)", "emformer"),
@@ -637,7 +679,7 @@ def main(argv=None) -> int:
 
     if "batch" not in args.skip:
         tune_for_streaming()  # what a long-running server does after start-up (module docstring, item 4)
-        keys = [True, "int8"] + (["compiled", "compiled_int8"] if "compile" not in args.skip else [])
+        keys = [True, "int8", "ort_int8"] + (["compiled", "compiled_int8"] if "compile" not in args.skip else [])
         for block, key in [(b, k) for b in args.batch_block for k in keys]:
             res = batch_capacity(single["engines"][key], tok, block, max(10, reps // 20), args.max_streams)
             print(f"\nBatched streams, {BACKEND[key]} backend, {1000 * block:.0f} ms of "

@@ -11,6 +11,10 @@ Every backend runs the same arithmetic: the front end of :mod:`asr.infer.fronten
 - ``reference``: the model's own modules (``CTCModel.step`` / ``forward``): any device and dtype.
 - ``float``: float32 weights packed once (:class:`asr.infer.products.PackedProducts`), CPU or CUDA.
 - ``int8``: int8 weights (per output channel) and per-row activation scales, CPU.
+- ``onnx-int8``: calls of one stream with ``compile_frames`` encoder frames run the ``int8``
+  arithmetic as one ONNX Runtime graph traced from the same code (:mod:`asr.infer.ort`; exported
+  once per model into a cache, or shipped beside the bundled model); other calls run ``int8``.
+  The fastest frame by frame, with no compiler: :func:`default_backend`'s choice.
 - ``compiled`` / ``compiled-int8``: calls of one stream with ``compile_frames`` encoder frames
   (40 ms each) run the whole step (front end, blocks, head) as one function traced from the same
   code and compiled by inductor (:mod:`asr.infer.compiled`; a C++ compiler, seconds to minutes on
@@ -49,7 +53,7 @@ from asr.infer.step import Plan, build_plan, encode
 from asr.model import CTCModel, EncoderState
 from asr.model.rwkv7 import Block, BlockProducts, ModuleProducts
 
-BACKENDS = ("reference", "float", "int8", "compiled", "compiled-int8")
+BACKENDS = ("reference", "float", "int8", "onnx-int8", "compiled", "compiled-int8")
 
 
 def backend_for(model: CTCModel, int8: bool = False, compile: bool = False) -> str:
@@ -60,6 +64,18 @@ def backend_for(model: CTCModel, int8: bool = False, compile: bool = False) -> s
     if int8:
         return "int8"
     return "float" if model.ln_out.weight.dtype == torch.float32 else "reference"
+
+
+def default_backend(model: CTCModel) -> str:
+    """The backend a recognizer gets unless it asks for one: ``onnx-int8`` for a float32 CPU
+    model where ONNX Runtime imports, else what :func:`backend_for` picks without options."""
+    w = model.ln_out.weight
+    if w.dtype == torch.float32 and w.device.type == "cpu":
+        from asr.infer.ort import ort_available
+
+        if ort_available():
+            return "onnx-int8"
+    return backend_for(model)
 
 
 def block_products(block: Block, backend: str) -> BlockProducts:
@@ -74,15 +90,20 @@ def block_products(block: Block, backend: str) -> BlockProducts:
             from asr.infer.compiled import TracedProducts
 
             return TracedProducts(block, backend.endswith("int8"))
+        if backend == "onnx-int8":
+            from asr.infer.ort import ExportProducts
+
+            return ExportProducts(block)
         return PackedProducts(block, backend == "int8")
 
 
 class InferenceEncoder:
     """``model`` run by ``backend`` (one of :data:`BACKENDS`), chosen once here.
 
-    ``compile_frames``: for the compiled backends, the encoder frames per call that get a compiled
-    step (each its own compile; (1, 4) also serves 160 ms calls). Compile with the thread count
-    you will run with (``torch.set_num_threads``): the generated code keeps it."""
+    ``compile_frames``: for the compiled and ``onnx-int8`` backends, the encoder frames per call
+    that get a compiled step or an ONNX Runtime graph (each its own build; (1, 4) also serves
+    160 ms calls). Compile with the thread count you will run with (``torch.set_num_threads``):
+    the generated code keeps it. The ONNX Runtime sessions run on one thread."""
 
     def __init__(self, model: CTCModel, backend: str = "float", compile_frames: tuple[int, ...] = (1,)) -> None:
         if backend not in BACKENDS:
@@ -105,6 +126,10 @@ class InferenceEncoder:
             from asr.infer.compiled import CompiledSteps
 
             self.runner = CompiledSteps(model, self.plan, int8, compile_frames)
+        elif backend == "onnx-int8":
+            from asr.infer.ort import OrtSteps
+
+            self.runner = OrtSteps(model, self.plan, compile_frames)
 
     def __repr__(self) -> str:
         return f"InferenceEncoder(backend={self.backend!r})"

@@ -30,7 +30,8 @@ from torch import Tensor
 
 from asr.ops.dispatch import autograd_inside_op
 
-__all__ = ["wkv7", "wkv7_token", "wkv7_recurrent", "wkv7_chunked", "wkv7_fla", "fla_available"]
+__all__ = ["wkv7", "wkv7_token", "wkv7_recurrent", "wkv7_chunked", "wkv7_fla", "fla_available",
+           "mark_constants_for_compile"]
 
 
 def _zero_state(r: Tensor, dtype: torch.dtype) -> Tensor:
@@ -163,10 +164,18 @@ def _fla_imports() -> bool:
     return True
 
 
-@torch.compiler.assume_constant_result  # traced code takes the answer as a constant, traces no import
 def fla_available() -> bool:
-    """True when flash-linear-attention's rwkv7 kernels import (they still need a CUDA tensor)."""
+    """True when flash-linear-attention's rwkv7 kernels import (they still need a CUDA tensor).
+    Before ``torch.compile`` traces code that calls it, call :func:`mark_constants_for_compile`."""
     return _fla_imports()
+
+
+def mark_constants_for_compile() -> None:
+    """Make ``torch.compile`` take :func:`fla_available`'s answer as a constant (it then traces no
+    import, nor the ``lru_cache`` around it). Called where compilation starts
+    (:func:`asr.train.compile.compile_model`), not at import: ``torch.compiler.assume_constant_result``
+    imports ``torch._dynamo``, over a second of every process's start."""
+    torch.compiler.assume_constant_result(fla_available)  # marks the function itself
 
 
 FLA_CHUNK_SIZE = 64  # with bounded decay fla's tensor-core path; _fla_backward must match it

@@ -35,6 +35,9 @@ def compile_model(model: torch.nn.Module, scope: Union[bool, str] = "blocks", ba
     tools/bench_train.py's ``rwkv7_bundled_cudagraphs`` row on real data. ``backend``:
     torch.compile's (tests use ``"aot_eager"``, which traces without generating code).
     """
+    from asr.ops.wkv7 import mark_constants_for_compile
+
+    mark_constants_for_compile()
     options: Optional[dict] = None
     if backend == "inductor":
         options = {"triton.coalesce_tiling_analysis": False}
