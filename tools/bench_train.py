@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from asr.model import CTCModel, ModelConfig, ctc_loss  # noqa: E402
 from asr.model.subsampling import ConvSubsampling  # noqa: E402
+from asr.ops.wkv7 import mark_constants_for_compile  # noqa: E402
 from asr.train.cuda_graphs import GraphedTrainForward, keep_grads_allocated  # noqa: E402
 
 VOCAB = 256
@@ -154,6 +155,7 @@ def builders() -> dict:
 
     def conformer_compiled() -> nn.Module:
         model = AnchorCTC("conformer")
+        mark_constants_for_compile()  # fla_available() a constant to the tracer
         model.compile(dynamic=True)  # torchaudio's padding masks break the graph: no fullgraph
         return model
 
@@ -166,6 +168,7 @@ def builders() -> dict:
 
     def ours_cudagraphs(**sizes: int) -> CTCModel:
         model = CTCModel(ModelConfig(vocab_size=VOCAB, **sizes))
+        mark_constants_for_compile()  # fla_available() a constant to the tracer
         model.compile(mode="reduce-overhead", dynamic=False, fullgraph=True)
         return model
 
@@ -203,6 +206,7 @@ def builders() -> dict:
         """The whole model compiled once for any shape, CUDA graphs recorded per shape; the options
         are compile_model's plus inductor's cudagraphs (compile_model's "cudagraphs" is per block)."""
         model = CTCModel(ModelConfig(vocab_size=VOCAB))
+        mark_constants_for_compile()  # fla_available() a constant to the tracer
         model.compile(dynamic=True, fullgraph=True,
                       options={"triton.cudagraphs": True, "triton.coalesce_tiling_analysis": False})
         return model

@@ -20,6 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from asr.model import CTCModel, ModelConfig  # noqa: E402
+from asr.ops.wkv7 import mark_constants_for_compile  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import training_step  # noqa: E402
@@ -65,6 +66,7 @@ def main() -> int:
         print(f"eager step {step_ms:.1f} ms; compiling the model ...", flush=True)
 
         if args.compile == "static":
+            mark_constants_for_compile()  # fla_available() a constant to the tracer
             model.compile(dynamic=False, fullgraph=True)
         else:
             compile_model(model)
