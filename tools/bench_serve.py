@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=30.0, help="audio per client (default 30)")
     p.add_argument("--model", default=None, help="checkpoint (default: the bundled model)")
     p.add_argument("--float32", action="store_true", help="float32 weights instead of int8")
+    p.add_argument("--compile", action="store_true", help="server with --compile (the compiled wkv update)")
     p.add_argument("--lm", action="store_true", help="decode finals with the model's LM (default: greedy)")
     p.add_argument("--tick", type=float, default=0.1, help="server tick in seconds (default 0.1)")
     p.add_argument("--threads", type=int, default=2, help="server intra-op threads (default 2)")
@@ -93,6 +94,7 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "asr.cli.serve", "--port", "0", "--threads", str(args.threads),
            "--tick", str(args.tick), "--max-streams", str(args.clients + 10), "--log-level", "warning"]
     cmd += [] if args.float32 else ["--int8"]
+    cmd += ["--compile"] if args.compile else []
     cmd += [] if args.lm else ["--no-lm"]
     cmd += ["--model", args.model] if args.model else []
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
@@ -190,7 +192,7 @@ def report(args, jobs, results, refs, cpu, wall, metrics, load1) -> None:  # noq
     print(f"\n# bench_serve: {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average at start "
           f"{load1:.2f}; model {args.model or 'bundled'} ({'float32' if args.float32 else 'int8'}, "
-          f"{'LM' if args.lm else 'greedy'}), tick {args.tick:g} s, {args.threads} server threads, "
+          f"{'LM' if args.lm else 'greedy'}{', compiled' if args.compile else ''}), tick {args.tick:g} s, {args.threads} server threads, "
           f"{args.block:g} s messages\n")
     print("| clients | audio per client | partial latency p50 / p95 / max | final latency p50 | server CPU "
           "| server RTF | tick compute p50 / p95 | failed | finals != offline (of which only word boundaries) |")
