@@ -387,7 +387,8 @@ class Recognizer:
 
 @torch.inference_mode()
 def step_batch(
-    recognizers: Sequence[Recognizer], blocks: Sequence[Samples], sample_rate: Union[int, Sequence[int]] = SAMPLE_RATE
+    recognizers: Sequence[Recognizer], blocks: Sequence[Samples], sample_rate: Union[int, Sequence[int]] = SAMPLE_RATE,
+    max_call_frames: Optional[int] = None,
 ) -> list[Partial]:
     """``accept_waveform`` for several streams at once, running the model on them as one batch.
 
@@ -401,6 +402,9 @@ def step_batch(
     same order on the next call is free (a server's steady state; otherwise each state is copied
     once); the features of all streams come from one fbank call. Bad samples in any block (NaN, wrong shape)
     raise :class:`asr.audio.AudioError` before any stream has taken its block.
+    ``max_call_frames``: at most this many encoder frames per model call (longer feeds take
+    several calls); a server passes 4, the most the engine's per-token wkv kernels serve (longer
+    calls run the chunked form, which pads every call to 16 frames). None: no limit.
 
     A server that calls this for many streams should call
     :func:`asr.stream.tune_for_streaming` once after loading the model (garbage-collection stalls
@@ -429,8 +433,9 @@ def step_batch(
     logits: list[list[tuple[Tensor, Optional[tuple[Tensor, list[int]]]]]] = [[] for _ in recognizers]
     stepping = [i for i, ok in enumerate(stackable) if ok and feats[i].shape[0]]
     if stepping:
+        limit = None if max_call_frames is None else FEATURES_PER_FRAME * max_call_frames
         _step_packed(model, [recognizers[i] for i in stepping], [feats[i] for i in stepping],
-                     [logits[i] for i in stepping])
+                     [logits[i] for i in stepping], limit)
     vocab = model.config.vocab_size
     results = []
     for i, (rec, lg) in enumerate(zip(recognizers, logits)):
@@ -445,9 +450,11 @@ def step_batch(
 
 
 def _step_packed(model: Any, recognizers: Sequence[Recognizer], feats: Sequence[Tensor],
-                 logits: Sequence[list[tuple[Tensor, Optional[tuple[Tensor, list[int]]]]]]) -> None:
+                 logits: Sequence[list[tuple[Tensor, Optional[tuple[Tensor, list[int]]]]]],
+                 limit: Optional[int] = None) -> None:
     """Packed stepping of stackable streams with >= 1 frame each: one call for all of them, in
-    the order given, for the frames every one has; then the longer ones, and so on. The later
+    the order given, for the frames every one has (at most ``limit`` feature frames per call);
+    then the longer ones, and so on. The later
     calls take their rows out of the first call's state and put them back, so that every stream
     leaves as a row of one batched state: a server that steps the same streams in the same order
     next time stacks them for free (asr.stream.state). Appends each call's logits to ``logits``."""
@@ -459,9 +466,12 @@ def _step_packed(model: Any, recognizers: Sequence[Recognizer], feats: Sequence[
     done = 0
     while active:
         n = min(feats[j].shape[0] for j in active)
+        n = n if limit is None else min(n, done + limit)
         x = torch.stack([feats[j][done:n] for j in active]).to(device)
         if batch is None:
             out, batch = model.step(x, first_in)
+        elif len(active) == len(recognizers):  # every row: the batch itself, no rows to move
+            out, batch = model.step(x, batch)
         else:
             rows = torch.tensor(active, device=device)
             out, part = model.step(x, take_rows(batch, rows))
