@@ -286,17 +286,18 @@ def test_step_batch_equals_separate_streams(overfit, waves):
 
 
 def test_step_batch_leaves_streams_as_rows_of_one_batch(overfit, waves):
-    """Streams given different frame counts (a second, smaller call for the longer ones) still
-    leave as the rows of one batched state, in order, so that the next call stacks them without a
-    copy; each row holds what the stream's state is when it is stepped alone."""
+    """Streams given different frame counts (a second, smaller call for the longer ones; with
+    ``max_call_frames=1`` also calls of every stream after the first) still leave as the rows of
+    one batched state, in order, so that the next call stacks them without a copy; each row holds
+    what the stream's state is when it is stepped alone, in one call."""
     model, tok = overfit
     recs = [Recognizer(model, tok) for _ in range(3)]
     alone = [Recognizer(model, tok) for _ in range(3)]
     wave = waves["goforward"]
     sizes = [1600, 2400, 1600]  # 2, 3 and 2 encoder frames
-    for k in range(2):
+    for k in range(4):
         blocks = [wave[k * 2400 : k * 2400 + n] for n in sizes]
-        step_batch(recs, blocks)
+        step_batch(recs, blocks, max_call_frames=None if k < 2 else 1)
         for rec, block in zip(alone, blocks):
             step_batch([rec], [block])
         parents = {id(r.state.stacked_from[0]) for r in recs}

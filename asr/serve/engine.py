@@ -8,8 +8,8 @@ eof (or reached ``max_stream_seconds``) are finalised in the same call. Each str
 :class:`StepResult` in its ``results`` queue, saying how many audio messages it answers.
 
 If a step takes longer than the tick, the next one starts at once with the audio that arrived in
-the meantime (larger blocks, which the batched model runs more cheaply per second of audio), so
-the server degrades into longer ticks rather than a growing backlog.
+the meantime (in model calls of at most ``MAX_CALL_FRAMES`` frames each). A server that cannot
+keep up falls behind: its latency grows; finals stay exact.
 
 Only one thread ever runs the model for streams; ``POST /transcribe`` uses its own worker
 (:meth:`Engine.transcribe`). Metrics (:meth:`Engine.metrics`): active streams, real-time factor
