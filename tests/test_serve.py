@@ -259,11 +259,11 @@ def test_a_stream_failing_inside_the_step_ends_alone(model, pcm, monkeypatch):
     batched = engine_module.step_batch
     failed_batches = []
 
-    def step_batch(recognizers, blocks, rates):
+    def step_batch(recognizers, blocks, rates, **options):
         if any(getattr(r, "poisoned", False) for r in recognizers):
             failed_batches.append(len(recognizers))
             raise RuntimeError("batched step failed")
-        return batched(recognizers, blocks, rates)
+        return batched(recognizers, blocks, rates, **options)
 
     def broken(*_):
         raise RuntimeError("this stream's state is broken")

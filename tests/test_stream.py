@@ -285,6 +285,32 @@ def test_step_batch_equals_separate_streams(overfit, waves):
         step_batch([recs[0], recs[0]], [np.zeros(1), np.zeros(1)])
 
 
+def test_step_batch_leaves_streams_as_rows_of_one_batch(overfit, waves):
+    """Streams given different frame counts (a second, smaller call for the longer ones; with
+    ``max_call_frames=1`` also calls of every stream after the first) still leave as the rows of
+    one batched state, in order, so that the next call stacks them without a copy; each row holds
+    what the stream's state is when it is stepped alone, in one call."""
+    model, tok = overfit
+    recs = [Recognizer(model, tok) for _ in range(3)]
+    alone = [Recognizer(model, tok) for _ in range(3)]
+    wave = waves["goforward"]
+    sizes = [1600, 2400, 1600]  # 2, 3 and 2 encoder frames
+    for k in range(4):
+        blocks = [wave[k * 2400 : k * 2400 + n] for n in sizes]
+        step_batch(recs, blocks, max_call_frames=None if k < 2 else 1)
+        for rec, block in zip(alone, blocks):
+            step_batch([rec], [block])
+        parents = {id(r.state.stacked_from[0]) for r in recs}
+        assert len(parents) == 1 and [r.state.stacked_from[1] for r in recs] == [0, 1, 2]
+        batch = recs[0].state.stacked_from[0]
+        again = stack_states(model, [r.state for r in recs])
+        assert again.blocks[-1].wkv.data_ptr() == batch.blocks[-1].wkv.data_ptr()
+        for rec, ref in zip(recs, alone):
+            assert (rec.state.frames_in, rec.state.frames_out) == (ref.state.frames_in, ref.state.frames_out)
+            torch.testing.assert_close(rec.state.blocks[-1].wkv, ref.state.blocks[-1].wkv, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(rec.state.subsampling[1], ref.state.subsampling[1], rtol=1e-4, atol=1e-5)
+
+
 def test_step_batch_bad_block_moves_no_stream(overfit, waves):
     """A NaN block for one stream raises AudioError before any stream consumed its block, so
     the caller can send the good blocks again: all streams then end with what they give alone."""

@@ -1,16 +1,19 @@
 """Load benchmark of ``asr-serve``: many Vosk-protocol clients streaming real recordings at real-time pace.
 
-    python tools/bench_serve.py --clients 100                 # bundled model, int8, 30 s per client
+    python tools/bench_serve.py --clients 100                 # bundled model, int8, compiled, 30 s per client
     python tools/bench_serve.py --clients 10 --seconds 10     # a quick run
-    python tools/bench_serve.py --clients 100 --float32 --tick 0.16 --model exp/run1
+    python tools/bench_serve.py --clients 30 --no-compile --threads 2   # other server settings
 
 The server runs as its own process (``python -m asr.cli.serve`` on a free port of 127.0.0.1, no
 LM unless ``--lm``, ``--threads`` intra-op threads), so its CPU time is its own (read from
 /proc). The clients run in this process: each streams a "program" of real recordings
 (``tests/data/audio``, the held-out ones included, in a random order with 0.3-1.5 s pauses, at
 least ``--seconds`` long; ``--programs`` distinct ones, client i plays program i mod that) in
-``--block`` second messages, each sent when its last sample would have been recorded; clients
-start spread over the first second, half at 16 kHz and half at 8 kHz.
+``--block`` second messages, each sent when its last sample would have been recorded, whether or
+not the earlier replies have come (as a microphone client does: a client that waited for each reply
+would fall behind real time whenever a reply takes longer than a block, and load the server less);
+clients start spread over the first second, half at 16 kHz and half at 8 kHz. A server that does not
+keep up shows it as latencies that grow to seconds.
 
 Printed (markdown): partial-result latency, from sending a message to receiving its reply (the
 audio's own duration is not in it: the message is sent once its audio is complete), p50/p95/max;
@@ -51,9 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=30.0, help="audio per client (default 30)")
     p.add_argument("--model", default=None, help="checkpoint (default: the bundled model)")
     p.add_argument("--float32", action="store_true", help="float32 weights instead of int8")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="server without --compile (default: with it; its compiled per-token wkv update is what "
+                        "makes batches of streams cheap; inductor's disk cache makes later starts quick)")
     p.add_argument("--lm", action="store_true", help="decode finals with the model's LM (default: greedy)")
     p.add_argument("--tick", type=float, default=0.1, help="server tick in seconds (default 0.1)")
-    p.add_argument("--threads", type=int, default=2, help="server intra-op threads (default 2)")
+    p.add_argument("--threads", type=int, default=1, help="server intra-op threads (default 1, the server's)")
     p.add_argument("--block", type=float, default=0.1, help="seconds of audio per client message (default 0.1)")
     p.add_argument("--programs", type=int, default=10, help="distinct client programs (default 10)")
     p.add_argument("--seed", type=int, default=0)
@@ -93,6 +99,7 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "asr.cli.serve", "--port", "0", "--threads", str(args.threads),
            "--tick", str(args.tick), "--max-streams", str(args.clients + 10), "--log-level", "warning"]
     cmd += [] if args.float32 else ["--int8"]
+    cmd += ["--compile"] if args.compile else []
     cmd += [] if args.lm else ["--no-lm"]
     cmd += ["--model", args.model] if args.model else []
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
@@ -190,7 +197,7 @@ def report(args, jobs, results, refs, cpu, wall, metrics, load1) -> None:  # noq
     print(f"\n# bench_serve: {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average at start "
           f"{load1:.2f}; model {args.model or 'bundled'} ({'float32' if args.float32 else 'int8'}, "
-          f"{'LM' if args.lm else 'greedy'}), tick {args.tick:g} s, {args.threads} server threads, "
+          f"{'LM' if args.lm else 'greedy'}{', compiled' if args.compile else ''}), tick {args.tick:g} s, {args.threads} server threads, "
           f"{args.block:g} s messages\n")
     print("| clients | audio per client | partial latency p50 / p95 / max | final latency p50 | server CPU "
           "| server RTF | tick compute p50 / p95 | failed | finals != offline (of which only word boundaries) |")

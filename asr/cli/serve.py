@@ -39,7 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lm", metavar="ARPA", default=None, help="word n-gram LM for final segments "
                    "(default: the LM the model carries; streams may turn it off)")
     p.add_argument("--no-lm", action="store_true", help="no language model: greedy finals")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads of the batched step (default 1: with more, each of the step's "
+                        "~1,000 parallel regions waits for a thread the event loop or another process has "
+                        "preempted: 2 threads made the step ~5x slower than 1 on two cores)")
     p.add_argument("--tick", type=float, default=0.1, metavar="S",
                    help="seconds between batched steps (default 0.1; 0.04-0.16 sensible)")
     p.add_argument("--max-streams", type=int, default=200, help="concurrent streams; more are refused (default 200)")
@@ -70,7 +73,7 @@ def _check(args: argparse.Namespace, ap: argparse.ArgumentParser) -> None:
             ap.error(f"--{name.replace('_', '-')} must be positive")
     if not 0 <= args.port <= 65535:
         ap.error("--port must be in 0..65535")
-    if args.threads is not None and args.threads < 1:
+    if args.threads < 1:
         ap.error("--threads must be at least 1")
     if args.lm is not None and args.no_lm:
         ap.error("--lm and --no-lm contradict each other")
@@ -89,8 +92,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 1
     import torch
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     from asr.api import load_model
     from asr.serve import Engine, Limits, ServerOptions, make_app
     from asr.stream import tune_for_streaming

@@ -8,8 +8,8 @@ eof (or reached ``max_stream_seconds``) are finalised in the same call. Each str
 :class:`StepResult` in its ``results`` queue, saying how many audio messages it answers.
 
 If a step takes longer than the tick, the next one starts at once with the audio that arrived in
-the meantime (larger blocks, which the batched model runs more cheaply per second of audio), so
-the server degrades into longer ticks rather than a growing backlog.
+the meantime (in model calls of at most ``MAX_CALL_FRAMES`` frames each). A server that cannot
+keep up falls behind: its latency grows; finals stay exact.
 
 Only one thread ever runs the model for streams; ``POST /transcribe`` uses its own worker
 (:meth:`Engine.transcribe`). Metrics (:meth:`Engine.metrics`): active streams, real-time factor
@@ -37,6 +37,10 @@ log = logging.getLogger("asr.serve")
 
 #: Ticks the latency and real-time-factor metrics are computed over.
 METRIC_WINDOW = 200
+#: Encoder frames (40 ms each) per batched model call: a tick that took more audio (a slow tick, a
+#: client sending large messages) makes several calls, each served by the engine's per-token wkv
+#: kernels, rather than one call of the chunked form, which pads to 16 frames (asr.stream.step_batch).
+MAX_CALL_FRAMES = 4
 #: Beam width used when a stream asks for hotwords without a beam (boosting re-ranks beams).
 HOTWORD_BEAM = 8
 
@@ -239,7 +243,7 @@ class Engine:
         if stepping:
             try:
                 got = step_batch([work[i].stream.recognizer for i in stepping], [work[i].pcm for i in stepping],
-                                 [work[i].stream.config.sample_rate for i in stepping])
+                                 [work[i].stream.config.sample_rate for i in stepping], max_call_frames=MAX_CALL_FRAMES)
                 partials = dict(zip(stepping, got))
             except Exception:  # one stream's failure must not take the others down: step them alone
                 log.exception("batched step failed; stepping %d streams one by one", len(stepping))

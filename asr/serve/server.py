@@ -37,6 +37,8 @@ STATIC = Path(__file__).resolve().parent / "static"
 #: aiohttp refuses messages over this multiple of ``max_message_bytes`` by itself (close 1009
 #: without a JSON error); messages between the two get the JSON error.
 HARD_LIMIT_FACTOR = 4
+#: at shutdown, how long each WebSocket's close handshake may take (all run at once)
+SHUTDOWN_CLOSE_SECONDS = 2.0
 
 
 @dataclass
@@ -329,8 +331,11 @@ async def _start_tick(app: web.Application) -> None:
 
 
 async def _close_sockets(app: web.Application) -> None:
-    for ws in list(app[SOCKETS]):
-        await ws.close(code=P.CLOSE_GOING_AWAY, message=b"server shutting down")
+    """Close every WebSocket at once (1001), each waiting at most SHUTDOWN_CLOSE_SECONDS for its
+    client's answer: clients that vanished do not hold the shutdown up one after another."""
+    closing = [asyncio.wait_for(ws.close(code=P.CLOSE_GOING_AWAY, message=b"server shutting down"),
+                                SHUTDOWN_CLOSE_SECONDS) for ws in list(app[SOCKETS])]
+    await asyncio.gather(*closing, return_exceptions=True)
 
 
 async def _stop_tick(app: web.Application) -> None:

@@ -52,7 +52,7 @@ from asr.model import CTCModel, EncoderState
 if TYPE_CHECKING:
     from asr.infer import InferenceEncoder
 from asr.stream.endpoint import EndpointConfig, Endpointer, StreamingEnergy
-from asr.stream.state import is_stackable, split_state, stack_states
+from asr.stream.state import is_stackable, put_rows, split_state, stack_states, take_rows
 from asr.transcript import Segment, Transcript
 
 __all__ = ["Partial", "Recognizer", "check_block", "step_batch"]
@@ -387,7 +387,8 @@ class Recognizer:
 
 @torch.inference_mode()
 def step_batch(
-    recognizers: Sequence[Recognizer], blocks: Sequence[Samples], sample_rate: Union[int, Sequence[int]] = SAMPLE_RATE
+    recognizers: Sequence[Recognizer], blocks: Sequence[Samples], sample_rate: Union[int, Sequence[int]] = SAMPLE_RATE,
+    max_call_frames: Optional[int] = None,
 ) -> list[Partial]:
     """``accept_waveform`` for several streams at once, running the model on them as one batch.
 
@@ -397,9 +398,13 @@ def step_batch(
     smaller batch (packed stepping); a stream that was stepped alone with odd frame counts before
     is stepped alone once to get back in phase. Results equal per-stream ``accept_waveform``
     calls up to float rounding in the model (batched matrix products may round differently).
-    The states are stacked and split on every call (a copy of each state per call); the
-    features of all streams come from one fbank call. Bad samples in any block (NaN, wrong shape)
+    Each stream leaves as a row of one batched state, so that stacking the same streams in the
+    same order on the next call is free (a server's steady state; otherwise each state is copied
+    once); the features of all streams come from one fbank call. Bad samples in any block (NaN, wrong shape)
     raise :class:`asr.audio.AudioError` before any stream has taken its block.
+    ``max_call_frames``: at most this many encoder frames per model call (longer feeds take
+    several calls); a server passes 4, the most the engine's per-token wkv kernels serve (longer
+    calls run the chunked form, which pads every call to 16 frames). None: no limit.
 
     A server that calls this for many streams should call
     :func:`asr.stream.tune_for_streaming` once after loading the model (garbage-collection stalls
@@ -426,22 +431,11 @@ def step_batch(
     feats = [r.frames_to_step(f) for r, f in zip(recognizers, new_feats)]
     # per stackable stream: (logits, (log-probs, arg-max ids)) of each batched call it took part in
     logits: list[list[tuple[Tensor, Optional[tuple[Tensor, list[int]]]]]] = [[] for _ in recognizers]
-    # Packed stepping: all streams for the frames every one has, then the longer ones, and so on.
-    pending = sorted((i for i, ok in enumerate(stackable) if ok and feats[i].shape[0]), key=lambda i: feats[i].shape[0])
-    done = 0
-    while pending:
-        n = feats[pending[0]].shape[0]
-        x = torch.stack([feats[i][done:n] for i in pending]).to(recognizers[pending[0]].device)
-        out, state = model.step(x, stack_states(model, [recognizers[i].state for i in pending]))
-        parts = split_state(state,
-                            [recognizers[i].state.frames_in + (n - done) for i in pending],
-                            [recognizers[i].state.frames_out + out.shape[1] for i in pending])
-        lp, best = _log_probs_and_best(out)
-        for j, i in enumerate(pending):
-            recognizers[i].state = parts[j]
-            logits[i].append((out[j], (lp[j], best[j])))
-        done = n
-        pending = [i for i in pending if feats[i].shape[0] > n]
+    stepping = [i for i, ok in enumerate(stackable) if ok and feats[i].shape[0]]
+    if stepping:
+        limit = None if max_call_frames is None else FEATURES_PER_FRAME * max_call_frames
+        _step_packed(model, [recognizers[i] for i in stepping], [feats[i] for i in stepping],
+                     [logits[i] for i in stepping], limit)
     vocab = model.config.vocab_size
     results = []
     for i, (rec, lg) in enumerate(zip(recognizers, logits)):
@@ -453,6 +447,46 @@ def step_batch(
             joined = torch.cat([part[0] for part in lg]) if lg else torch.zeros(0, vocab)
             results.append(rec.accept_logits(joined))
     return results
+
+
+def _step_packed(model: Any, recognizers: Sequence[Recognizer], feats: Sequence[Tensor],
+                 logits: Sequence[list[tuple[Tensor, Optional[tuple[Tensor, list[int]]]]]],
+                 limit: Optional[int] = None) -> None:
+    """Packed stepping of stackable streams with >= 1 frame each: one call for all of them, in
+    the order given, for the frames every one has (at most ``limit`` feature frames per call);
+    then the longer ones, and so on. The later
+    calls take their rows out of the first call's state and put them back, so that every stream
+    leaves as a row of one batched state: a server that steps the same streams in the same order
+    next time stacks them for free (asr.stream.state). Appends each call's logits to ``logits``."""
+    device = recognizers[0].device
+    first_in = stack_states(model, [r.state for r in recognizers])
+    batch: Optional[EncoderState] = None
+    active = list(range(len(recognizers)))
+    emitted = [0] * len(recognizers)
+    done = 0
+    while active:
+        n = min(feats[j].shape[0] for j in active)
+        n = n if limit is None else min(n, done + limit)
+        x = torch.stack([feats[j][done:n] for j in active]).to(device)
+        if batch is None:
+            out, batch = model.step(x, first_in)
+        elif len(active) == len(recognizers):  # every row: the batch itself, no rows to move
+            out, batch = model.step(x, batch)
+        else:
+            rows = torch.tensor(active, device=device)
+            out, part = model.step(x, take_rows(batch, rows))
+            batch = put_rows(batch, rows, part, inputs=(first_in,))
+        lp, best = _log_probs_and_best(out)
+        for k, j in enumerate(active):
+            logits[j].append((out[k], (lp[k], best[k])))
+            emitted[j] += out.shape[1]
+        done = n
+        active = [j for j in active if feats[j].shape[0] > n]
+    assert batch is not None
+    parts = split_state(batch, [r.state.frames_in + f.shape[0] for r, f in zip(recognizers, feats)],
+                        [r.state.frames_out + e for r, e in zip(recognizers, emitted)])
+    for r, part in zip(recognizers, parts):
+        r.state = part
 
 
 def _log_probs_and_best(logits: Tensor) -> tuple[Tensor, list[int]]:

@@ -37,7 +37,7 @@ from asr.frames import FEATURES_PER_FRAME
 from asr.model import CTCModel, EncoderState
 from asr.model.rwkv7 import BlockState
 
-__all__ = ["initial_caches", "is_stackable", "stack_states", "split_state"]
+__all__ = ["initial_caches", "is_stackable", "stack_states", "split_state", "take_rows", "put_rows"]
 
 
 def initial_caches(model: CTCModel, batch: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -158,3 +158,40 @@ class _RowBlocks(Sequence[BlockState]):
             return [self[j] for j in range(*i.indices(len(self)))]
         s, b = self._batched[i], self._row
         return BlockState(s.tmix_prev[b : b + 1], s.wkv[b : b + 1], s.cmix_prev[b : b + 1])
+
+
+def _tensors(state: EncoderState) -> list[Tensor]:
+    """The state's tensors in a fixed order (caches, then each block's three); caches must be set."""
+    c1, c2 = state.subsampling
+    assert c1 is not None and c2 is not None, "a stepped state has its caches"
+    return [c1, c2] + [t for b in state.blocks for t in (b.tmix_prev, b.wkv, b.cmix_prev)]
+
+
+def _from_tensors(tensors: Sequence[Tensor]) -> EncoderState:
+    blocks = [BlockState(*tensors[i : i + 3]) for i in range(2, len(tensors), 3)]
+    return EncoderState(subsampling=(tensors[0], tensors[1]), blocks=blocks)
+
+
+def take_rows(state: EncoderState, rows: Tensor) -> EncoderState:
+    """Rows ``rows`` (int64 indices) of a batched state, copied (its counters are 0)."""
+    return _from_tensors([t.index_select(0, rows) for t in _tensors(state)])
+
+
+def put_rows(state: EncoderState, rows: Tensor, part: EncoderState, inputs: Sequence[EncoderState] = ()) -> EncoderState:
+    """Write ``part`` (a state of ``len(rows)`` streams) into rows ``rows`` of the batched ``state``,
+    in place where that is safe, and return the result. A tensor of ``state`` that shares memory
+    with a tensor of ``inputs`` (states someone else may still hold, e.g. the ones a step was given
+    and returned unchanged) is copied first, so only memory that ``state`` alone owns is written."""
+    held = {t.untyped_storage().data_ptr() for s in inputs for t in _tensors_or_none(s)}
+    out = []
+    for t, new in zip(_tensors(state), _tensors(part)):
+        if t.untyped_storage().data_ptr() in held:
+            t = t.clone()
+        t[rows] = new
+        out.append(t)
+    return _from_tensors(out)
+
+
+def _tensors_or_none(state: EncoderState) -> list[Tensor]:
+    tensors = [t for t in state.subsampling if t is not None]
+    return tensors + [t for b in state.blocks for t in (b.tmix_prev, b.wkv, b.cmix_prev)]
