@@ -45,7 +45,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional, TextIO
+from typing import Any, Callable, Iterator, Optional, TextIO
 
 import numpy as np
 
@@ -226,8 +226,8 @@ def _error(msg: str) -> int:
     return 1
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+def _check_args(args: argparse.Namespace) -> None:
+    """Exit with argparse's usage error (status 2) for options that contradict each other."""
     if args.fast and not args.input:
         build_parser().error("--fast needs --input FILE")
     if args.beam_size < 1:
@@ -237,6 +237,77 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.lm is not None and args.no_lm:
         build_parser().error("--lm and --no-lm contradict each other")
 
+
+def _listen(mic: Any, feed: Callable, stop: StopSignals) -> int:
+    """Feed the microphone's blocks until ``stop``; then the blocks recorded before the stop.
+    Returns the exit status (1 when the device failed)."""
+    from asr.stream.microphone import MicrophoneError
+
+    status = 0
+    try:
+        mic.start()
+        if mic.rate_note:
+            print(f"asr-live: {mic.rate_note}", file=sys.stderr)
+        first, reported = True, 0
+        while not stop.requested:
+            got = mic.read(timeout=0.5)
+            if got is None:
+                continue
+            if first:
+                print(f"asr-live: listening on {mic.device_name!r} at {mic.samplerate} Hz "
+                      "(Ctrl-C to stop)", file=sys.stderr, flush=True)
+                first = False
+            feed(got[0], got[1])
+            if mic.stats.overflows > reported:
+                reported = mic.stats.overflows
+                print(f"\nasr-live: warning: input overflow ({reported} so far, "
+                      f"{mic.stats.dropped_samples} samples dropped); continuing",
+                      file=sys.stderr, flush=True)
+    except MicrophoneError as err:
+        print(f"\nasr-live: error: {err}", file=sys.stderr)
+        status = 1
+    finally:
+        mic.close()
+        for block in mic.drain():  # recorded before the stop: transcribe it too
+            feed(block, None)
+    return status
+
+
+def _play(args: argparse.Namespace, rec: Any, feed: Callable, stop: StopSignals, block_seconds: float,
+          rate: int) -> None:
+    """Feed the input file's blocks, each when its last sample would have been recorded (at once
+    with ``--fast``), until the file ends or ``stop``."""
+    print(f"asr-live: playing {args.input}" + (" (fast)" if args.fast else " in real time"),
+          file=sys.stderr, flush=True)
+    start = time.monotonic()
+    for block in _file_blocks(args.input, block_seconds):
+        if stop.requested:
+            break
+        if not args.fast:
+            due = start + (rec.duration + len(block) / rate)
+            while not stop.requested and time.monotonic() < due:
+                time.sleep(min(0.02, max(0.0, due - time.monotonic())))
+        feed(block, None if args.fast else time.monotonic())
+
+
+def _load_or_error(args: argparse.Namespace) -> tuple[Any, Optional[str]]:
+    """(the model, None), or (None, the one-line error)."""
+    from asr.model_file import CheckpointError
+
+    try:
+        if args.compile:
+            print("asr-live: compiling the model step (up to a minute or two the first time)", file=sys.stderr, flush=True)
+        return _load_model(args), None
+    except (CheckpointError, OSError, ValueError) as err:  # the model or the LM file: one line
+        return None, " ".join(str(err).split())
+    except Exception as err:  # no C++ compiler, a model the compiled step does not take...
+        what = "--compile" if args.compile else "--int8" if args.int8 else "loading the model"
+        return None, f"{what} failed: {' '.join(str(err).split())[:200]}"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    _check_args(args)
     from asr.stream.microphone import Microphone, MicrophoneError, list_input_devices
 
     if args.list_devices:
@@ -250,7 +321,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     torch.set_num_threads(1)
     from asr.audio import AudioError
-    from asr.model_file import CheckpointError
 
     block_seconds = COMPILED_BLOCK_SECONDS if args.compile else BLOCK_SECONDS
     mic: Optional[Microphone] = None
@@ -261,15 +331,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             return _error(str(err))
     elif not Path(args.input).is_file():
         return _error(f"{args.input}: file not found")
-    try:
-        if args.compile:
-            print("asr-live: compiling the model step (up to a minute or two the first time)", file=sys.stderr, flush=True)
-        model = _load_model(args)
-    except (CheckpointError, OSError, ValueError) as err:  # the model or the LM file: one line
-        return _error(" ".join(str(err).split()))
-    except Exception as err:  # no C++ compiler, a model the compiled step does not take...
-        what = "--compile" if args.compile else "--int8" if args.int8 else "loading the model"
-        return _error(f"{what} failed: {' '.join(str(err).split())[:200]}")
+    model, err = _load_or_error(args)
+    if model is None:
+        return _error(err)
     rec = model.stream(beam_size=args.beam_size, keep_segments=False)
     try:
         writer = Writer(args.output, args.format)
@@ -301,50 +365,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         display.show_partial(partial.text)
 
     status = 0
-    paced = not args.fast
     try:
         # a block is never cut in half inside the model; a second Ctrl-C interrupts at once
         with StopSignals(abort_on=(signal.SIGINT,)) as stop:
             if mic is not None:
-                try:
-                    mic.start()
-                    if mic.rate_note:
-                        print(f"asr-live: {mic.rate_note}", file=sys.stderr)
-                    first = True
-                    reported = 0
-                    while not stop.requested:
-                        got = mic.read(timeout=0.5)
-                        if got is None:
-                            continue
-                        if first:
-                            print(f"asr-live: listening on {mic.device_name!r} at {mic.samplerate} Hz "
-                                  "(Ctrl-C to stop)", file=sys.stderr, flush=True)
-                            first = False
-                        feed(got[0], got[1])
-                        if mic.stats.overflows > reported:
-                            reported = mic.stats.overflows
-                            print(f"\nasr-live: warning: input overflow ({reported} so far, "
-                                  f"{mic.stats.dropped_samples} samples dropped); continuing",
-                                  file=sys.stderr, flush=True)
-                except MicrophoneError as err:
-                    print(f"\nasr-live: error: {err}", file=sys.stderr)
-                    status = 1
-                finally:
-                    mic.close()
-                    for block in mic.drain():  # recorded before the stop: transcribe it too
-                        feed(block, None)
+                status = _listen(mic, feed, stop)
             else:
-                print(f"asr-live: playing {args.input}" + (" (fast)" if args.fast else " in real time"),
-                      file=sys.stderr, flush=True)
-                start = time.monotonic()
-                for block in _file_blocks(args.input, block_seconds):
-                    if stop.requested:
-                        break
-                    if not args.fast:  # deliver each block when its last sample would have been recorded
-                        due = start + (rec.duration + len(block) / rate)
-                        while not stop.requested and time.monotonic() < due:
-                            time.sleep(min(0.02, max(0.0, due - time.monotonic())))
-                    feed(block, time.monotonic() if paced else None)
+                _play(args, rec, feed, stop, block_seconds, rate)
     except AudioError as err:
         print(f"\nasr-live: error: {err}", file=sys.stderr)
         status = 1
@@ -358,7 +385,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if audio_out is not None:
             audio_out.close()
     if args.stats:
-        print(stats.report(rec.duration, mic, rec.state_size_bytes(), paced), file=sys.stderr)
+        print(stats.report(rec.duration, mic, rec.state_size_bytes(), not args.fast), file=sys.stderr)
     return status
 
 
