@@ -23,6 +23,7 @@ with blank.
 from __future__ import annotations
 
 import io
+import itertools
 import re
 import unicodedata
 from pathlib import Path
@@ -79,6 +80,18 @@ def normalize_text(text: str) -> str:
     text = _DROP.sub("", text)
     text = _LEADING_APOSTROPHE.sub("", text)
     return _SPACES.sub(" ", text).strip()
+
+
+def _training_sentences(texts: Iterable[str], normalize: bool) -> Iterator[str]:
+    """The non-empty lines of ``texts`` (normalised with :func:`normalize_text` when ``normalize``);
+    raises ValueError at once, not inside sentencepiece, when there are none."""
+    lines = (normalize_text(t) if normalize else t.strip() for t in texts)
+    lines = (t for t in lines if t)
+    try:
+        first = next(lines)
+    except StopIteration:
+        raise ValueError("no non-empty training text") from None
+    return itertools.chain([first], lines)
 
 
 class Tokenizer:
@@ -169,24 +182,8 @@ class Tokenizer:
             raise ValueError(f"vocab_size={vocab_size} is too small: need at least {min_size} "
                              f"(blank, <unk>, '{WORD_BOUNDARY}' and {len(set(required_chars))} required chars)")
 
-        def sentences() -> Iterator[str]:
-            for t in texts:
-                t = normalize_text(t) if normalize else t.strip()
-                if t:
-                    yield t
-
-        it = sentences()
-        try:
-            first = next(it)
-        except StopIteration:
-            raise ValueError("no non-empty training text") from None
-
-        def chained() -> Iterator[str]:
-            yield first
-            yield from it
-
         kwargs = dict(
-            sentence_iterator=chained(),
+            sentence_iterator=_training_sentences(texts, normalize),
             model_type="bpe",
             vocab_size=vocab_size,
             hard_vocab_limit=hard_vocab_limit,

@@ -305,6 +305,18 @@ def _load_or_error(args: argparse.Namespace) -> tuple[Any, Optional[str]]:
         return None, f"{what} failed: {' '.join(str(err).split())[:200]}"
 
 
+def _open_audio_out(path: Optional[str], rate: int) -> tuple[Any, Optional[str]]:
+    """(a float WAV writer at ``path``, or None without one; None, or the one-line error)."""
+    if not path:
+        return None, None
+    import soundfile as sf
+
+    try:
+        return sf.SoundFile(path, "w", samplerate=rate, channels=1, subtype="FLOAT", format="WAV"), None
+    except Exception as err:
+        return None, f"cannot write {path}: {' '.join(str(err).split())}"
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     _check_args(args)
@@ -341,15 +353,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         return _error(f"cannot write {args.output}: {err.strerror or err}")
     display = Display(sys.stdout)
     stats = Stats()
-    audio_out: Any = None
     rate = mic.samplerate if mic is not None else 16000
-    if args.save_audio:
-        import soundfile as sf
-
-        try:
-            audio_out = sf.SoundFile(args.save_audio, "w", samplerate=rate, channels=1, subtype="FLOAT", format="WAV")
-        except Exception as err:
-            return _error(f"cannot write {args.save_audio}: {' '.join(str(err).split())}")
+    audio_out, err = _open_audio_out(args.save_audio, rate)
+    if err:
+        return _error(err)
 
     def feed(block: np.ndarray, arrival: Optional[float]) -> None:
         if audio_out is not None:
