@@ -2,7 +2,7 @@
 
     python tools/bench_frontend.py [--batch 21] [--seconds 30] [--iters 20]
 
-Why: in the profile of a CUDA-graph training step (BENCHMARKS.md, session 8) the front end took ~31 %
+Why: in the profile of a CUDA-graph training step (BENCHMARKS.md) the front end took ~31 %
 of the GPU time, ~3 ms of it in NCHW<->NHWC transposes around cuDNN's bf16 kernels. This times
 ``ConvSubsampling`` as the model runs it (bf16 autocast, the gradient of a random projection of its
 output) with ``channels_last`` off and on, side by side in one process, and checks that both give

@@ -4,7 +4,7 @@
     python tools/bench_loader.py --manifest .data/synthetic/train.jsonl
     python tools/bench_loader.py --manifest .data/synthetic/train.jsonl --format flac --limit 300
 
-Why: on the 4x H100 device runs of session 5 each GPU spent 7 to 41 % of its time waiting for data
+Why: on 4x H100 device runs each GPU spent 7 to 41 % of its time waiting for data
 with 14 workers per GPU. This measures what one worker delivers (audio-seconds per second, one
 thread, as DataLoader workers run) and where its time goes: decoding, speed perturbation, fbank,
 SpecAugment, in the order ``ManifestDataset.__getitem__`` runs them, with the bundled recipe's

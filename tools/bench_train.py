@@ -16,7 +16,7 @@ compiled for this one shape with CUDA graphs (``mode="reduce-overhead"``: what a
 batches to a few fixed shapes could reach), ``rwkv7_cudagraphs_dynamic`` / ``_blocks`` the whole
 model / each block compiled for any shape with CUDA graphs recorded per shape (what a trainer with
 changing batch shapes would use; on torch 2.11 the whole model's did not finish compiling within 5
-minutes, session 8; in training the blocks' variant gave 1.02x eager, BENCHMARKS.md "Run 9"),
+minutes; in training the blocks' variant gave 1.02x eager, BENCHMARKS.md "Run 9"),
 ``rwkv7_graphed`` the *eager* model with its forward and backward each captured as a CUDA graph for
 the one shape, as ``trainer.cuda_graphs`` trains (``asr.train.cuda_graphs``, on
 ``torch.cuda.make_graphed_callables``: no compiler, 0.2 s of warm-up per shape instead of minutes;

@@ -96,7 +96,7 @@ def main() -> int:
     kernel_events = [e for e in prof.events() if getattr(e, "device_type", None) == cuda]
     kernels = len(kernel_events)
     # The kernels' own durations: summing key_averages' self device time counted each kernel twice,
-    # once on its row and once on the op that launched it (session 8's profile read 71 ms for 34).
+    # once on its row and once on the op that launched it (a profile once read 71 ms for 34).
     gpu_us = sum(e.time_range.elapsed_us() for e in kernel_events) / args.steps
     print(f"# {torch.cuda.get_device_name(0)}, torch {torch.__version__}, model {args.model} "
           f"({model.num_parameters() / 1e6:.1f}M), batch {args.batch} x {args.seconds:g} s")

@@ -6,7 +6,7 @@
 # Why: the 5.8 h of synthetic speech that fit in a 64 MiB carry are memorised (training WER 0.4 %,
 # unseen-voice test WER 62 %), and the machine makes speech far faster than it can be carried: with
 # FLAC output prepare.py runs at ~80x real time per core, so 100 h take a minute or two on 64 cores.
-# Since session 5 it writes 16-bit WAV: the same samples as FLAC (~11.5 GB instead of 6.7 GB for
+# It writes 16-bit WAV: the same samples as FLAC (~11.5 GB instead of 6.7 GB for
 # 100 h), which a training worker decodes ~2x faster (tools/bench_loader.py).
 # Same seed and the same exclusion list as .data/bundle, so its dev and test sentences, voices and
 # degradations come out identical (and never in training); scoring uses the carried copies.
@@ -59,7 +59,7 @@ train = texts(f"{sys.argv[1]}/train.jsonl")
 print(f"dev/test sentences match the carried sets; {len(train & texts(sys.argv[2] + '/test.jsonl'))} test sentences in train")
 EOF
   echo "corpus made in $(( $(date +%s) - T0 )) s; $(du -sh $CORPUS | cut -f1) on disk"
-  # What one DataLoader worker delivers on this machine's cores (session 5's H100s waited 7-41 % of
+  # What one DataLoader worker delivers on this machine's cores (4x H100 runs waited 7-41 % of
   # each step for data): ~10 s, once per machine; a failure here does not stop the training.
   timeout 60 python tools/bench_loader.py --manifest $CORPUS/train.jsonl --limit 300 > "$OUT/bench_loader.txt" 2>&1 || true
 fi
@@ -67,7 +67,7 @@ S=$PACK/bundle_small
 export EVAL_DIR=$S ROOT=${ROOT:-exp/variants_synth}
 export EXTRA="data.manifest_dir=$S data.train_manifests=[$CORPUS/train.jsonl,$S/train_real.jsonl] ${EXTRA:-}"
 # The synthetic dev audio travels only with the final call: before it, train without a dev set (the
-# trainer checks every dev file at the start; session 7's run that reached its schedule's end in a
+# trainer checks every dev file at the start; a run that reached its schedule's end in a
 # middle call stopped at the validation there, on a missing file).
 [ -d $S/audio/synth ] || EXTRA="$EXTRA data.dev_manifests=[]"
 CALL_BUDGET=$(( CALL_BUDGET - ($(date +%s) - T0) )) bash tools/device/jobs/variants.sh "$@"

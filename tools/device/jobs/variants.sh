@@ -10,7 +10,7 @@
 # Like the train job, training may span several calls in a row: start the next call immediately
 # after one returns (the machine stays warm for 30 s and keeps the git-ignored run folders); each
 # run resumes from the checkpoint that SIGINT made it save, or else from its newest periodic one
-# (every 1,000 steps: in session 4 one of four runs logged no save after the SIGINT, which only its
+# (every 1,000 steps: once one of four runs logged no save after the SIGINT, which only its
 # DataLoader workers had logged receiving, and started the next call from scratch). The cosine
 # schedule of every run is fitted to its experiment's trainer.max_minutes of training (or
 # TOTAL_MINUTES), measured in the first call (trainer.fit_max_steps).
@@ -66,7 +66,7 @@ for i in "${!LINES[@]}"; do
 done
 
 # A safety copy first, in every call: the variant with the lowest recent training loss, exported
-# and in $OUT before anything slow runs (session 4 lost a whole final call whose scoring ran past
+# and in $OUT before anything slow runs (a whole final call was once lost, whose scoring ran past
 # the device's 10-minute limit: nothing came back).
 safety=$(for name in "${LINES[@]}"; do
          echo "$(grep -oE ' loss [0-9.]+' "$ROOT/$name/stdout.log" | tail -1 | cut -d' ' -f3) $name"; done \
