@@ -175,6 +175,9 @@ def test_book_pieces_cut_long_lines_and_skip_held_out_lines(tmp_path: Path) -> N
     assert texts.book_pieces(path, random.Random(0), max_words=20) == long_pieces + lines[1:]
     with pytest.raises(texts.SourceError):
         texts.book_pieces(tmp_path / "missing.txt", random.Random(0))
+    (tmp_path / "broken.txt.xz").write_bytes(b"not xz at all")
+    with pytest.raises(texts.SourceError):  # a one-line error, not lzma's traceback
+        texts.book_pieces(tmp_path / "broken.txt.xz", random.Random(0))
 
 
 def test_book_source_is_training_text_only_and_leaves_other_sources_alone() -> None:

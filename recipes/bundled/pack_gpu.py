@@ -51,7 +51,9 @@ from scipy import signal
 from asr.data.manifest import read_manifest, write_manifest
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "recipes" / "synthetic"))  # augment_audio (--degrade-b)
+sys.path.insert(0, str(REPO / "recipes" / "synthetic"))
+import augment_audio  # noqa: E402  (--degrade-b)
+
 DEFAULT_KOKORO = REPO.parent / "shared" / "data" / "tts" / "kokoro"
 SAMPLE_RATE = 16000
 #: opusenc's ctl number for OPUS_SET_BANDWIDTH and the value of OPUS_BANDWIDTH_WIDEBAND (opus_defines.h).
@@ -91,8 +93,6 @@ def _encode_task(args: tuple) -> tuple[bytes, float, float, dict]:
         x = signal.resample_poly(x, SAMPLE_RATE, sr).astype(np.float32)
     applied = {}
     if seed is not None:
-        import augment_audio
-
         x, applied = augment_audio.degrade(x, SAMPLE_RATE, np.random.default_rng(seed),
                                            augment_audio.AugmentConfig(**ROOM_AND_NOISE), rirs=_RIRS)
     data = encode_opus(x, kbps)
@@ -122,8 +122,6 @@ def pack_corpus(entries: list[dict], member_of, out: Path, kbps: float, jobs: in
     packed, audio_bytes, max_change = [], 0, 0.0
     picks = np.random.default_rng([seed, 7]).random(len(entries)) < degrade
     if picks.any() and not _RIRS:
-        import augment_audio
-
         _RIRS.extend(augment_audio.make_rir(np.random.default_rng([seed, 300, k])) for k in range(24))
     tasks = [(e["audio"], kbps, [seed, 8, i] if pick else None) for i, (e, pick) in enumerate(zip(entries, picks))]
     pool = mp.get_context("fork").Pool(jobs) if jobs > 1 else None

@@ -86,7 +86,7 @@ def book_pieces(text_file: Path, rng: random.Random, skip_line=lambda line: Fals
     try:
         with opener(text_file, "rt", encoding="utf-8") as fh:
             lines = fh.read().splitlines()
-    except OSError as e:
+    except (OSError, lzma.LZMAError, UnicodeDecodeError) as e:
         raise SourceError(f"cannot read the LibriSpeech text {text_file}: {e}") from None
     pieces = []
     for line in lines:
