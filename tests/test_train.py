@@ -188,6 +188,11 @@ def test_asr_train_loss_falls_and_writes_its_outputs(trained: Path) -> None:
     assert sum(losses[-2:]) / 2 < 0.6 * losses[0], losses
     waits = [m["train/data_wait_frac"] for m in _metrics(trained) if "train/loss" in m]
     assert all(0.0 <= w <= 1.0 for w in waits), waits  # the input-bound diagnostic is a fraction
+    # each batch shape's first step (a compiled run's compile time) is logged once, with its time
+    firsts = [line.split("first step of batch shape ")[1] for line in (trained / "train.log").read_text().splitlines()
+              if "first step of batch shape" in line]
+    shapes = [f.split(":")[0] for f in firsts]
+    assert firsts and len(set(shapes)) == len(shapes) and all(f.endswith(f"(shape {i + 1})") for i, f in enumerate(firsts))
     dev = [m for m in _metrics(trained) if "dev/wer" in m]
     assert [m["step"] for m in dev] == [20, 40] and all(math.isfinite(m["dev/loss"]) for m in dev)
     for name in ("config_resolved.yaml", "train.log", "tokenizer.model", "summary.json", ".hydra/config.yaml"):
