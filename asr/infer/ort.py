@@ -29,6 +29,7 @@ may hold optimizations for this CPU, so it is never shipped).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -46,9 +47,10 @@ from asr.infer.step import Plan, build_plan, encode
 from asr.model import CTCModel
 from asr.model.rwkv7 import BlockState
 from asr.ops.int_mm import int_mm
+from asr.ops.wkv7 import wkv7_recurrent, wkv7_token
 
 #: bump when the traced arithmetic or the graph's inputs change: older cached graphs are then unused
-GRAPH_VERSION = 3
+GRAPH_VERSION = 4
 #: the ONNX opset the graphs are written with
 OPSET = 17
 ZERO_POINT = 128
@@ -119,6 +121,9 @@ class _QuantRows(torch.autograd.Function):
         return q, g.op("Unsqueeze", amax, _const(g, torch.tensor([1])))
 
 
+_wkv_token_matmul = functools.partial(wkv7_token, matmul=True)
+
+
 class ExportInt8Matrix(Int8Matrix):
     """:class:`Int8Matrix` with unsigned rows (module docstring): the form the graph is traced from.
     (ONNX Runtime's fused ``MatMulIntegerToFloat`` took 3x the time of ``MatMulInteger`` and two
@@ -151,6 +156,12 @@ class ExportProducts(PackedProducts):
         M = m.shape[1]
         qm, am = _QuantRows.apply(m.reshape(-1, m.shape[-1]))
         return lambda lo, hi: (qm[lo * M : hi * M], am[lo * M : hi * M])
+
+    def wkv(self, r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
+            state: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        """The per-token update with its contractions as matrix products (fewer passes over the
+        state: :func:`asr.ops.wkv7.wkv7_token`'s ``matmul``)."""
+        return wkv7_recurrent(r, w, k, v, a, b, state, token=_wkv_token_matmul)
 
     def time_inputs(self, mixes: Tensor, acts: tuple[str, ...]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         _, B, T, C = mixes.shape
