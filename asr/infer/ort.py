@@ -142,20 +142,21 @@ def _export_matrix(m: object) -> object:
 
 
 class ExportProducts(PackedProducts):
-    """The int8 :class:`PackedProducts` as traced to ONNX: unsigned rows, and the LoRA
-    activations applied to whole rows before the mask (no in-place writes to slices)."""
+    """The int8 :class:`PackedProducts` as traced to ONNX: unsigned rows; r, k, v and the LoRA
+    down-projections as one product of all six token-shift mixes with ``[W_r | W_k | W_v | A]``
+    (the columns quantized as before, so the same integers and scales), of which each mix keeps
+    its own columns (one ``MatMulInteger`` and its epilogue instead of four: at one frame a
+    product's cost is its weights' reading and the operations around it, not the multiply-adds);
+    the LoRA activations applied as masks over whole rows (no in-place writes to slices)."""
 
     def __init__(self, block, int8: bool = True) -> None:  # int8 always (the argument: build_plan's call)
         super().__init__(block, True)
         self.rkv = [_export_matrix(m) for m in self.rkv]
         self.down, self.up, self.out, self.key, self.value = (
             _export_matrix(m) for m in (self.down, self.up, self.out, self.key, self.value))
-
-    @staticmethod
-    def quantized_rows(m: Tensor):
-        M = m.shape[1]
-        qm, am = _QuantRows.apply(m.reshape(-1, m.shape[-1]))
-        return lambda lo, hi: (qm[lo * M : hi * M], am[lo * M : hi * M])
+        parts = [*self.rkv, self.down]
+        q = torch.cat([m.q for m in parts], dim=1)
+        self.inputs = ExportInt8Matrix(q, q.t(), torch.cat([m.scale for m in parts]))
 
     def wkv(self, r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
             state: Optional[Tensor]) -> tuple[Tensor, Tensor]:
@@ -166,12 +167,23 @@ class ExportProducts(PackedProducts):
     def time_inputs(self, mixes: Tensor, acts: tuple[str, ...]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         _, B, T, C = mixes.shape
         M, n = B * T, len(acts)
-        rows = self.quantized_rows(mixes.reshape(6, M, C))
-        r, k, v = (self.rkv[i].mm(rows(i, i + 1)).view(B, T, C) for i in range(3))
-        h = self.down.mm(rows(6 - n, 6)).view(n, M, -1)
-        h = torch.stack([getattr(torch, act)(h[i]) if act else h[i] for i, act in enumerate(acts)]) * self.mask
+        y = self.inputs.mm(self.inputs.prepare(mixes.reshape(6 * M, C))).view(6, B, T, -1)
+        r, k, v = y[0, ..., :C], y[1, ..., C : 2 * C], y[2, ..., 2 * C : 3 * C]
+        h = y[6 - n :, ..., 3 * C :].reshape(n, M, -1)
+        h = sum(f(h) * mask for f, mask in self._activation_masks(acts))
         up = self.up.mm(self.up.prepare(h.view(n * M, -1))).view(n, B, T, C)
         return r, k, v, up
+
+    def _activation_masks(self, acts: tuple[str, ...]) -> list[tuple[object, Tensor]]:
+        """(activation, 0/1 mask [n, 1, D]) pairs: LoRA i's activation on its own columns of row i."""
+        out = []
+        for name in dict.fromkeys(acts):
+            mask = self.mask.clone()
+            for i, act in enumerate(acts):
+                if act != name:
+                    mask[i] = 0
+            out.append((getattr(torch, name) if name else (lambda t: t), mask))
+        return out
 
 
 def export_plan(model: CTCModel) -> Plan:
