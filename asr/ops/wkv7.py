@@ -50,10 +50,11 @@ def wkv7_token(S: Tensor, r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor,
     S (the compiled kernels). ``matmul``: the same contractions as batched matrix products, the
     two rank-one updates as one product ``[S a, v] [b; k]`` (5 passes over S instead of 9): the
     form traced for ONNX Runtime, where each pass over S is a separate operation."""
-    if matmul:
-        sa = torch.matmul(S, a.transpose(-1, -2))  # [B, H, N, 1]
+    if matmul:  # rows [.., 1, N] as columns [.., N, 1]: reshapes (a transpose is a copy in ONNX Runtime)
+        column = lambda t: t.reshape(*t.shape[:-2], t.shape[-1], 1)  # noqa: E731
+        sa = torch.matmul(S, column(a))  # [B, H, N, 1]
         S = S * torch.exp(w) + torch.matmul(torch.cat([sa, v], dim=-1), torch.cat([b, k], dim=-2))
-        return torch.matmul(S, r.transpose(-1, -2)).squeeze(-1), S
+        return torch.matmul(S, column(r)).squeeze(-1), S
     sa = (S * a).sum(dim=-1, keepdim=True)  # [B, H, N, 1]
     S = (S * torch.exp(w)).addcmul_(sa, b).addcmul_(v, k)
     return (S * r).sum(dim=-1), S
