@@ -24,8 +24,10 @@ TIME_CHUNK = 256
 def _windows(x: Tensor, n: int) -> Tensor:
     """x [B, T, F, ...] -> the n time windows of every stride-2, kernel-3 position: [B, n, F', ..., kt, kf].
 
-    Each axis' windows are its three strided slices stacked (the values ``unfold`` gives): traced
-    to ONNX a few operations per axis, where ``unfold`` became a slice per window position."""
+    Eagerly two ``unfold`` views; traced to ONNX, where an ``unfold`` becomes a slice per window
+    position, each axis' three strided slices stacked (the same values, a few operations)."""
+    if not torch.onnx.is_in_onnx_export():
+        return x[:, : (n - 1) * STRIDE + KERNEL].unfold(1, KERNEL, STRIDE).unfold(2, KERNEL, STRIDE)
     F_out = (x.shape[2] - KERNEL) // STRIDE + 1
     x = _strided_windows(x, 1, n)  # [B, n, F, ..., kt]
     return _strided_windows(x, 2, F_out)
