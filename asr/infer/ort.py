@@ -11,9 +11,10 @@ its input rows symmetrically, one scale per row (per frame of each stream), as
 eager path multiplies by 127 / amax: the same integers but where that float rounding moves a value
 across a rounding boundary); the int8 rows go into ``MatMulInteger`` shifted by 128 to unsigned
 with a zero point of 128 (the same integer sums: ONNX Runtime's fast int8 kernels take unsigned
-activations). So its logits equal the eager ``int8`` backend's to float rounding almost
-everywhere, and to one int8 step where a rounding moved (tests/test_engine.py holds both backends
-to the same bounds).
+activations). The wkv update is :func:`asr.ops.wkv7.wkv7_token` with its contractions written
+as matrix products (fewer passes over the state), which sums in another order. So its logits equal
+the eager ``int8`` backend's to float rounding almost everywhere, and to one int8 step where a
+rounding moved (tests/test_engine.py holds both backends to the same bounds).
 
 Graphs: one per number of encoder frames per call (``frames``; 4 T feature frames in), batch 1,
 the front-end caches and block states as inputs and outputs in :class:`asr.model.EncoderState`'s
