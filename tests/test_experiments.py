@@ -96,6 +96,11 @@ def test_device_entry_point_refuses_in_one_line() -> None:
         assert len(proc.stderr.strip().splitlines()) == 1 and not proc.stdout
     proc = _device("bench", out=False)
     assert proc.returncode == 2 and "$OUT is not set" in proc.stderr
+    env = dict(os.environ, OUT="/nonexistent-out", PARTS="tests/data/no_such_part")  # a part not carried
+    proc = subprocess.run(["bash", "tools/device/run.sh", "corpus"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 2 and "no corpus part at tests/data/no_such_part" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not proc.stdout
     helped = _device("help")
     assert helped.returncode == 0
     for job in ("bench", "train", "variants", "synth-train", "profile", "speed", "pack-synth"):

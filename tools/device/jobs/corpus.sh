@@ -7,6 +7,9 @@
 #   WEIGHTS  "name:N ..." repeat a part's utterances N times in the combined manifest (default 1)
 # Writes /tmp/corpus.jsonl: every part under /tmp/keep, weighted, with absolute audio paths.
 for part in ${PARTS:-}; do
+  if ! ls "$part"/train.jsonl "$part"/audio.tar* >/dev/null 2>&1; then
+    echo "corpus.sh: no corpus part at $part (train.jsonl + audio.tar*): carry that folder with the call" >&2; exit 2
+  fi
   name=$(basename "$part"); dest=/tmp/keep/$name
   if [ ! -f "$dest/.done" ]; then
     mkdir -p "$dest" && cp "$part"/*.jsonl "$dest"/ && for t in "$part"/audio.tar*; do tar xf "$t" -C "$dest"; done \
