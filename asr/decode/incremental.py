@@ -61,6 +61,12 @@ class HypothesisDecoder:
         """Tokens emitted so far in this segment (greedy; beam hypotheses can still change)."""
         return len(self._tokens)
 
+    def partial_key(self) -> Optional[int]:
+        """A value that changes whenever the partial hypothesis (``hypothesis(final=False)``)
+        of this segment may have changed, or None when that is not known (beam search revises
+        its hypotheses on any frame): greedy only appends, so its token count is such a key."""
+        return len(self._tokens) if self._greedy is not None else None
+
     def accept(self, log_probs: Tensor, best: Optional[list[int]] = None) -> None:
         """Consume [T, V] log-probs of the next T frames (T may be 0); ``best``: their arg-max
         ids, if the caller has them (greedy only uses them)."""

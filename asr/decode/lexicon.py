@@ -272,6 +272,11 @@ class LexiconHypothesisDecoder:
     def num_tokens(self) -> int:
         return 0
 
+    def partial_key(self) -> int:
+        """Partials are greedy, which only appends: the number of their tokens changes whenever
+        they do (:meth:`asr.decode.incremental.HypothesisDecoder.partial_key`)."""
+        return len(self._greedy.tokens)
+
     def accept(self, log_probs: Tensor, best: Optional[list[int]] = None) -> None:
         """Search [T, V] log-probs; ``best``: their arg-max ids, if the caller has them."""
         if log_probs.shape[0]:

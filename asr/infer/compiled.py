@@ -161,6 +161,12 @@ class _Buffers:
         return _map_tensors(self.plan, view)
 
 
+def _wkv_token_rows(S: Tensor, r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor,
+                    b: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`wkv7_token`'s default form with its seven tensor arguments only (what is traced)."""
+    return wkv7_token(S, r, w, k, v, a, b)
+
+
 class CompiledSteps:
     """The compiled steps of one model: one per (encoder frames per call, phase)."""
 
@@ -184,7 +190,7 @@ class CompiledSteps:
                             torch.zeros(1, phase, F1, C1), f32, i8, *state]
                 self.fns[(T, phase)] = compile_graph(self._traced, examples)
         row, col = torch.zeros(_TRACE_STREAMS, H, 1, N), torch.zeros(_TRACE_STREAMS, H, N, 1)
-        kernel = compile_graph(wkv7_token, [torch.zeros(_TRACE_STREAMS, H, N, N), row, row.clone(), row.clone(),
+        kernel = compile_graph(_wkv_token_rows, [torch.zeros(_TRACE_STREAMS, H, N, N), row, row.clone(), row.clone(),
                                             col, row.clone(), row.clone()], symbolic=True)
         for products in eager.products:
             products.kernel = lambda S, *rows: kernel(S.contiguous(), *(t.contiguous() for t in rows))

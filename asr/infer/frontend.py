@@ -22,8 +22,22 @@ TIME_CHUNK = 256
 
 
 def _windows(x: Tensor, n: int) -> Tensor:
-    """x [B, T, F, ...] -> the n time windows of every stride-2, kernel-3 position: [B, n, F', ..., kt, kf]."""
-    return x[:, : (n - 1) * STRIDE + KERNEL].unfold(1, KERNEL, STRIDE).unfold(2, KERNEL, STRIDE)
+    """x [B, T, F, ...] -> the n time windows of every stride-2, kernel-3 position: [B, n, F', ..., kt, kf].
+
+    Eagerly two ``unfold`` views; traced to ONNX, where an ``unfold`` becomes a slice per window
+    position, each axis' three strided slices stacked (the same values, a few operations)."""
+    if not torch.onnx.is_in_onnx_export():
+        return x[:, : (n - 1) * STRIDE + KERNEL].unfold(1, KERNEL, STRIDE).unfold(2, KERNEL, STRIDE)
+    F_out = (x.shape[2] - KERNEL) // STRIDE + 1
+    x = _strided_windows(x, 1, n)  # [B, n, F, ..., kt]
+    return _strided_windows(x, 2, F_out)
+
+
+def _strided_windows(x: Tensor, dim: int, n: int) -> Tensor:
+    """The n stride-2, kernel-3 windows along ``dim`` of x, the kernel axis appended last."""
+    span = STRIDE * (n - 1) + 1
+    return torch.stack([x.narrow(dim, k, span)[(slice(None),) * dim + (slice(None, None, STRIDE),)]
+                        for k in range(KERNEL)], dim=-1)
 
 
 def front(fp: FrontProducts, x: Tensor, cache1: Tensor, cache2: Tensor) -> tuple[Tensor, Tensor, Tensor]:

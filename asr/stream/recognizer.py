@@ -325,13 +325,14 @@ class Recognizer:
                                  token_logprobs=logprobs, max_time=self.duration)
 
     def _current_words(self) -> list[Word]:
-        if self._decoder.is_greedy:
-            # Greedy only appends: recompute only when tokens were added.
-            n = self._decoder.num_tokens
-            if self._words_cache[0] != n:
-                self._words_cache = (n, self._words(*self._decoder.hypothesis()))
-            return self._words_cache[1]
-        return self._words(*self._decoder.hypothesis(final=False))
+        """The partial words, recomputed only when the decoder's :meth:`partial_key` says the
+        partial hypothesis may have changed (greedy partials only append)."""
+        key = self._decoder.partial_key()
+        if key is None:
+            return self._words(*self._decoder.hypothesis(final=False))
+        if self._words_cache[0] != key:
+            self._words_cache = (key, self._words(*self._decoder.hypothesis(final=False)))
+        return self._words_cache[1]
 
     def _end_segment(self) -> Optional[Segment]:
         """Close the current segment; return it (None if it has no words) and start a new one."""
