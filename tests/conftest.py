@@ -57,7 +57,17 @@ def read_test_manifest() -> list[dict]:
 def overfit_tiny_model(entries: list[dict], max_steps: int = 400, seed: int = 0):
     """Train a tiny model on ``entries`` until greedy decoding returns every text (or max_steps).
 
-    Returns (model, tokenizer, steps_taken, decoded texts)."""
+    Returns (model, tokenizer, steps_taken, decoded texts). Trained on one thread: the same model
+    whatever the thread count, so that the tests built on it do not change with the machine's cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _overfit(entries, max_steps, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _overfit(entries: list[dict], max_steps: int, seed: int):
     torch.manual_seed(seed)
     texts = [e["text"] for e in entries]
     tokenizer = Tokenizer.train(texts * 20, model_prefix=None, vocab_size=30)
