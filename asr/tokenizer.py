@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import lzma
 import re
 import unicodedata
 from pathlib import Path
@@ -33,7 +34,7 @@ import sentencepiece as spm
 
 from asr.frames import BLANK_ID
 
-__all__ = ["UNK_ID", "WORD_BOUNDARY", "Tokenizer", "normalize_text"]
+__all__ = ["UNK_ID", "WORD_BOUNDARY", "TextFileError", "Tokenizer", "normalize_text", "read_text_lines"]
 
 UNK_ID = 1
 BLANK_PIECE = "<blk>"
@@ -80,6 +81,27 @@ def normalize_text(text: str) -> str:
     text = _DROP.sub("", text)
     text = _LEADING_APOSTROPHE.sub("", text)
     return _SPACES.sub(" ", text).strip()
+
+
+class TextFileError(ValueError):
+    """A text file cannot be read; the message is one line naming the file and the reason."""
+
+
+def read_text_lines(path: Path | str) -> list[str]:
+    """The lines of the UTF-8 text file ``path`` (``xz``-compressed when its name ends in ``.xz``),
+    without line ends. Raises :class:`TextFileError` for a missing or unreadable file, a damaged or
+    truncated ``.xz`` and text that is not UTF-8."""
+    path = Path(path)
+    opener = lzma.open if path.suffix == ".xz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as fh:
+            return fh.read().splitlines()
+    except OSError as e:  # lzma.LZMAError is not an OSError, so this is the file system's answer
+        raise TextFileError(f"{path}: {e.strerror or e}") from e
+    except (lzma.LZMAError, EOFError) as e:  # damaged, or cut short
+        raise TextFileError(f"{path}: not a readable xz file ({e})") from e
+    except UnicodeDecodeError as e:
+        raise TextFileError(f"{path}: not UTF-8 text ({e})") from e
 
 
 def _training_sentences(texts: Iterable[str], normalize: bool) -> Iterator[str]:

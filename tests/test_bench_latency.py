@@ -39,3 +39,17 @@ def test_words_show_in_the_block_that_completes_their_last_frame(overfit_checkpo
 def test_missing_recordings_are_a_one_line_error(tmp_path, capsys):
     rc = _bench().main(["--latency-only", "--latency-data", str(tmp_path)])
     assert rc == 1 and "no dev_*.jsonl in" in capsys.readouterr().err
+
+
+def test_step_rows_ask_only_for_measured_groups_and_pair_each_engine_at_40_and_160_ms():
+    bench = _bench()
+    echo = type("Echo", (dict,), {"__getitem__": lambda self, key: key})()  # a row's timings: its key
+    base = bench.step_rows(echo, set())
+    assert [key for _, key in base] == ["step_ort_int8", "step_False", "step_True", "step_int8",
+                                        "step4_ort_int8", "step4_False", "step4_True", "step4_int8"]
+    every = bench.step_rows(echo, {"compiled", "onnx"})
+    keys = [key for _, key in every]
+    assert keys.index("recognizer_compiled") < keys.index("step_onnx") < keys.index("step4_ort_int8")
+    at_160 = [(label, key) for label, key in every if key.startswith("step4_")]
+    assert [key[len("step4_"):] for _, key in at_160] == [key[len("step_"):] for key in keys if key.startswith("step_")]
+    assert all("160 ms (4 frames) per call, per 40 ms" in label for label, _ in at_160)

@@ -10,7 +10,7 @@ import pytest
 import sentencepiece as spm
 
 from asr.frames import BLANK_ID
-from asr.tokenizer import Tokenizer, normalize_text
+from asr.tokenizer import TextFileError, Tokenizer, normalize_text, read_text_lines
 
 MANIFEST = Path("/work/shared/data/real/manifest.jsonl")
 
@@ -211,3 +211,21 @@ def test_train_on_real_manifest() -> None:
 
     frequent = [w for w, _ in Counter(w for x in texts for w in x.split() if len(w) >= 4).most_common(3)]
     assert len(t.encode("seven")) == 1 and len(t.encode(" ".join(frequent))) == 3, frequent
+
+
+def test_read_text_lines_reads_plain_and_xz_and_names_the_file_when_it_cannot(tmp_path: Path) -> None:
+    import lzma
+
+    lines = ["first line", "", "third line"]
+    plain, packed = tmp_path / "a.txt", tmp_path / "a.txt.xz"
+    plain.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    packed.write_bytes(lzma.compress(plain.read_bytes()))
+    assert read_text_lines(plain) == read_text_lines(packed) == lines
+    (tmp_path / "cut.txt.xz").write_bytes(packed.read_bytes()[:-8])
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    for bad, reason in [("missing.txt", "No such file"), ("cut.txt.xz", "not a readable xz file"),
+                        ("latin1.txt", "not UTF-8")]:
+        with pytest.raises(TextFileError) as err:
+            read_text_lines(tmp_path / bad)
+        message = str(err.value)
+        assert bad in message and reason in message and "\n" not in message

@@ -132,6 +132,48 @@ BACKEND = {False: "reference", True: "float", "int8": "int8", "ort_int8": "onnx-
 RECOGNIZER = {True: "recognizer", "compiled": "recognizer_compiled", "ort_int8": "recognizer_ort_int8"}
 
 
+#: Encoder-step rows of the single-stream table, in print order: (group, timing key suffix, label at
+#: one frame (40 ms) per call, label at several frames per call with ``{}`` for the call's size).
+#: Group "" is always measured, "compiled" unless ``--skip compile``, "onnx" unless ``--skip onnx``.
+STEP_ROWS = [
+    ("", "ort_int8", "encoder.step, **onnx-int8 backend (the default engine)**", "encoder.step, {}, onnx-int8 (4-frame graph)"),
+    ("", "False", "encoder.step, reference backend (`CTCModel.step`)", "encoder.step, {}, reference"),
+    ("", "True", "encoder.step, float backend (`backend=\"float\"`)", "encoder.step, {}, float"),
+    ("", "int8", "encoder.step, int8 backend (`int8=True`)", "encoder.step, {}, int8"),
+    ("compiled", "compiled", "encoder.step, compiled backend (`compile=True`)", "encoder.step, {}, compiled"),
+    ("compiled", "compiled_int8", "encoder.step, compiled-int8 backend (`int8=True, compile=True`)",
+     "encoder.step, {}, compiled-int8"),
+    ("onnx", "onnx", "OnnxEncoder.step, ONNX Runtime float32 (`asr-export --format onnx`)",
+     "OnnxEncoder.step, {}, ONNX Runtime float32"),
+    ("onnx", "onnx_int8", "OnnxEncoder.step, ONNX Runtime int8 (dynamic quantization)",
+     "OnnxEncoder.step, {}, ONNX Runtime int8"),
+]
+#: Whole-recognizer rows printed after a group's one-frame step rows: group -> [(label, timing key)].
+GROUP_RECOGNIZER_ROWS = {
+    "compiled": [("recognizer, compiled backend", "recognizer_compiled")],
+    "onnx": [("recognizer on OnnxEncoder, float32", "recognizer_onnx"),
+             ("recognizer on OnnxEncoder, int8", "recognizer_onnx_int8")],
+}
+
+
+def step_rows(single: dict, groups: set[str]) -> list[tuple[str, list[float]]]:
+    """(label, per-40-ms seconds) rows of :data:`STEP_ROWS` for group "" and ``groups``, from
+    :func:`single_stream`'s timings ``single``: first at 1 frame per call (``step_<key>``), each group
+    followed by its :data:`GROUP_RECOGNIZER_ROWS`, then at 4 frames per call (``step4_<key>``)."""
+    rows = []
+    for frames in (1, 4):
+        prefix = "step" if frames == 1 else f"step{frames}"
+        call = f"{round(1000 * FRAME * frames)} ms ({frames} frames) per call, per 40 ms"
+        for group in ("", "compiled", "onnx"):
+            if group and group not in groups:
+                continue
+            rows += [(label if frames == 1 else several.format(call), single[f"{prefix}_{key}"])
+                     for g, key, label, several in STEP_ROWS if g == group]
+            if frames == 1:
+                rows += [(label, single[key]) for label, key in GROUP_RECOGNIZER_ROWS.get(group, [])]
+    return rows
+
+
 def single_stream(model: CTCModel, tok: Tokenizer, frames: int, compile: bool = False,
                   onnx: Optional[dict] = None, default=None) -> dict:
     """Per-frame cost of the whole recognizer and of encoder.step alone, per backend (and of the
@@ -574,31 +616,13 @@ def main(argv=None) -> int:
              f"{', its LM' if default.lexicon is not None else ''}), 40 ms per call", single["recognizer_default"]),
             ("recognizer (fbank + step + greedy + endpoint), onnx-int8 backend (the default engine)",
              single["recognizer_ort_int8"]),
-            ("recognizer, float backend (`backend=\"float\"`)", single["recognizer"]),
-            ("encoder.step, **onnx-int8 backend (the default engine)**", single["step_ort_int8"]),
-            ("encoder.step, reference backend (`CTCModel.step`)", single["step_False"]),
-            ("encoder.step, float backend (`backend=\"float\"`)", single["step_True"]),
-            ("encoder.step, int8 backend (`int8=True`)", single["step_int8"])]
+            ("recognizer, float backend (`backend=\"float\"`)", single["recognizer"])]
+    groups = set()
     if "compiled" in single["compile_s"]:
-        rows += [("encoder.step, compiled backend (`compile=True`)", single["step_compiled"]),
-                 ("encoder.step, compiled-int8 backend (`int8=True, compile=True`)", single["step_compiled_int8"]),
-                 ("recognizer, compiled backend", single["recognizer_compiled"])]
+        groups.add("compiled")
     if onnx:
-        rows += [("OnnxEncoder.step, ONNX Runtime float32 (`asr-export --format onnx`)", single["step_onnx"]),
-                 ("OnnxEncoder.step, ONNX Runtime int8 (dynamic quantization)", single["step_onnx_int8"]),
-                 ("recognizer on OnnxEncoder, float32", single["recognizer_onnx"]),
-                 ("recognizer on OnnxEncoder, int8", single["recognizer_onnx_int8"])]
-    rows += [
-            ("encoder.step, 160 ms (4 frames) per call, per 40 ms, onnx-int8 (4-frame graph)", single["step4_ort_int8"]),
-            ("encoder.step, 160 ms (4 frames) per call, per 40 ms, reference", single["step4_False"]),
-            ("encoder.step, 160 ms (4 frames) per call, per 40 ms, float", single["step4_True"]),
-            ("encoder.step, 160 ms (4 frames) per call, per 40 ms, int8", single["step4_int8"])]
-    if "compiled" in single["compile_s"]:
-        rows += [("encoder.step, 160 ms (4 frames) per call, per 40 ms, compiled", single["step4_compiled"]),
-                 ("encoder.step, 160 ms (4 frames) per call, per 40 ms, compiled-int8", single["step4_compiled_int8"])]
-    if onnx:
-        rows += [("OnnxEncoder.step, 160 ms (4 frames) per call, per 40 ms, ONNX Runtime float32", single["step4_onnx"]),
-                 ("OnnxEncoder.step, 160 ms (4 frames) per call, per 40 ms, ONNX Runtime int8", single["step4_onnx_int8"])]
+        groups.add("onnx")
+    rows += step_rows(single, groups)
     if q is not None:
         rows.append(("model.step, torch.ao int8 dynamic (nn.Linear; general path)", q))
     rows.append((f"floor: fp32 matvec over {n_params / 1e6:.1f} M weights", floor))

@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from asr.data.manifest import read_manifest  # noqa: E402
 from asr.decode.ngram import BOS, EOS, UNK, NGramCounts, prune_thresholds, top_words, write_arpa  # noqa: E402
-from asr.tokenizer import normalize_text  # noqa: E402
+from asr.tokenizer import TextFileError, normalize_text, read_text_lines  # noqa: E402
 
 PRESET_DIR = REPO / "conf" / "lm"
 
@@ -44,14 +44,11 @@ class BuildError(Exception):
 
 
 def read_lines(path: Path) -> list[str]:
-    """The lines of a text file, plain or ``.xz``."""
-    if path.suffix == ".xz":
-        try:
-            with lzma.open(path, "rt", encoding="utf-8") as f:
-                return f.read().splitlines()
-        except lzma.LZMAError as e:
-            raise BuildError(f"{path}: not a readable xz file ({e})") from e
-    return path.read_text(encoding="utf-8").splitlines()
+    """The lines of a text file, plain or ``.xz``; :class:`BuildError` when it cannot be read."""
+    try:
+        return read_text_lines(path)
+    except TextFileError as e:
+        raise BuildError(str(e)) from e
 
 
 def manifest_texts(paths: Iterable[Path]) -> list[str]:

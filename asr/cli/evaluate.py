@@ -15,6 +15,11 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from asr.train.evaluate import UtteranceResult
+    from asr.train.metrics import ErrorCounts
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,6 +108,13 @@ def main(argv: list[str] | None = None) -> int:
 
     _, _, counts, results = evaluate_model(model, loader, tokenizer, device, autocast,
                                            beam_size=args.beam_size, keep_utterances=True, lexicon=lexicon)
+    _print_results(args, counts, results)
+    return 0
+
+
+def _print_results(args: argparse.Namespace, counts: ErrorCounts, results: list[UtteranceResult]) -> None:
+    """Print corpus WER/CER from ``counts`` and the ``--worst`` utterances of ``results``; with
+    ``--report``, write every one of ``results`` there as JSON Lines."""
     print(f"utterances {counts.utterances}  words {counts.words}  "
           f"WER {100 * counts.wer:.2f}% ({counts.word_errors} errors)  "
           f"CER {100 * counts.cer:.2f}% ({counts.char_errors} errors)")
@@ -122,7 +134,6 @@ def main(argv: list[str] | None = None) -> int:
                 f.write(json.dumps({"id": r.id, "ref": r.ref, "hyp": r.hyp, "word_errors": r.word_errors,
                                     "words": r.words}) + "\n")
         print(f"\nper-utterance report: {args.report}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -29,7 +29,10 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, TextIO
+from typing import TYPE_CHECKING, Any, Iterator, Optional, TextIO
+
+if TYPE_CHECKING:
+    from asr.api import ASRModel
 
 PROG = "asr-transcribe"
 
@@ -240,20 +243,12 @@ def _run(args: argparse.Namespace, hotwords: dict[str, float], console: _Console
 
     from tqdm import tqdm  # heavy imports (torch via asr.api) only once there is work to do
 
-    from asr.api import load_model, probe_seconds
+    from asr.api import probe_seconds
     from asr.audio import AudioError
     from asr.formats import format_transcript
-    from asr.model_file import CheckpointError
 
-    try:
-        # "auto": the LM the model carries, if any (it gives way to --beam-size / --hotword)
-        lm = None if args.no_lm else (args.lm if args.lm is not None else "auto")
-        model = load_model(args.model, device=args.device, int8=args.int8, lm=lm, lm_weight=args.lm_weight,
-                           word_score=args.word_score)
-    except (CheckpointError, ValueError, OSError, RuntimeError) as err:
-        if args.debug:
-            traceback.print_exc()
-        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
+    model = _load_model(args)
+    if model is None:
         return 2
     out_paths = None if to_stdout else _unique_outputs(sources, args.output_dir or Path("."), args.format)
 
@@ -302,6 +297,24 @@ def _run(args: argparse.Namespace, hotwords: dict[str, float], console: _Console
         ok = len(sources) - (console.failures - len(expand_errors))
         print(f"{PROG}: wrote {ok} transcript(s) to {args.output_dir or Path('.')}", file=sys.stderr)
     return 1 if console.failures else 0
+
+
+def _load_model(args: argparse.Namespace) -> Optional[ASRModel]:
+    """The :class:`asr.api.ASRModel` that ``args`` ask for (``--model``, ``--device``, ``--int8`` and
+    the LM options), or None after a one-line error on stderr (the traceback too with ``--debug``)."""
+    from asr.api import load_model
+    from asr.model_file import CheckpointError
+
+    try:
+        # "auto": the LM the model carries, if any (it gives way to --beam-size / --hotword)
+        lm = None if args.no_lm else (args.lm if args.lm is not None else "auto")
+        return load_model(args.model, device=args.device, int8=args.int8, lm=lm, lm_weight=args.lm_weight,
+                          word_score=args.word_score)
+    except (CheckpointError, ValueError, OSError, RuntimeError) as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
+        return None
 
 
 def _emit(stream: TextIO, text: str) -> None:

@@ -17,12 +17,13 @@ The generators are seeded ``random.Random`` instances, so the corpus is reproduc
 """
 from __future__ import annotations
 
-import lzma
 import random
 import re
 import shutil
 import subprocess
 from pathlib import Path
+
+from asr.tokenizer import TextFileError, read_text_lines
 
 WORDNET_DIR = Path("/usr/share/wordnet")
 KJV_RANGE = "gen1:1-rev22:21"
@@ -82,12 +83,10 @@ def book_pieces(text_file: Path, rng: random.Random, skip_line=lambda line: Fals
     ``skip_line`` is false, each cut at word boundaries into pieces of 6 to ``max_words`` words drawn
     from ``rng`` (a line that short stays whole), in file order. Skip whole lines, not pieces, to
     keep a held-out transcript out: its pieces would not match it."""
-    opener = lzma.open if str(text_file).endswith(".xz") else open
     try:
-        with opener(text_file, "rt", encoding="utf-8") as fh:
-            lines = fh.read().splitlines()
-    except (OSError, lzma.LZMAError, UnicodeDecodeError) as e:
-        raise SourceError(f"cannot read the LibriSpeech text {text_file}: {e}") from None
+        lines = read_text_lines(text_file)
+    except TextFileError as e:
+        raise SourceError(f"cannot read the LibriSpeech text: {e}") from None
     pieces = []
     for line in lines:
         if skip_line(line):
