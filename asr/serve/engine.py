@@ -153,9 +153,10 @@ class Engine:
     """The model and its streams. ``model``: an :class:`asr.api.ASRModel`. Create it, start
     :meth:`run` as a task on the serving loop, and :meth:`open` a stream per connection."""
 
-    def __init__(self, model: Any, limits: Optional[Limits] = None) -> None:
+    def __init__(self, model: Any, limits: Optional[Limits] = None, worker: int = 0) -> None:
         self.model = model
         self.limits = limits or Limits()
+        self.worker = worker  # this process's index among asr-serve's workers (asr.serve.workers)
         self.streams: dict[int, Stream] = {}
         self._ids = itertools.count(1)
         self._wake: Optional[asyncio.Event] = None
@@ -280,7 +281,7 @@ class Engine:
         return result
 
     def metrics(self) -> dict[str, Any]:
-        """Active streams, and over the last METRIC_WINDOW ticks: real-time factor (compute /
+        """This worker's index, active streams, and over the last METRIC_WINDOW ticks: real-time factor (compute /
         audio), tick compute latency p50/p95/max (seconds), streams per tick; plus totals."""
         ticks = list(self._ticks)
         lat = sorted(t[1] for t in ticks)
@@ -290,6 +291,7 @@ class Engine:
             return lat[min(len(lat) - 1, int(p * len(lat)))] if lat else 0.0
 
         return {
+            "worker": self.worker,
             "active_streams": len(self.streams),
             "max_streams": self.limits.max_streams,
             "real_time_factor": sum(lat) / audio if audio else 0.0,
