@@ -21,14 +21,14 @@ audio is cut or which streams share a batch), exact int32 sums (:func:`asr.ops.i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from asr.model.rwkv7 import Block
 from asr.ops.int_mm import int_mm
-from asr.ops.wkv7 import wkv7, wkv7_recurrent
+from asr.ops.wkv7 import wkv7
 
 Rows = Union[Tensor, tuple[Tensor, Tensor]]  # float rows, or (int8 rows, row maxima)
 
@@ -115,7 +115,7 @@ class PackedProducts:
             self.rkv = views[0]
             packed = [None] * 3 + [FloatMatrix(w) for w in (views[1], views[2], views[3].t(), views[4], views[5].t())]
         self.down, self.up, self.out, self.key, self.value = packed[3:]
-        self.kernel: Optional[Callable[..., tuple[Tensor, Tensor]]] = None  # a compiled wkv7_token for B >= 2
+        self.kernel: Optional[Any] = None  # the compiled wkv of batches (asr.infer.compiled.BatchedWkv)
 
     def time_inputs(self, mixes: Tensor, acts: tuple[str, ...]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         _, B, T, C = mixes.shape
@@ -153,9 +153,8 @@ class PackedProducts:
 
     def wkv(self, r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
             state: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        if self.kernel is not None and r.shape[0] >= 2 and r.shape[1] <= 4 and state is not None \
-                and state.dtype == r.dtype == torch.float32:
-            return wkv7_recurrent(r, w, k, v, a, b, state, token=self.kernel)
+        if self.kernel is not None and self.kernel.applies(r, state):
+            return self.kernel(r, w, k, v, a, b, state)
         return wkv7(r, w, k, v, a, b, state)
 
 
