@@ -18,7 +18,8 @@ keep up shows it as latencies that grow to seconds.
 Printed (markdown): partial-result latency, from sending a message to receiving its reply (the
 audio's own duration is not in it: the message is sent once its audio is complete), p50/p95/max;
 the latency of the final after eof; the server's CPU use while the clients streamed (100 % = one
-core) and, per worker, its streams, real-time factor and tick compute time (``/metrics``); failed clients
+core), the clients' own (this process: they share the machine) and, per worker, its streams,
+real-time factor and tick compute time (``/metrics``); failed clients
 (errors, close codes other than 1000) and finals whose text differs from ``model.transcribe``
 of the same samples with the same weights, counting apart those that differ only in where words
 split: after an endpoint (1.2 s of silence) a word-continuation piece starts a new word in the
@@ -157,12 +158,13 @@ async def load(url: str, jobs: list[tuple[np.ndarray, int]], block: float, pid: 
 
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
-        cpu0, t0 = cpu_seconds(pid), time.perf_counter()
+        cpu0, own0, t0 = cpu_seconds(pid), time.process_time(), time.perf_counter()
         out = await asyncio.gather(*(one_client(session, url.replace("http", "ws", 1) + "/", pcm, rate,
                                                 i / len(jobs), block) for i, (pcm, rate) in enumerate(jobs)))
         cpu, wall = cpu_seconds(pid) - cpu0, time.perf_counter() - t0
+        clients_cpu = time.process_time() - own0
         metrics = await worker_metrics(session, url, workers)
-    return out + [metrics], cpu, wall  # type: ignore[list-item]
+    return out + [metrics], (cpu, clients_cpu), wall  # type: ignore[list-item]
 
 
 async def worker_metrics(session, url: str, workers: int) -> list[dict[str, float]]:  # noqa: ANN001
@@ -238,11 +240,12 @@ def report(args, jobs, results, refs, cpu, wall, metrics, load1) -> None:  # noq
           f"{'LM' if args.lm else 'greedy'}{', compiled' if args.compile else ''}), tick {args.tick:g} s, "
           f"{args.workers} worker(s) of {args.threads} thread(s), {args.block:g} s messages\n")
     print("| clients | audio per client | partial latency p50 / p95 / max | final latency p50 | server CPU "
-          "| streams per worker | server RTF per worker | tick compute p50 / p95 per worker | failed "
+          "| clients' CPU | streams per worker | server RTF per worker | tick compute p50 / p95 per worker | failed "
           "| finals != offline (of which only word boundaries) |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     print(f"| {args.clients} | {audio:.1f} s | {pct(ms, .5):.0f} / {pct(ms, .95):.0f} / {max(ms, default=float('nan')):.0f} ms "
-          f"| {pct(final_lat, .5):.0f} ms | {100 * cpu / wall:.0f} % of one core ({wall:.0f} s) "
+          f"| {pct(final_lat, .5):.0f} ms | {100 * cpu[0] / wall:.0f} % of one core ({wall:.0f} s) "
+          f"| {100 * cpu[1] / wall:.0f} % "
           f"| {each('asr_serve_streams_total', 1, '.0f')} | {each('asr_serve_real_time_factor', 1, '.3f')} "
           f"| {each('asr_serve_tick_seconds_p50', 1000, '.0f')} ms / {each('asr_serve_tick_seconds_p95', 1000, '.0f')} ms "
           f"| {len(failed)} | {len(diffs)} ({spacing}) |")
