@@ -273,7 +273,7 @@ class StreamingResampler:
 
 
 @functools.lru_cache(maxsize=32)
-def _resampler(orig_rate: int, target_rate: int) -> "torchaudio.transforms.Resample":
+def _resampler(orig_rate: int, target_rate: int) -> torch.nn.Module:
     """``taF.resample(x, orig_rate, target_rate)`` of float32 ``x`` with its sinc kernel made once
     per rate pair, not per call (the same kernel and values)."""
     import torchaudio.transforms
