@@ -11,7 +11,8 @@ stream from memory, so the packs:
 - make the LoRA down-projections one product with the concatenated [C, D] factors applied to all
   LoRA inputs at once, a block-diagonal 0/1 mask keeping each input's own columns (the waste is
   multiply-adds; the product is bound by reading the weights), and the up-projections one product
-  with the stacked [D, C] factors: row i of (mask * h) @ [B_v; B_w; B_a; B_g] is h_i B_i;
+  with the stacked [D, C] factors: row i of (mask * h) @ [B_v; B_w; B_a; B_g] is h_i B_i (float32
+  calls of ``SEPARATE_LORA_ROWS`` rows or more, batches of streams, run each LoRA's own products);
 - fuse the residual adds into the output products (``addmm``).
 
 int8 (:class:`Int8Matrix`): one scale per output channel of the weights, one dynamic scale per row
@@ -31,6 +32,10 @@ from asr.ops.int_mm import int_mm
 from asr.ops.wkv7 import wkv7
 
 Rows = Union[Tensor, tuple[Tensor, Tensor]]  # float rows, or (int8 rows, row maxima)
+#: float32 rows (streams x frames) from which each LoRA is its own pair of products: with many rows
+#: the masked concatenated products' wasted multiply-adds (n x the needed, for n LoRAs) cost more
+#: than the weight reads they save (~3x faster at 125 rows, one thread)
+SEPARATE_LORA_ROWS = 16
 
 
 def quant_rows(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -116,6 +121,7 @@ class PackedProducts:
             packed = [None] * 3 + [FloatMatrix(w) for w in (views[1], views[2], views[3].t(), views[4], views[5].t())]
         self.down, self.up, self.out, self.key, self.value = packed[3:]
         self.kernel: Optional[Any] = None  # the compiled wkv of batches (asr.infer.compiled.BatchedWkv)
+        self._loras: Optional[list[tuple[Tensor, Tensor]]] = None
 
     def time_inputs(self, mixes: Tensor, acts: tuple[str, ...]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         _, B, T, C = mixes.shape
@@ -127,6 +133,9 @@ class PackedProducts:
             h = self.down.mm(rows(6 - n, 6))
         else:
             r, k, v = torch.bmm(m[:3], self.rkv).unbind(0)
+            if M >= SEPARATE_LORA_ROWS:
+                up = torch.stack([self._lora(i, m[6 - n + i], act) for i, act in enumerate(acts)])
+                return r.view(B, T, C), k.view(B, T, C), v.view(B, T, C), up.view(n, B, T, C)
             h = self.down.mm(m[6 - n:].reshape(n * M, C))
         h = h.view(n, M, -1).mul_(self.mask)
         for i, act in enumerate(acts):
@@ -134,6 +143,17 @@ class PackedProducts:
                 getattr(h[i, :, self.spans[i][0] : self.spans[i][1]], act + "_")()
         up = self.up.mm(self.up.prepare(h.view(n * M, -1))).view(n, B, T, C)
         return r.view(B, T, C), k.view(B, T, C), v.view(B, T, C), up
+
+    def _lora(self, i: int, x: Tensor, act: str) -> Tensor:
+        """LoRA ``i`` of the n in ``time_inputs`` (float32) on rows x [M, C] alone: act(x A_i) B_i."""
+        if self._loras is None:  # [C, d_i] and [d_i, C] of each LoRA, contiguous (made on first use)
+            down, up = self.down.w, self.up.w
+            self._loras = [(down[:, lo:hi].contiguous(), up[lo:hi].contiguous()) for lo, hi in self.spans]
+        a, b = self._loras[i]
+        h = torch.mm(x, a)
+        if act:
+            getattr(h, act + "_")()
+        return torch.mm(h, b)
 
     @staticmethod
     def quantized_rows(m: Tensor) -> Callable[[int, int], tuple[Tensor, Tensor]]:
