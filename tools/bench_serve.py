@@ -6,7 +6,8 @@
 
 The server runs as its own processes (``python -m asr.cli.serve`` on a free port of 127.0.0.1,
 ``--workers`` worker processes of ``--threads`` intra-op threads each, no LM unless ``--lm``), so
-its CPU time (the front's and the workers', read from /proc) is its own. The clients run in this process: each streams a "program" of real recordings
+its CPU time (the front's and the workers', read from /proc) is its own. The clients run in this
+process: each streams a "program" of real recordings
 (``tests/data/audio``, the held-out ones included, in a random order with 0.3-1.5 s pauses, at
 least ``--seconds`` long; ``--programs`` distinct ones, client i plays program i mod that) in
 ``--block`` second messages, each sent when its last sample would have been recorded, whether or
@@ -61,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "differ from the offline int8 pass in a token here and there: the int8 rounding of each "
                         "activation amplifies float rounding that differs between a batched step and one pass)")
     p.add_argument("--no-compile", dest="compile", action="store_false",
-                   help="server without --compile (default: with it; its compiled per-token wkv update is what "
+                   help="server without --compile (default: with it; its compiled wkv update of batches is what "
                         "makes batches of streams cheap; inductor's disk cache makes later starts quick)")
     p.add_argument("--lm", action="store_true", help="decode finals with the model's LM (default: greedy)")
     p.add_argument("--tick", type=float, default=0.1, help="server tick in seconds (default 0.1)")

@@ -38,8 +38,9 @@ log = logging.getLogger("asr.serve")
 #: Ticks the latency and real-time-factor metrics are computed over.
 METRIC_WINDOW = 200
 #: Encoder frames (40 ms each) per batched model call: a tick that took more audio (a slow tick, a
-#: client sending large messages) makes several calls, each served by the engine's per-token wkv
-#: kernels, rather than one call of the chunked form, which pads to 16 frames (asr.stream.step_batch).
+#: client sending large messages) makes several calls, each served by the engine's compiled wkv
+#: kernels of batches (1-4 tokens), rather than one call of the chunked form, which pads to 16
+#: frames (asr.stream.step_batch).
 MAX_CALL_FRAMES = 4
 #: Beam width used when a stream asks for hotwords without a beam (boosting re-ranks beams).
 HOTWORD_BEAM = 8
