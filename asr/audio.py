@@ -26,6 +26,7 @@ samples present are correct and refusing them would be less useful than saying w
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -248,7 +249,7 @@ class StreamingResampler:
         if end_unit <= self._next_unit:
             return torch.zeros(0, dtype=torch.float32)
         segment, lo_unit = self._segment_from(self._next_unit)
-        out = taF.resample(segment, self.orig_rate, self.target_rate)
+        out = _resampler(self.orig_rate, self.target_rate)(segment)
         first = (self._next_unit - lo_unit) * self._new
         out = out[first : first + (end_unit - self._next_unit) * self._new]
         self._next_unit = end_unit
@@ -267,8 +268,17 @@ class StreamingResampler:
         segment, lo_unit = self._segment_from(self._next_unit)
         if segment.numel() == 0:
             return torch.zeros(0, dtype=torch.float32)
-        out = taF.resample(segment, self.orig_rate, self.target_rate)
+        out = _resampler(self.orig_rate, self.target_rate)(segment)
         return out[(self._next_unit - lo_unit) * self._new :]
+
+
+@functools.lru_cache(maxsize=32)
+def _resampler(orig_rate: int, target_rate: int) -> torch.nn.Module:
+    """``taF.resample(x, orig_rate, target_rate)`` of float32 ``x`` with its sinc kernel made once
+    per rate pair, not per call (the same kernel and values)."""
+    import torchaudio.transforms
+
+    return torchaudio.transforms.Resample(orig_rate, target_rate, dtype=torch.float32)
 
 
 def float_mono(samples: Union[torch.Tensor, np.ndarray], name: str = "waveform", channel_dim: int = -1) -> torch.Tensor:

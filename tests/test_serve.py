@@ -555,7 +555,8 @@ def test_thousand_connection_cycles_leak_nothing(model, pcm):
 
 # ------------------------------------------------------------------------------------ command line
 def test_command_line_errors_are_one_line():
-    """Bad options exit 2; a port already taken exits 1 with one line, no traceback."""
+    """Bad options exit 2; a port already taken exits 1 with one line, no traceback (one process
+    or --workers 2)."""
     import subprocess
     import sys
 
@@ -566,7 +567,73 @@ def test_command_line_errors_are_one_line():
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        busy = subprocess.run([sys.executable, "-m", "asr.cli.serve", "--model", str(DATA / "stream_tiny.pt"),
-                               "--port", str(port)], capture_output=True, text=True, env=env, timeout=120)
-    assert busy.returncode == 1
-    assert busy.stderr.strip().splitlines() == [busy.stderr.strip()] and "cannot listen on" in busy.stderr
+        for workers in ("1", "2"):
+            busy = subprocess.run([sys.executable, "-m", "asr.cli.serve", "--model", str(DATA / "stream_tiny.pt"),
+                                   "--port", str(port), "--workers", workers], capture_output=True, text=True,
+                                  env=env, timeout=120)
+            assert busy.returncode == 1
+            assert busy.stderr.strip().splitlines() == [busy.stderr.strip()] and "cannot listen on" in busy.stderr
+    bad = subprocess.run([sys.executable, "-m", "asr.cli.serve", "--workers", "0"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "--workers must be at least 1" in bad.stderr
+    missing = subprocess.run([sys.executable, "-m", "asr.cli.serve", "--model", "/nonexistent.pt", "--port", "0",
+                              "--workers", "2"], capture_output=True, text=True, env=env, timeout=120)
+    assert missing.returncode == 1 and missing.stderr.strip().count("\n") == 0 and "error" in missing.stderr
+
+
+# ------------------------------------------------------------------------------------ several workers
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads the workers' ids from /proc")
+def test_workers_share_one_port_survive_a_dead_worker_and_stop_together(model, pcm):
+    """asr-serve --workers 2: connections are spread over both workers (finals exact), a killed
+    worker leaves the other serving, SIGTERM stops the front and every worker (exit 0)."""
+    import signal
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(DATA.parents[1]), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.Popen([sys.executable, "-m", "asr.cli.serve", "--model", str(DATA / "stream_tiny.pt"), "--port",
+                             "0", "--workers", "2", "--tick", "0.02", "--log-level", "warning"],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        url = None
+        for line in proc.stderr:  # type: ignore[union-attr]
+            if "listening on" in line:
+                url = line.split("listening on ")[1].split()[0]
+                break
+        assert url is not None, "the server did not start"
+        jobs = [("goforward", SR), ("goforward", 8000), ("cards", SR), ("cards", 8000)]
+
+        async def streams(jobs):
+            async with aiohttp.ClientSession() as session:
+                return await asyncio.gather(*(vosk_stream(session, url.replace("http", "ws", 1) + "/", pcm[j], j[1])
+                                              for j in jobs))
+
+        async def metrics():
+            seen = {}
+            async with aiohttp.ClientSession() as session:
+                for _ in range(20):
+                    async with session.get(url + "/metrics", headers={"Connection": "close"}) as r:
+                        m = dict(line.split() for line in (await r.text()).splitlines() if not line.startswith("#"))
+                    seen[m["asr_serve_worker"]] = float(m["asr_serve_streams_total"])
+            return seen
+
+        for (name, rate), got in zip(jobs, run(streams(jobs))):
+            assert got.close_code == 1000 and got.text == model.transcribe(pcm[name, rate], sample_rate=rate).text
+        served = run(metrics())
+        assert len(served) == 2 and sum(served.values()) == 4 and min(served.values()) >= 1, served
+        workers = _children(proc.pid)
+        assert len(workers) == 2
+        os.kill(workers[0], signal.SIGKILL)
+        again = run(streams(jobs[:2]))
+        assert [g.text for g in again] == [model.transcribe(pcm[j], sample_rate=j[1]).text for j in jobs[:2]]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert all(not Path(f"/proc/{w}").exists() or "Z" in Path(f"/proc/{w}/stat").read_text().split()[2]
+                   for w in workers)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

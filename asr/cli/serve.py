@@ -1,10 +1,11 @@
 """``asr-serve``: a streaming recognition server (WebSocket, HTTP) and its browser page.
 
     asr-serve [--model PATH] [--host 127.0.0.1] [--port 2700] [--int8] [--tick 0.1] [--max-streams 200]
-              [--token T] [--allow-origin URL ...] [--threads N] ...
+              [--token T] [--allow-origin URL ...] [--threads N] [--workers N] ...
 
 One process, one model: every stream is stepped with the others as one batch
-(:mod:`asr.serve.engine`). ``ws://HOST:PORT/`` speaks Vosk's protocol, ``ws://HOST:PORT/stream``
+(:mod:`asr.serve.engine`); with ``--workers N``, N such processes behind the one port
+(:mod:`asr.serve.workers`). ``ws://HOST:PORT/`` speaks Vosk's protocol, ``ws://HOST:PORT/stream``
 this project's richer one, ``POST /transcribe`` takes whole files, ``GET /`` is the microphone
 page, ``GET /health`` and ``GET /metrics`` report. It binds 127.0.0.1 unless told otherwise:
 put it behind a TLS-terminating proxy before exposing it (browsers give the microphone only to
@@ -43,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch intra-op threads of the batched step (default 1: with more, each of the step's "
                         "~1,000 parallel regions waits for a thread the event loop or another process has "
                         "preempted: 2 threads made the step ~5x slower than 1 on two cores)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="server processes behind the one port, each with its own model copy and one step thread; "
+                        "the port's process hands each connection to the one with the fewest (default 1; "
+                        "use one per core for many streams, README 'Scaling')")
     p.add_argument("--tick", type=float, default=0.1, metavar="S",
                    help="seconds between batched steps (default 0.1; 0.04-0.16 sensible)")
     p.add_argument("--max-streams", type=int, default=200, help="concurrent streams; more are refused (default 200)")
@@ -75,6 +80,8 @@ def _check(args: argparse.Namespace, ap: argparse.ArgumentParser) -> None:
         ap.error("--port must be in 0..65535")
     if args.threads < 1:
         ap.error("--threads must be at least 1")
+    if args.workers < 1:
+        ap.error("--workers must be at least 1")
     if args.lm is not None and args.no_lm:
         ap.error("--lm and --no-lm contradict each other")
     if args.default_sample_rate is not None and args.default_sample_rate <= 0:
@@ -85,37 +92,122 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     _check(args, ap)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(processName)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     if importlib.util.find_spec("aiohttp") is None:
         print(f"{PROG}: error: aiohttp is not installed: pip install 'rwkv-asr[serve]'", file=sys.stderr)
         return 1
-    import torch
-
-    torch.set_num_threads(args.threads)
-    from asr.api import load_model
-    from asr.serve import Engine, Limits, ServerOptions, make_app
-    from asr.stream import tune_for_streaming
-
+    if args.workers > 1:
+        return _run_workers(args)
     try:
-        lm = None if args.no_lm else (args.lm if args.lm is not None else "auto")
-        model = load_model(args.model, int8=args.int8, compile=args.compile, lm=lm)
+        engine, options = _build(args, args.max_streams)
     except Exception as err:  # CheckpointError, a missing compiler, an unreadable LM: one line
         print(f"{PROG}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 1
-    tune_for_streaming()
-    engine = Engine(model, Limits(max_streams=args.max_streams, max_stream_seconds=args.max_stream_seconds,
-                                  tick_seconds=args.tick))
-    options = ServerOptions(max_message_bytes=args.max_message_bytes, idle_timeout=args.idle_timeout,
-                            send_timeout=args.send_timeout, token=args.token or None,
-                            allow_origins=tuple(args.allow_origin), default_sample_rate=args.default_sample_rate,
-                            max_upload_bytes=args.max_upload_bytes)
+    from asr.serve import make_app
+
     try:
         asyncio.run(_serve(make_app(engine, options), args.host, args.port))
     except OSError as err:  # the port is taken, the address is not ours
         print(f"{PROG}: error: cannot listen on {args.host}:{args.port}: {err.strerror or err}", file=sys.stderr)
         return 1
     return 0
+
+
+def _build(args: argparse.Namespace, max_streams: int, worker: int = 0):  # noqa: ANN202 (lazy imports)
+    """The model loaded as the options say, its Engine and the ServerOptions (raises on failure)."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from asr.api import load_model
+    from asr.serve import Engine, Limits, ServerOptions
+    from asr.stream import tune_for_streaming
+
+    lm = None if args.no_lm else (args.lm if args.lm is not None else "auto")
+    model = load_model(args.model, int8=args.int8, compile=args.compile, lm=lm)
+    tune_for_streaming()
+    engine = Engine(model, Limits(max_streams=max_streams, max_stream_seconds=args.max_stream_seconds,
+                                  tick_seconds=args.tick), worker=worker)
+    options = ServerOptions(max_message_bytes=args.max_message_bytes, idle_timeout=args.idle_timeout,
+                            send_timeout=args.send_timeout, token=args.token or None,
+                            allow_origins=tuple(args.allow_origin), default_sample_rate=args.default_sample_rate,
+                            max_upload_bytes=args.max_upload_bytes)
+    return engine, options
+
+
+def _listening(host: str, port: int) -> None:
+    url = f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
+    print(f"{PROG}: listening on {url} (page {url}/, Vosk WebSocket ws{url[4:]}/, rich WebSocket "
+          f"ws{url[4:]}/stream); Ctrl-C to stop", file=sys.stderr, flush=True)
+
+
+def _run_workers(args: argparse.Namespace) -> int:
+    """--workers N: this process binds the port and hands connections to N forked workers."""
+    import socket
+
+    from asr.serve import workers
+
+    why = workers.supported()
+    if why is not None:
+        print(f"{PROG}: error: {why}", file=sys.stderr)
+        return 1
+    try:
+        listener = socket.create_server((args.host, args.port), family=_family(args.host), backlog=1024)
+    except OSError as err:
+        print(f"{PROG}: error: cannot listen on {args.host}:{args.port}: {err.strerror or err}", file=sys.stderr)
+        return 1
+    per_worker = -(-args.max_streams // args.workers)
+    front = workers.Front(listener, args.workers, lambda i, channel: _worker(args, per_worker, i, channel))
+    failed = front.wait_ready()
+    if failed is not None:
+        front.stop()
+        print(f"{PROG}: error: {' '.join(failed.split())}", file=sys.stderr)
+        return 1
+    host, port = listener.getsockname()[:2]
+    _listening(host, port)
+    status = front.serve()
+    print(f"{PROG}: stopping", file=sys.stderr, flush=True)
+    return status
+
+
+def _family(host: str) -> int:
+    import socket
+
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def _worker(args: argparse.Namespace, max_streams: int, index: int, channel) -> None:  # noqa: ANN001
+    """One forked worker: load the model, serve the connections the front hands over."""
+    from asr.serve import workers
+
+    try:
+        engine, options = _build(args, max_streams, index)
+    except Exception as err:
+        workers.tell(channel, workers.FAILED + " ".join(str(err).split()).encode()[:3000])
+        sys.exit(1)
+    from asr.serve import make_app
+
+    asyncio.run(_serve_worker(make_app(engine, options), channel))
+
+
+async def _serve_worker(app, channel) -> None:  # noqa: ANN001 (aiohttp imported lazily)
+    from aiohttp import web
+
+    from asr.serve import workers
+
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    try:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        workers.receive_connections(loop, channel, runner.server, stop.set)
+        workers.tell(channel, workers.READY)
+        await stop.wait()
+    finally:
+        await runner.cleanup()
 
 
 async def _serve(app, host: str, port: int) -> None:  # noqa: ANN001 (aiohttp imported lazily)
@@ -127,9 +219,7 @@ async def _serve(app, host: str, port: int) -> None:  # noqa: ANN001 (aiohttp im
         site = web.TCPSite(runner, host, port)
         await site.start()
         bound = runner.addresses[0]
-        url = f"http://{bound[0]}:{bound[1]}" if ":" not in str(bound[0]) else f"http://[{bound[0]}]:{bound[1]}"
-        print(f"{PROG}: listening on {url} (page {url}/, Vosk WebSocket ws{url[4:]}/, rich WebSocket "
-              f"ws{url[4:]}/stream); Ctrl-C to stop", file=sys.stderr, flush=True)
+        _listening(str(bound[0]), bound[1])
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -11,7 +11,8 @@ stream from memory, so the packs:
 - make the LoRA down-projections one product with the concatenated [C, D] factors applied to all
   LoRA inputs at once, a block-diagonal 0/1 mask keeping each input's own columns (the waste is
   multiply-adds; the product is bound by reading the weights), and the up-projections one product
-  with the stacked [D, C] factors: row i of (mask * h) @ [B_v; B_w; B_a; B_g] is h_i B_i;
+  with the stacked [D, C] factors: row i of (mask * h) @ [B_v; B_w; B_a; B_g] is h_i B_i (float32
+  calls of ``SEPARATE_LORA_ROWS`` rows or more, batches of streams, run each LoRA's own products);
 - fuse the residual adds into the output products (``addmm``).
 
 int8 (:class:`Int8Matrix`): one scale per output channel of the weights, one dynamic scale per row
@@ -21,16 +22,20 @@ audio is cut or which streams share a batch), exact int32 sums (:func:`asr.ops.i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from asr.model.rwkv7 import Block
 from asr.ops.int_mm import int_mm
-from asr.ops.wkv7 import wkv7, wkv7_recurrent
+from asr.ops.wkv7 import wkv7
 
 Rows = Union[Tensor, tuple[Tensor, Tensor]]  # float rows, or (int8 rows, row maxima)
+#: float32 rows (streams x frames) from which each LoRA is its own pair of products: with many rows
+#: the masked concatenated products' wasted multiply-adds (n x the needed, for n LoRAs) cost more
+#: than the weight reads they save (~3x faster at 125 rows, one thread)
+SEPARATE_LORA_ROWS = 16
 
 
 def quant_rows(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -115,7 +120,8 @@ class PackedProducts:
             self.rkv = views[0]
             packed = [None] * 3 + [FloatMatrix(w) for w in (views[1], views[2], views[3].t(), views[4], views[5].t())]
         self.down, self.up, self.out, self.key, self.value = packed[3:]
-        self.kernel: Optional[Callable[..., tuple[Tensor, Tensor]]] = None  # a compiled wkv7_token for B >= 2
+        self.kernel: Optional[Any] = None  # the compiled wkv of batches (asr.infer.compiled.BatchedWkv)
+        self._loras: Optional[list[tuple[Tensor, Tensor]]] = None
 
     def time_inputs(self, mixes: Tensor, acts: tuple[str, ...]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         _, B, T, C = mixes.shape
@@ -127,6 +133,9 @@ class PackedProducts:
             h = self.down.mm(rows(6 - n, 6))
         else:
             r, k, v = torch.bmm(m[:3], self.rkv).unbind(0)
+            if M >= SEPARATE_LORA_ROWS:
+                up = torch.stack([self._lora(i, m[6 - n + i], act) for i, act in enumerate(acts)])
+                return r.view(B, T, C), k.view(B, T, C), v.view(B, T, C), up.view(n, B, T, C)
             h = self.down.mm(m[6 - n:].reshape(n * M, C))
         h = h.view(n, M, -1).mul_(self.mask)
         for i, act in enumerate(acts):
@@ -134,6 +143,17 @@ class PackedProducts:
                 getattr(h[i, :, self.spans[i][0] : self.spans[i][1]], act + "_")()
         up = self.up.mm(self.up.prepare(h.view(n * M, -1))).view(n, B, T, C)
         return r.view(B, T, C), k.view(B, T, C), v.view(B, T, C), up
+
+    def _lora(self, i: int, x: Tensor, act: str) -> Tensor:
+        """LoRA ``i`` of the n in ``time_inputs`` (float32) on rows x [M, C] alone: act(x A_i) B_i."""
+        if self._loras is None:  # [C, d_i] and [d_i, C] of each LoRA, contiguous (made on first use)
+            down, up = self.down.w, self.up.w
+            self._loras = [(down[:, lo:hi].contiguous(), up[lo:hi].contiguous()) for lo, hi in self.spans]
+        a, b = self._loras[i]
+        h = torch.mm(x, a)
+        if act:
+            getattr(h, act + "_")()
+        return torch.mm(h, b)
 
     @staticmethod
     def quantized_rows(m: Tensor) -> Callable[[int, int], tuple[Tensor, Tensor]]:
@@ -153,9 +173,8 @@ class PackedProducts:
 
     def wkv(self, r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
             state: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        if self.kernel is not None and r.shape[0] >= 2 and r.shape[1] <= 4 and state is not None \
-                and state.dtype == r.dtype == torch.float32:
-            return wkv7_recurrent(r, w, k, v, a, b, state, token=self.kernel)
+        if self.kernel is not None and self.kernel.applies(r, state):
+            return self.kernel(r, w, k, v, a, b, state)
         return wkv7(r, w, k, v, a, b, state)
 
 

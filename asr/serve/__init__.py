@@ -6,8 +6,9 @@
 
 :mod:`asr.serve.engine` batches the streams through :func:`asr.stream.step_batch`;
 :mod:`asr.serve.protocol` is the wire format (Vosk-compatible at ``/``, the richer one at
-``/stream``); :mod:`asr.serve.server` the aiohttp routes, limits and access checks; ``static/`` the
-browser page. Needs the ``serve`` extra (aiohttp).
+``/stream``); :mod:`asr.serve.server` the aiohttp routes, limits and access checks;
+:mod:`asr.serve.workers` several such processes behind one port (``asr-serve --workers N``);
+``static/`` the browser page. Needs the ``serve`` extra (aiohttp).
 """
 from asr.serve.engine import Engine, Limits, StepResult, Stream
 from asr.serve.server import ServerOptions, make_app

@@ -38,8 +38,9 @@ log = logging.getLogger("asr.serve")
 #: Ticks the latency and real-time-factor metrics are computed over.
 METRIC_WINDOW = 200
 #: Encoder frames (40 ms each) per batched model call: a tick that took more audio (a slow tick, a
-#: client sending large messages) makes several calls, each served by the engine's per-token wkv
-#: kernels, rather than one call of the chunked form, which pads to 16 frames (asr.stream.step_batch).
+#: client sending large messages) makes several calls, each served by the engine's compiled wkv
+#: kernels of batches (1-4 tokens), rather than one call of the chunked form, which pads to 16
+#: frames (asr.stream.step_batch).
 MAX_CALL_FRAMES = 4
 #: Beam width used when a stream asks for hotwords without a beam (boosting re-ranks beams).
 HOTWORD_BEAM = 8
@@ -153,9 +154,10 @@ class Engine:
     """The model and its streams. ``model``: an :class:`asr.api.ASRModel`. Create it, start
     :meth:`run` as a task on the serving loop, and :meth:`open` a stream per connection."""
 
-    def __init__(self, model: Any, limits: Optional[Limits] = None) -> None:
+    def __init__(self, model: Any, limits: Optional[Limits] = None, worker: int = 0) -> None:
         self.model = model
         self.limits = limits or Limits()
+        self.worker = worker  # this process's index among asr-serve's workers (asr.serve.workers)
         self.streams: dict[int, Stream] = {}
         self._ids = itertools.count(1)
         self._wake: Optional[asyncio.Event] = None
@@ -280,7 +282,7 @@ class Engine:
         return result
 
     def metrics(self) -> dict[str, Any]:
-        """Active streams, and over the last METRIC_WINDOW ticks: real-time factor (compute /
+        """This worker's index, active streams, and over the last METRIC_WINDOW ticks: real-time factor (compute /
         audio), tick compute latency p50/p95/max (seconds), streams per tick; plus totals."""
         ticks = list(self._ticks)
         lat = sorted(t[1] for t in ticks)
@@ -290,6 +292,7 @@ class Engine:
             return lat[min(len(lat) - 1, int(p * len(lat)))] if lat else 0.0
 
         return {
+            "worker": self.worker,
             "active_streams": len(self.streams),
             "max_streams": self.limits.max_streams,
             "real_time_factor": sum(lat) / audio if audio else 0.0,
