@@ -404,7 +404,7 @@ def step_batch(
     once); the features of all streams come from one fbank call. Bad samples in any block (NaN, wrong shape)
     raise :class:`asr.audio.AudioError` before any stream has taken its block.
     ``max_call_frames``: at most this many encoder frames per model call (longer feeds take
-    several calls); a server passes 4, the most the engine's per-token wkv kernels serve (longer
+    several calls); a server passes 4, the most tokens the compiled batched wkv serves (longer
     calls run the chunked form, which pads every call to 16 frames). None: no limit.
 
     A server that calls this for many streams should call
