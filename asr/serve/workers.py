@@ -145,10 +145,9 @@ class Front:
 
     def _order(self) -> list[_Worker]:
         """Alive workers, fewest connections first; ties start at a rotating worker."""
-        n = len(self.workers)
-        self._turn = (self._turn + 1) % n
-        alive = [self.workers[(self._turn + i) % n] for i in range(n) if self.workers[(self._turn + i) % n].alive]
-        return sorted(alive, key=lambda w: w.connections)  # stable: the rotation breaks ties
+        self._turn = (self._turn + 1) % len(self.workers)
+        rotated = self.workers[self._turn:] + self.workers[: self._turn]
+        return sorted((w for w in rotated if w.alive), key=lambda w: w.connections)  # stable: the rotation breaks ties
 
     def _from_worker(self, w: _Worker, sel: selectors.BaseSelector) -> None:
         try:

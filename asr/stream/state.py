@@ -162,9 +162,8 @@ class _RowBlocks(Sequence[BlockState]):
 
 def _tensors(state: EncoderState) -> list[Tensor]:
     """The state's tensors in a fixed order (caches, then each block's three); caches must be set."""
-    c1, c2 = state.subsampling
-    assert c1 is not None and c2 is not None, "a stepped state has its caches"
-    return [c1, c2] + [t for b in state.blocks for t in (b.tmix_prev, b.wkv, b.cmix_prev)]
+    assert all(c is not None for c in state.subsampling), "a stepped state has its caches"
+    return _tensors_or_none(state)
 
 
 def _from_tensors(tensors: Sequence[Tensor]) -> EncoderState:
@@ -193,5 +192,6 @@ def put_rows(state: EncoderState, rows: Tensor, part: EncoderState, inputs: Sequ
 
 
 def _tensors_or_none(state: EncoderState) -> list[Tensor]:
+    """The state's tensors in :func:`_tensors`' order, leaving out caches that are not set."""
     tensors = [t for t in state.subsampling if t is not None]
     return tensors + [t for b in state.blocks for t in (b.tmix_prev, b.wkv, b.cmix_prev)]
