@@ -9,9 +9,10 @@ exec > >(tee -a "$OUT/run.log") 2>&1
 python -m pip install --no-deps --no-index -q .gpu/wheels/*.whl 2>&1 | grep -v WARN
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/tc FLA_CACHE_RESULTS=1 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-# Dynamo says in the log why it compiles a graph again (a shape or guard that changed): with the
+# Dynamo says in the log why it compiles a graph again (a shape or guard that changed), and
+# inductor's FX-graph and AOT-autograd caches say hit, miss or why they were bypassed: with the
 # trainer's per-shape first-step times this tells a slow start's cause (TORCH_LOGS="" turns it off).
-export TORCH_LOGS=${TORCH_LOGS-recompiles}
+export TORCH_LOGS=${TORCH_LOGS-recompiles,torch._inductor.codecache,torch._functorch._aot_autograd.autograd_cache}
 mkdir -p /tmp/tc && tar xzf tools/device/fla_autotune_sm90.tgz -C /tmp/tc
 # The compile caches (inductor's and Triton's) of an earlier call, when carried as .gpu/compile_cache
 # (parts of one tar.gz that save_compile_cache wrote): a fresh machine then skips most compiling.

@@ -9,19 +9,28 @@
 # first logged step goes to $OUT/speed.txt. The corpus comes as parts (jobs/corpus.sh: PARTS carried in
 # this call, kept for the next call on the warm machine).
 # Env: SAVE_CACHE=1: the compile caches back in parts (jobs/setup.sh); PARTS, WEIGHTS (jobs/corpus.sh); RUNS (default "workers graphed fixed"); SECONDS_<run> (defaults
-#      workers 60, graphed 80, fixed 240); BATCH (padded seconds per batch, default 800); EXTRA (every run)
+#      workers 60, graphed 80, fixed 240); BATCH (padded seconds per batch, default 800); EXTRA (every run);
+#      EXPERIMENT: an experiment config (conf/experiment) instead of recipe=bundled model=bundled, e.g. the
+#      one a training call will run next, so that its compiled graphs are the ones cached
 set -uo pipefail
+CONFIG="recipe=bundled model=bundled"
+if [ -n "${EXPERIMENT:-}" ]; then
+  source tools/device/jobs/experiments.sh
+  check_experiments "$EXPERIMENT"
+  CONFIG="experiment=$EXPERIMENT"
+fi
 source tools/device/jobs/setup.sh
 source tools/device/jobs/corpus.sh
 WORKERS=$(( $(nproc) - 2 ))
-declare -A ARGS=([workers]="" [graphed]="data.resident=true trainer.cuda_graphs=true"
+declare -A ARGS=([workers]="data.resident=false trainer.compile=false"
+                 [graphed]="data.resident=true trainer.compile=false trainer.cuda_graphs=true"
                  [fixed]="data.resident=true trainer.compile=fixed")
 declare -A SECS=([workers]=${SECONDS_workers:-60} [graphed]=${SECONDS_graphed:-80} [fixed]=${SECONDS_fixed:-240})
 for name in ${RUNS:-workers graphed fixed}; do
   t=$(date +%s)
   set -f
   # shellcheck disable=SC2086
-  timeout -s INT -k 30 "${SECS[$name]}" python -m asr.cli.train recipe=bundled model=bundled \
+  timeout -s INT -k 30 "${SECS[$name]}" python -m asr.cli.train $CONFIG \
     trainer.init_from=asr/pretrained/model.pt "data.train_manifests=[/tmp/corpus.jsonl]" "data.dev_manifests=[]" \
     data.max_duration=30 data.augment.speed.enabled=true data.max_batch_seconds=${BATCH:-800} data.num_workers=$WORKERS \
     trainer.tensorboard=false trainer.progress_bar=false trainer.max_steps=1000000 trainer.val_every=1000000 \
