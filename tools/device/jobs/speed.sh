@@ -3,13 +3,15 @@
 # the bundled model continued (trainer.init_from), the pipelines and steps one after the other:
 #   workers   DataLoader workers, eager step (the trainer's default)
 #   graphed   data.resident (the corpus on the GPU, fixed shapes), trainer.cuda_graphs
+#   blocks    data.resident, trainer.compile=cudagraphs (each block compiled once for any shape, CUDA
+#             graphs recorded per shape; the front end and head eager)
 #   fixed     data.resident, trainer.compile=fixed (the whole model compiled per shape, CUDA graphs)
 # Each run's log is $OUT/<name>.log (lines prefixed with seconds since the run started); a table of
 # the median audio-seconds per second over each run's second half, its data wait and the time to the
 # first logged step goes to $OUT/speed.txt. The corpus comes as parts (jobs/corpus.sh: PARTS carried in
 # this call, kept for the next call on the warm machine).
 # Env: SAVE_CACHE=1: the compile caches back in parts (jobs/setup.sh); PARTS, WEIGHTS (jobs/corpus.sh); RUNS (default "workers graphed fixed"); SECONDS_<run> (defaults
-#      workers 60, graphed 80, fixed 240); BATCH (padded seconds per batch, default 800); EXTRA (every run);
+#      workers 60, graphed 80, blocks 180, fixed 240); BATCH (padded seconds per batch, default 800); EXTRA (every run);
 #      EXPERIMENT: an experiment config (conf/experiment) instead of recipe=bundled model=bundled, e.g. the
 #      one a training call will run next, so that its compiled graphs are the ones cached
 set -uo pipefail
@@ -24,8 +26,10 @@ source tools/device/jobs/corpus.sh
 WORKERS=$(( $(nproc) - 2 ))
 declare -A ARGS=([workers]="data.resident=false trainer.compile=false"
                  [graphed]="data.resident=true trainer.compile=false trainer.cuda_graphs=true"
+                 [blocks]="data.resident=true trainer.compile=cudagraphs"
                  [fixed]="data.resident=true trainer.compile=fixed")
-declare -A SECS=([workers]=${SECONDS_workers:-60} [graphed]=${SECONDS_graphed:-80} [fixed]=${SECONDS_fixed:-240})
+declare -A SECS=([workers]=${SECONDS_workers:-60} [graphed]=${SECONDS_graphed:-80} [blocks]=${SECONDS_blocks:-180}
+                 [fixed]=${SECONDS_fixed:-240})
 for name in ${RUNS:-workers graphed fixed}; do
   t=$(date +%s)
   set -f
