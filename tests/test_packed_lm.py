@@ -144,3 +144,23 @@ def test_packing_without_build_binary_says_how_to_get_it(sentences_arpa, bundled
     with pytest.raises(FileNotFoundError, match="language model not found"):
         pack_language_model(tmp_path / "none.arpa", bundled_tokenizer)
     assert find_build_binary().is_file()
+
+
+def test_tune_lm_scores_the_lm_a_model_file_carries(packed, bundled_tokenizer, tmp_path):
+    import sys
+
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        import tune_lm
+    finally:
+        sys.path.pop(0)
+    with_lm, without, foreign = tmp_path / "with.pt", tmp_path / "without.pt", tmp_path / "foreign.pt"
+    torch.save({"model": {}, "tokenizer": bundled_tokenizer.to_bytes(), "lm": packed.to_checkpoint()}, with_lm)
+    torch.save({"model": {}, "tokenizer": bundled_tokenizer.to_bytes()}, without)
+    torch.save({"model": {}, "tokenizer": b"another tokenizer", "lm": packed.to_checkpoint()}, foreign)
+    carried = tune_lm.resolve_lm(with_lm, bundled_tokenizer)
+    assert carried.words == packed.words and carried.kenlm == packed.kenlm
+    assert tune_lm.resolve_lm(without, bundled_tokenizer) is None
+    assert tune_lm.resolve_lm(tmp_path / "words.arpa", bundled_tokenizer) == tmp_path / "words.arpa"
+    with pytest.raises(ValueError, match="tokenizer differs"):
+        tune_lm.resolve_lm(foreign, bundled_tokenizer)

@@ -8,7 +8,8 @@ beam search (:mod:`asr.decode.lexicon`) on one model's log-probabilities.
 The model runs once per utterance (one utterance per batch, as ``asr-transcribe`` runs a file);
 its log-probabilities are cached in ``--cache`` (default ``.data/lm/logprobs_<manifest>_<n>.pt``)
 so that every LM and weight is scored on the same numbers. ``--lm model`` is the LM the model
-carries. Each row gives the WER (all selected utterances, then per part: the folder under
+carries, and a ``.pt`` model file the LM that file carries (a model file with the same tokenizer:
+how a candidate LM is scored in the packed, quantised form it would ship in). Each row gives the WER (all selected utterances, then per part: the folder under
 ``audio/``), the LM's load time, and the search's real-time factor on one thread (search seconds
 over audio seconds; the acoustic model's own cost is printed once, when it runs). Times are the
 process's CPU time, not wall time, so that other work on a shared machine inflates them less. ``--parts``
@@ -94,6 +95,21 @@ def score(cache: dict, decode) -> tuple[float, dict[str, float], float]:
     return 100 * error_counts(cache["refs"], hyps).wer, per_part, seconds
 
 
+def resolve_lm(path: Path, tokenizer):
+    """``path`` itself (an ARPA file), or for a ``.pt`` model file the LM it carries (None when it
+    carries none); ValueError when that file's tokenizer is not ``tokenizer`` (its lexicon would
+    spell words with other token ids)."""
+    if path.suffix != ".pt":
+        return path
+    from asr.decode.packed_lm import carried_language_model
+    from asr.model_file import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    if ckpt.get("tokenizer") != tokenizer.to_bytes():
+        raise ValueError(f"{path}: its tokenizer differs from the scored model's")
+    return carried_language_model(ckpt)
+
+
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model", type=Path)
@@ -102,7 +118,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap.add_argument("--per-part", type=int, default=None, help="at most N utterances per part")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", type=Path, default=None)
-    ap.add_argument("--lm", action="append", default=[], help="ARPA file (plain or .xz), or 'model' (repeatable)")
+    ap.add_argument("--lm", action="append", default=[],
+                    help="ARPA file (plain or .xz), 'model', or a .pt model file whose LM to use (repeatable)")
     ap.add_argument("--lm-weight", type=float, nargs="+", default=[1.5])
     ap.add_argument("--word-score", type=float, nargs="+", default=[1.0])
     ap.add_argument("--lm-beam", type=int, default=50)
@@ -152,9 +169,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     wer, per_part, secs = score(cache, lambda lp: tokenizer.decode(ctc_greedy(lp)[0]))
     row("greedy | - | -", wer, per_part, "-", f"{secs / audio:.4f}")
     for lm_name in args.lm:
-        lm = carried if lm_name == "model" else Path(lm_name)
+        try:
+            lm = carried if lm_name == "model" else resolve_lm(Path(lm_name), tokenizer)
+        except (CheckpointError, OSError, ValueError) as e:
+            print(f"tune_lm: error: {e}", file=sys.stderr)
+            return 2
         if lm is None:
-            print(f"tune_lm: error: {args.model} carries no LM", file=sys.stderr)
+            print(f"tune_lm: error: {args.model if lm_name == 'model' else lm_name} carries no LM", file=sys.stderr)
             return 2
         for weight in args.lm_weight:
             for word_score in args.word_score:
