@@ -13,7 +13,8 @@
 # Env: SAVE_CACHE=1: the compile caches back in parts (jobs/setup.sh); PARTS, WEIGHTS (jobs/corpus.sh); RUNS (default "workers graphed fixed"); SECONDS_<run> (defaults
 #      workers 60, graphed 80, blocks 180, fixed 240); BATCH (padded seconds per batch, default 800); EXTRA (every run);
 #      EXPERIMENT: an experiment config (conf/experiment) instead of recipe=bundled model=bundled, e.g. the
-#      one a training call will run next, so that its compiled graphs are the ones cached
+#      one a training call will run next, so that its compiled graphs are the ones cached; INIT: the
+#      model to continue (default asr/pretrained/model.pt; tools/device/README.md: an LM-free copy)
 set -uo pipefail
 CONFIG="recipe=bundled model=bundled"
 if [ -n "${EXPERIMENT:-}" ]; then
@@ -35,7 +36,7 @@ for name in ${RUNS:-workers graphed fixed}; do
   set -f
   # shellcheck disable=SC2086
   timeout -s INT -k 30 "${SECS[$name]}" python -m asr.cli.train $CONFIG \
-    trainer.init_from=asr/pretrained/model.pt "data.train_manifests=[/tmp/corpus.jsonl]" "data.dev_manifests=[]" \
+    trainer.init_from=${INIT:-asr/pretrained/model.pt} "data.train_manifests=[/tmp/corpus.jsonl]" "data.dev_manifests=[]" \
     data.max_duration=30 data.augment.speed.enabled=true data.max_batch_seconds=${BATCH:-800} data.num_workers=$WORKERS \
     trainer.tensorboard=false trainer.progress_bar=false trainer.max_steps=1000000 trainer.val_every=1000000 \
     trainer.save_every=1000000 trainer.log_every=10 hydra.run.dir=exp/speed/$name ${ARGS[$name]} ${EXTRA:-} 2>&1 \
