@@ -23,7 +23,7 @@ import logging
 import os
 import signal
 import sys
-from typing import Optional
+from typing import Callable, Optional
 
 PROG = "asr-serve"
 
@@ -192,40 +192,44 @@ def _worker(args: argparse.Namespace, max_streams: int, index: int, channel) -> 
 
 
 async def _serve_worker(app, channel) -> None:  # noqa: ANN001 (aiohttp imported lazily)
-    from aiohttp import web
-
     from asr.serve import workers
 
-    runner = web.AppRunner(app, handle_signals=False)
-    await runner.setup()
-    try:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        workers.receive_connections(loop, channel, runner.server, stop.set)
+    async def take_connections(runner, stop: asyncio.Event) -> None:  # noqa: ANN001
+        workers.receive_connections(asyncio.get_running_loop(), channel, runner.server, stop.set)
         workers.tell(channel, workers.READY)
-        await stop.wait()
-    finally:
-        await runner.cleanup()
+
+    await _run_app(app, take_connections)
 
 
 async def _serve(app, host: str, port: int) -> None:  # noqa: ANN001 (aiohttp imported lazily)
     from aiohttp import web
 
+    async def listen(runner, stop: asyncio.Event) -> None:  # noqa: ANN001, ARG001
+        await web.TCPSite(runner, host, port).start()
+        bound = runner.addresses[0]
+        _listening(str(bound[0]), bound[1])
+
+    await _run_app(app, listen, on_stop=lambda: print(f"{PROG}: stopping", file=sys.stderr, flush=True))
+
+
+async def _run_app(app, start, on_stop: Optional[Callable[[], None]] = None) -> None:  # noqa: ANN001
+    """Serve ``app`` (aiohttp, imported lazily) until SIGINT or SIGTERM: its runner set up,
+    ``await start(runner, stop)`` to begin taking connections (setting the event ``stop`` ends the
+    run too), then ``on_stop()`` once stopping begins, and the runner cleaned up (its streams closed
+    with 1001)."""
+    from aiohttp import web
+
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-        bound = runner.addresses[0]
-        _listening(str(bound[0]), bound[1])
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        await start(runner, stop)
         await stop.wait()
-        print(f"{PROG}: stopping", file=sys.stderr, flush=True)
+        if on_stop is not None:
+            on_stop()
     finally:
         await runner.cleanup()
 
