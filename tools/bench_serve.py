@@ -154,7 +154,8 @@ async def one_client(session, url: str, pcm: np.ndarray, rate: int, delay: float
 
 
 async def load(url: str, jobs: list[tuple[np.ndarray, int]], block: float, pid: int,
-               workers: int) -> tuple[list[dict], float, float]:
+               workers: int) -> tuple[list[dict], tuple[float, float], float]:
+    """Every client's run (the workers' /metrics appended), (server CPU s, clients' CPU s), wall s."""
     import aiohttp
 
     connector = aiohttp.TCPConnector(limit=0)
